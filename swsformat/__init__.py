@@ -1,0 +1,36 @@
+"""swsformat: soft weight-sharing compression of PyTorch models into ``.sws`` files.
+
+Public API, flat in the spirit of ``safetensors.torch``::
+
+    swsformat.encode(model_or_state_dict, "model.sws")
+    sd = swsformat.load_state_dict("model.sws", device="cuda", sparse=False)
+    model = swsformat.load_model("model.sws")            # built-in architectures
+    model = swsformat.load_model("model.sws", MyNet())  # your own module
+    swsformat.size_report("model.sws")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import SwsChecksumError, SwsDecodeError, SwsEncodeError, SwsError, SwsFormatError  # noqa: E402
+from .encoder import encode, encode_bytes  # noqa: E402
+from .decoder import load, load_model, load_state_dict, read_header  # noqa: E402
+from .report import inspect, size_report  # noqa: E402
+
+__all__ = [
+    "SwsChecksumError",
+    "SwsDecodeError",
+    "SwsEncodeError",
+    "SwsError",
+    "SwsFormatError",
+    "__version__",
+    "encode",
+    "encode_bytes",
+    "inspect",
+    "load",
+    "load_model",
+    "load_state_dict",
+    "read_header",
+    "size_report",
+]

@@ -1,0 +1,284 @@
+"""torch adapter that turns a quantized model or state_dict into ``.sws`` bytes.
+
+Compressible tensors (by default every floating tensor of two or more dimensions whose
+name ends in ``weight``) must take at most 255 distinct non-zero values; they are coded
+as codebook + relative-index CSR + canonical Huffman streams. Everything else is stored
+raw. The same input always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, kernels
+from .container import Container, RawTensor, Stream, SwsTensor, serialize
+from .errors import SwsEncodeError, where
+from .huffman import canonical_codes, code_lengths
+from .spec import MAX_CODEBOOK, MAX_INDEX_BITS, RAW_DTYPES, SWS_DTYPES, default_index_bits, matrix_shape
+
+IndexBits = Union[int, str, None, Mapping[str, Union[int, str]]]
+AUTO_RANGE = range(1, 13)
+
+_TORCH_DTYPES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+_PATTERN = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
+
+
+def default_selector(name: str, tensor: torch.Tensor) -> bool:
+    """Conv and linear weights: floating, at least 2-D, named ``*weight``."""
+    return tensor.is_floating_point() and tensor.dim() >= 2 and name.rsplit(".", 1)[-1] == "weight"
+
+
+def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = obj.state_dict() if isinstance(obj, nn.Module) else dict(obj)
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
+    return sd
+
+
+def _patterns(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """The tensor's bit patterns as unsigned integers (bit-exact, sign of zero kept)."""
+    return t.detach().cpu().contiguous().view(_PATTERN[dtype]).numpy().view(SWS_DTYPES[dtype]).reshape(-1)
+
+
+def _raw(name: str, t: torch.Tensor) -> RawTensor:
+    dtype = _TORCH_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be stored; supported: {sorted(RAW_DTYPES)}")
+    t = t.detach().cpu().contiguous()
+    arr = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
+    data = np.ascontiguousarray(arr).astype(RAW_DTYPES[dtype], copy=False).reshape(-1).view(np.uint8)
+    return RawTensor(name, dtype, tuple(t.shape), data)
+
+
+def _huffman(symbols: np.ndarray, alphabet: int) -> Stream:
+    counts = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, np.int64)
+    lengths = code_lengths(counts)
+    codes = canonical_codes(lengths)
+    widths = lengths[symbols]
+    bits = int(widths.sum(dtype=np.int64))
+    data = kernels.pack_bits(codes[symbols].astype(np.int64), widths, bits)
+    return Stream(lengths, bits, data)
+
+
+def _stream_bits(counts: np.ndarray) -> int:
+    return int((code_lengths(counts).astype(np.int64) * counts).sum())
+
+
+def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[int] = AUTO_RANGE) -> int:
+    """The gap width that gives the smallest coded size (gaps + values + row counts).
+
+    Computed from the distances between consecutive non-zeros, so each candidate costs
+    a few histograms, not another pass over the tensor.
+    """
+    dist, row_of = kernels.nonzero_distances(symbols, rows, cols)
+    candidates = list(candidates)
+    if dist.size == 0:
+        return min(candidates)
+    nz_vals = symbols[symbols != 0].astype(np.int64)
+    val_base = np.bincount(nz_vals)
+    best, best_bits = candidates[0], None
+    for b in candidates:
+        span = 1 << b
+        fillers = dist >> b
+        nfill = int(fillers.sum())
+        gap_counts = np.bincount(dist & (span - 1), minlength=span)
+        gap_counts[span - 1] += nfill
+        val_counts = val_base.copy()
+        val_counts[0] += nfill
+        per_row = np.bincount(row_of, weights=fillers + 1, minlength=rows)
+        table_bits = 4 * span
+        total = _stream_bits(gap_counts) + _stream_bits(val_counts) + rows * int(per_row.max()).bit_length() + table_bits
+        if best_bits is None or total < best_bits:
+            best, best_bits = b, total
+    return int(best)
+
+
+def _sws(name: str, t: torch.Tensor, index_bits: int | str | None) -> SwsTensor:
+    dtype = _TORCH_DTYPES[t.dtype]
+    pats = _patterns(t, dtype)
+    if dtype != "bfloat16":
+        vals = pats.view(SWS_DTYPES[dtype].str.replace("u", "f"))
+        if not np.all(np.isfinite(vals)):
+            raise SwsEncodeError(f"{where(name)}holds NaN or infinite values, which cannot be coded")
+    elif np.any((pats & 0x7F80) == 0x7F80):
+        raise SwsEncodeError(f"{where(name)}holds NaN or infinite values, which cannot be coded")
+    uniq, inverse = np.unique(pats, return_inverse=True)
+    zero_at = np.searchsorted(uniq, 0)
+    has_zero = zero_at < uniq.size and uniq[zero_at] == 0
+    nonzero_values = uniq.size - int(has_zero)
+    if nonzero_values > MAX_CODEBOOK:
+        raise SwsEncodeError(
+            f"{where(name)}has {nonzero_values} distinct non-zero values; a .sws tensor may hold at most "
+            f"{MAX_CODEBOOK}. Quantize it first (swsformat.compress for soft weight-sharing, or "
+            "swsformat.quantize.prune_and_cluster for post-training k-means), or keep it raw via keep=[...]"
+        )
+    # Symbol 0 is zero; 1..K-1 index the codebook (sorted by bit pattern, deterministic).
+    if has_zero:
+        codebook = np.delete(uniq, zero_at)
+        sym_of_uniq = np.arange(uniq.size, dtype=np.int64)
+        sym_of_uniq[zero_at] = 0
+        sym_of_uniq[:zero_at] += 1
+    else:
+        codebook = uniq
+        sym_of_uniq = np.arange(1, uniq.size + 1, dtype=np.int64)
+    symbols = sym_of_uniq[inverse.reshape(-1)].astype(np.uint8)
+    rows, cols = matrix_shape(tuple(t.shape))
+    if index_bits == "auto":
+        bits = best_index_bits(symbols, rows, cols)
+    else:
+        bits = default_index_bits(t.dim()) if index_bits is None else int(index_bits)
+        if not 1 <= bits <= MAX_INDEX_BITS:
+            raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
+    counts, gaps, vals = kernels.build_entries(symbols, rows, cols, bits)
+    entries = int(gaps.size)
+    row_bits = int(counts.max()).bit_length() if entries else 0
+    row_data = kernels.pack_bits(counts, np.full(rows, row_bits, dtype=np.int64), rows * row_bits)
+    return SwsTensor(
+        name=name,
+        dtype=dtype,
+        shape=tuple(int(s) for s in t.shape),
+        index_bits=bits,
+        codebook=codebook,
+        nonzeros=int(np.count_nonzero(symbols)),
+        entries=entries,
+        row_bits=row_bits,
+        row_counts=row_data,
+        gaps=_huffman(gaps, 1 << bits),
+        values=_huffman(vals, codebook.size + 1),
+    )
+
+
+def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if architecture is None:
+        found = getattr(obj, "sws_architecture", None)
+        if found is None:
+            return None
+        architecture = found
+    if isinstance(architecture, str):
+        return {"name": architecture, "kwargs": {}}
+    return {"name": str(architecture["name"]), "kwargs": dict(architecture.get("kwargs", {}))}
+
+
+def to_container(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    keep: Iterable[str] = (),
+    index_bits: IndexBits = None,
+    metadata: Mapping[str, str] | None = None,
+    architecture: str | Mapping[str, Any] | None = None,
+) -> Container:
+    """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
+    sd = _state_dict(model_or_state_dict)
+    keep = set(keep)
+    if callable(compress):
+        selector = compress
+    elif compress is not None:
+        chosen = set(compress)
+        unknown = chosen - set(sd)
+        if unknown:
+            raise SwsEncodeError(f"compress names tensors not in the state_dict: {sorted(unknown)}")
+        selector = lambda n, t: n in chosen  # noqa: E731
+    else:
+        selector = default_selector
+    tensors = []
+    for name, t in sd.items():
+        if name not in keep and selector(name, t):
+            if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
+                raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} is not a floating type and cannot be coded")
+            ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
+            tensors.append(_sws(name, t, ib))
+        else:
+            tensors.append(_raw(name, t))
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise SwsEncodeError(f"metadata must map strings to strings, got {k!r}: {v!r}")
+    return Container(tensors, meta, _architecture(model_or_state_dict, architecture), f"swsformat {__version__}")
+
+
+def encode_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **kwargs: Any) -> bytes:
+    """Like :func:`encode` but return the file's bytes."""
+    return serialize(to_container(model_or_state_dict, **kwargs))
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would give: the old file's, else 0o666 & ~umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename.
+
+    On any failure the temp file is removed and an existing file at ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _file_mode(path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def encode(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    **kwargs: Any,
+) -> int:
+    """Write a quantized model to a ``.sws`` file atomically; return the file size in bytes.
+
+    Args:
+        model_or_state_dict: an ``nn.Module`` or a state_dict of tensors.
+        path: target file; replaced atomically.
+        compress: names (or a ``(name, tensor) -> bool`` predicate) of the tensors to code;
+            default: floating tensors of 2+ dimensions named ``*weight``.
+        keep: names to store raw even if selected.
+        index_bits: gap width in bits: ``None`` (5 for linear, 8 for conv), an int,
+            ``"auto"`` (smallest file), or a per-name mapping of those.
+        metadata: free-form ``str -> str`` user metadata.
+        architecture: registered architecture name or ``{"name", "kwargs"}``; taken from the
+            module's ``sws_architecture`` attribute when not given.
+
+    Example:
+        >>> import torch, swsformat
+        >>> w = torch.tensor([[0.0, 0.5], [0.5, 0.0]])
+        >>> swsformat.encode({"fc.weight": w}, "/tmp/tiny.sws") > 0
+        True
+    """
+    data = encode_bytes(model_or_state_dict, **kwargs)
+    atomic_write(path, data)
+    return len(data)

@@ -1,0 +1,37 @@
+"""The one exception family raised for bad ``.sws`` files and bad encoder input.
+
+Every problem with a file (truncated, corrupted, hostile) surfaces as a subclass of
+:class:`SwsError`, itself a :class:`ValueError`, so callers need a single ``except``.
+"""
+
+from __future__ import annotations
+
+
+class SwsError(ValueError):
+    """Base class of every error swsformat raises about file contents or encoder input."""
+
+
+class SwsFormatError(SwsError):
+    """The bytes are not a valid ``.sws`` file (bad magic, version, layout or header)."""
+
+
+class SwsChecksumError(SwsFormatError):
+    """A CRC-32 over the header or a section does not match: the file is corrupted."""
+
+
+class SwsDecodeError(SwsFormatError):
+    """A payload stream is inconsistent with its header (bad code, wrong count, overrun)."""
+
+
+class SwsEncodeError(SwsError):
+    """The input cannot be encoded (e.g. a tensor that is not quantized)."""
+
+
+def where(tensor: str | None, field: str | None = None) -> str:
+    """Format the location prefix used in every message: ``tensor 'fc1.weight', field 'gaps'``."""
+    parts = []
+    if tensor is not None:
+        parts.append(f"tensor {tensor!r}")
+    if field is not None:
+        parts.append(f"field {field!r}")
+    return ", ".join(parts) + ": " if parts else ""

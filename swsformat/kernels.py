@@ -1,0 +1,264 @@
+"""numba kernels for the bit-level work: packing, relative-index CSR, Huffman decoding.
+
+numba does no bounds checking, so every kernel here trusts only what the caller has
+validated (array sizes, table sizes, alphabet sizes) and checks everything that depends
+on payload bytes itself before it writes: a decoded column past the row, a stream that
+runs out, a codeword with no symbol, more non-zeros than declared. Errors come back as
+negative status codes (see :data:`STATUS`), never as an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+OK = 0
+ERR_CODEWORD = -1
+ERR_OVERRUN = -2
+ERR_COLUMN = -3
+ERR_TRAILING = -4
+ERR_NONZEROS = -5
+
+STATUS = {
+    ERR_CODEWORD: "a bit pattern that is no codeword of its code table",
+    ERR_OVERRUN: "the stream ends before all its symbols are decoded",
+    ERR_COLUMN: "a relative column index runs past the end of its row",
+    ERR_TRAILING: "the stream holds more bits than its symbols use",
+    ERR_NONZEROS: "the number of non-zero entries differs from the header's 'nonzeros'",
+}
+
+jit = numba.njit(cache=True, nogil=True)
+
+
+@jit
+def build_entries(symbols: np.ndarray, rows: int, cols: int, index_bits: int):
+    """Relative-index CSR of a (rows*cols) symbol matrix (0 = zero).
+
+    Each stored entry has a gap ``g`` in ``[0, 2**index_bits)``: its column is the previous
+    entry's column + 1 + g (the first entry's is g). A longer run of zeros is bridged by
+    filler entries with gap ``2**index_bits - 1`` and the zero symbol, as in Deep Compression.
+    Returns per-row entry counts, gap symbols and value symbols.
+    """
+    maxgap = (1 << index_bits) - 1
+    counts = np.zeros(rows, dtype=np.int64)
+    for r in range(rows):
+        p = 0
+        n = 0
+        base = r * cols
+        for c in range(cols):
+            if symbols[base + c] != 0:
+                n += (c - p) // (maxgap + 1) + 1
+                p = c + 1
+        counts[r] = n
+    total = counts.sum()
+    gaps = np.empty(total, dtype=np.int64)
+    vals = np.empty(total, dtype=np.int64)
+    k = 0
+    for r in range(rows):
+        p = 0
+        base = r * cols
+        for c in range(cols):
+            s = symbols[base + c]
+            if s != 0:
+                while c - p > maxgap:
+                    gaps[k] = maxgap
+                    vals[k] = 0
+                    k += 1
+                    p += maxgap + 1
+                gaps[k] = c - p
+                vals[k] = s
+                k += 1
+                p = c + 1
+    return counts, gaps, vals
+
+
+@jit
+def nonzero_distances(symbols: np.ndarray, rows: int, cols: int):
+    """For each non-zero: the zeros before it since the previous one in its row, and its row."""
+    n = 0
+    for i in range(rows * cols):
+        if symbols[i] != 0:
+            n += 1
+    dist = np.empty(n, dtype=np.int64)
+    row_of = np.empty(n, dtype=np.int64)
+    k = 0
+    for r in range(rows):
+        p = 0
+        base = r * cols
+        for c in range(cols):
+            if symbols[base + c] != 0:
+                dist[k] = c - p
+                row_of[k] = r
+                k += 1
+                p = c + 1
+    return dist, row_of
+
+
+@jit
+def pack_bits(values: np.ndarray, widths: np.ndarray, total_bits: int) -> np.ndarray:
+    """Concatenate the low ``widths[i]`` bits of ``values[i]``, MSB first, zero-padded."""
+    out = np.zeros((total_bits + 7) // 8, dtype=np.uint8)
+    acc = np.int64(0)
+    nacc = 0
+    pos = 0
+    for i in range(values.shape[0]):
+        w = np.int64(widths[i])
+        v = np.int64(values[i])
+        # Feed at most 32 bits at a time so the accumulator never holds more than 39.
+        while w > 0:
+            take = min(w, 32)
+            w -= take
+            acc = (acc << take) | ((v >> w) & ((np.int64(1) << take) - 1))
+            nacc += take
+            while nacc >= 8:
+                nacc -= 8
+                out[pos] = (acc >> nacc) & 0xFF
+                pos += 1
+            acc &= (np.int64(1) << nacc) - 1
+    if nacc > 0:
+        out[pos] = (acc << (8 - nacc)) & 0xFF
+    return out
+
+
+@jit
+def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` with a constant width; caller checks ``len(data)``."""
+    out = np.zeros(count, dtype=np.int64)
+    acc = np.int64(0)
+    nacc = 0
+    pos = 0
+    for i in range(count):
+        v = np.int64(0)
+        need = width
+        while need > 0:
+            if nacc == 0:
+                acc = np.int64(data[pos])
+                pos += 1
+                nacc = 8
+            take = min(need, nacc)
+            nacc -= take
+            v = (v << take) | ((acc >> nacc) & ((np.int64(1) << take) - 1))
+            need -= take
+        out[i] = v
+    return out
+
+
+@jit
+def _next_symbol(data, nbytes, table, maxlen, st):
+    """Decode one symbol; ``st`` = [bit buffer, bits in buffer, next byte, bits consumed]."""
+    buf = st[0]
+    cnt = st[1]
+    bpos = st[2]
+    while cnt <= 56 and bpos < nbytes:
+        buf = (buf << 8) | np.int64(data[bpos])
+        bpos += 1
+        cnt += 8
+    mask = (np.int64(1) << maxlen) - 1
+    if cnt >= maxlen:
+        peek = (buf >> (cnt - maxlen)) & mask
+    else:
+        peek = (buf << (maxlen - cnt)) & mask
+    e = table[peek]
+    if e < 0:
+        return ERR_CODEWORD
+    n = e & 31
+    if n > cnt:
+        return ERR_OVERRUN
+    st[0] = buf
+    st[1] = cnt - n
+    st[2] = bpos
+    st[3] += n
+    return e >> 5
+
+
+@jit
+def decode_symbols(data, nbits, table, maxlen, count):
+    """Decode ``count`` symbols of one stream (used for reports); returns (symbols, status)."""
+    out = np.zeros(count, dtype=np.int64)
+    st = np.zeros(4, dtype=np.int64)
+    for i in range(count):
+        s = _next_symbol(data, data.shape[0], table, maxlen, st)
+        if s < 0:
+            return out, s
+        if st[3] > nbits:
+            return out, ERR_OVERRUN
+        out[i] = s
+    if st[3] != nbits:
+        return out, ERR_TRAILING
+    return out, OK
+
+
+@jit
+def decode_dense(row_counts, cols, gdata, gbits, gtable, gmax, vdata, vbits, vtable, vmax, codebook, nnz, out):
+    """Scatter a tensor's entries into the zeroed ``out`` (rows*cols bit patterns).
+
+    Returns (status, row): ``codebook[0]`` is the zero pattern, so value symbols index it directly.
+    """
+    k = 0
+    gs = np.zeros(4, dtype=np.int64)
+    vs = np.zeros(4, dtype=np.int64)
+    gn = gdata.shape[0]
+    vn = vdata.shape[0]
+    for r in range(row_counts.shape[0]):
+        p = 0
+        base = r * cols
+        for _ in range(row_counts[r]):
+            g = _next_symbol(gdata, gn, gtable, gmax, gs)
+            if g < 0:
+                return g, r
+            v = _next_symbol(vdata, vn, vtable, vmax, vs)
+            if v < 0:
+                return v, r
+            c = p + g
+            if c >= cols:
+                return ERR_COLUMN, r
+            if v != 0:
+                out[base + c] = codebook[v]
+                k += 1
+            p = c + 1
+        if gs[3] > gbits or vs[3] > vbits:
+            return ERR_OVERRUN, r
+    if gs[3] != gbits or vs[3] != vbits:
+        return ERR_TRAILING, -1
+    if k != nnz:
+        return ERR_NONZEROS, -1
+    return OK, -1
+
+
+@jit
+def decode_csr(row_counts, cols, gdata, gbits, gtable, gmax, vdata, vbits, vtable, vmax, codebook, crow, colidx, vals):
+    """Like :func:`decode_dense` but fills CSR arrays sized for the declared non-zeros."""
+    gs = np.zeros(4, dtype=np.int64)
+    vs = np.zeros(4, dtype=np.int64)
+    gn = gdata.shape[0]
+    vn = vdata.shape[0]
+    nnz = colidx.shape[0]
+    k = 0
+    crow[0] = 0
+    for r in range(row_counts.shape[0]):
+        p = 0
+        for _ in range(row_counts[r]):
+            g = _next_symbol(gdata, gn, gtable, gmax, gs)
+            if g < 0:
+                return g, r
+            v = _next_symbol(vdata, vn, vtable, vmax, vs)
+            if v < 0:
+                return v, r
+            c = p + g
+            if c >= cols:
+                return ERR_COLUMN, r
+            if v != 0:
+                if k >= nnz:
+                    return ERR_NONZEROS, r
+                colidx[k] = c
+                vals[k] = codebook[v]
+                k += 1
+            p = c + 1
+        crow[r + 1] = k
+        if gs[3] > gbits or vs[3] > vbits:
+            return ERR_OVERRUN, r
+    if gs[3] != gbits or vs[3] != vbits:
+        return ERR_TRAILING, -1
+    if k != nnz:
+        return ERR_NONZEROS, -1
+    return OK, -1

@@ -1,0 +1,284 @@
+"""The learned Gaussian-mixture prior of soft weight-sharing (Ullrich, Meeds & Welling, 2017).
+
+``p(w) = prod_i sum_j pi_j N(w_i | mu_j, 1/lambda_j)`` with a zero component (``mu_0 = 0``,
+``pi_0`` fixed or under a Beta hyper-prior), learned means, log-precisions under Gamma
+hyper-priors and mixing logits. The negative log-probability of all weights is computed
+by a fused autograd function that keeps only O(N) state between forward and backward, in
+chunks, so the prior costs a small fraction of a training step even for large models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._prior_kernel import nll_and_grads
+
+LOG_2PI = math.log(2.0 * math.pi)
+CHUNK = 1 << 20
+
+
+class _MixtureNLL(torch.autograd.Function):
+    """``sum_i -log sum_j exp(c_j - lambda_j (w_i - mu_j)^2 / 2)`` and its exact gradients."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor):  # type: ignore[override]
+        lam = log_prec.exp()
+        c = log_pi + 0.5 * log_prec - 0.5 * LOG_2PI
+        if w.device.type == "cpu":
+            return _cpu_forward(ctx, w, mu, lam, c)
+        ctx.fused = None
+        lse = torch.empty_like(w)
+        for s in range(0, w.numel(), CHUNK):
+            d = w[s : s + CHUNK, None] - mu
+            lse[s : s + CHUNK] = torch.logsumexp(c - 0.5 * lam * d * d, dim=1)
+        ctx.save_for_backward(w, mu, log_prec, lam, c, lse)
+        return -lse.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if ctx.fused is not None:
+            gw, g_mu, g_prec, g_pi = ctx.fused
+            return grad * gw, grad * g_mu, grad * g_prec, grad * g_pi
+        w, mu, log_prec, lam, c, lse = ctx.saved_tensors
+        gw = torch.empty_like(w)
+        g_mu = torch.zeros_like(mu)
+        g_prec = torch.zeros_like(mu)
+        g_pi = torch.zeros_like(mu)
+        for s in range(0, w.numel(), CHUNK):
+            d = w[s : s + CHUNK, None] - mu
+            t = lam * d
+            r = torch.exp(c - 0.5 * t * d - lse[s : s + CHUNK, None])
+            rt = r * t
+            gw[s : s + CHUNK] = rt.sum(dim=1)
+            g_mu -= rt.sum(dim=0)
+            g_prec += (r * (0.5 * t * d)).sum(dim=0)
+            g_pi -= r.sum(dim=0)
+        g_prec += 0.5 * g_pi
+        return grad * gw, grad * g_mu, grad * g_prec, grad * g_pi
+
+
+def _cpu_forward(ctx, w: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Loss and every gradient in one numba pass; backward then only scales them."""
+    wn = w.detach().contiguous().numpy()
+    gw = np.empty_like(wn)
+    acc = nll_and_grads(
+        wn,
+        mu.detach().double().numpy(),
+        lam.detach().double().numpy(),
+        c.detach().double().numpy(),
+        gw,
+    )
+    t = torch.from_numpy(acc).to(mu.dtype)
+    g_pi = -t[3]
+    ctx.fused = (torch.from_numpy(gw), -t[1], t[2] + 0.5 * g_pi, g_pi)
+    return torch.tensor(acc[0, 0], dtype=w.dtype)
+
+
+def mixture_nll(w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the flat weight vector ``w`` under the mixture."""
+    return _MixtureNLL.apply(w, mu, log_prec, log_pi)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Settings of the mixture and its hyper-priors (defaults after the original tutorial).
+
+    Gamma hyper-priors are on the precisions ``lambda_j`` with shape ``alpha`` and rate
+    ``beta`` (mean precision ``alpha/beta``); the zero component gets a stronger one because
+    it explains most of the weights.
+    """
+
+    components: int = 16
+    pi_zero: float = 0.99
+    learn_pi_zero: bool = False
+    pi_zero_beta: tuple[float, float] = (1000.0, 10.0)
+    gamma_zero: tuple[float, float] = (5000.0, 2.0)
+    gamma_other: tuple[float, float] = (250.0, 0.1)
+    init_std: float = 0.05
+    init_zero_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.components <= 256:
+            raise ValueError(f"components must be in [2, 256], got {self.components}")
+        if not 0.0 < self.pi_zero < 1.0:
+            raise ValueError(f"pi_zero must be in (0, 1), got {self.pi_zero}")
+        for name in ("pi_zero_beta", "gamma_zero", "gamma_other"):
+            a, b = getattr(self, name)
+            if a <= 0 or b <= 0:
+                raise ValueError(f"{name} parameters must be positive, got {(a, b)}")
+        if self.init_std <= 0 or self.init_zero_std <= 0:
+            raise ValueError("init_std and init_zero_std must be positive")
+
+
+def initial_means(weights: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` means spread evenly over the weights' range, none near zero.
+
+    A plain ``linspace(min, max)`` of an odd count puts a mean on 0, where it competes
+    with the zero component and is wasted; instead take ``count + 1`` evenly spaced points
+    and drop the one closest to zero.
+    """
+    lo, hi = float(weights.min()), float(weights.max())
+    if not hi > lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    grid = torch.linspace(lo, hi, count + 1, dtype=torch.float64)
+    keep = torch.ones(count + 1, dtype=torch.bool)
+    keep[int(grid.abs().argmin())] = False
+    return grid[keep].to(torch.float32)
+
+
+class MixturePrior(nn.Module):
+    """Gaussian-mixture prior over a set of weight tensors, with its hyper-priors.
+
+    Component 0 is the zero component. Parameters are grouped (``means``,
+    ``log_precisions``, ``mixing``) so that each gets its own learning rate.
+
+    Example:
+        >>> prior = MixturePrior(torch.randn(1000) * 0.1, PriorConfig(components=4))
+        >>> float(prior.complexity([torch.zeros(10)])) > 0
+        True
+    """
+
+    def __init__(self, init_weights: torch.Tensor, config: PriorConfig = PriorConfig()) -> None:
+        super().__init__()
+        self.config = config
+        j = config.components
+        self.means = nn.Parameter(initial_means(init_weights.detach().flatten().float().cpu(), j - 1))
+        log_prec = torch.full((j,), -2.0 * math.log(config.init_std))
+        log_prec[0] = -2.0 * math.log(config.init_zero_std)
+        self.log_precisions = nn.Parameter(log_prec)
+        self.mixing_logits = nn.Parameter(torch.zeros(j - 1))
+        p0 = config.pi_zero
+        self.pi_zero_logit = nn.Parameter(
+            torch.tensor(math.log(p0 / (1 - p0))), requires_grad=config.learn_pi_zero
+        )
+
+    def all_means(self) -> torch.Tensor:
+        return torch.cat([self.means.new_zeros(1), self.means])
+
+    def log_mixing(self) -> torch.Tensor:
+        """Log mixing proportions: ``log pi_0`` then ``log(1 - pi_0) + log_softmax(logits)``."""
+        z = self.pi_zero_logit
+        log_p0 = nn.functional.logsigmoid(z)
+        log_rest = nn.functional.logsigmoid(-z) + torch.log_softmax(self.mixing_logits, dim=0)
+        return torch.cat([log_p0.reshape(1), log_rest])
+
+    def hyper_nll(self) -> torch.Tensor:
+        """Negative log hyper-prior: Gamma on precisions (density over the log), Beta on pi_0."""
+        cfg = self.config
+        g = self.log_precisions
+        (a0, b0), (a1, b1) = cfg.gamma_zero, cfg.gamma_other
+        out = -a0 * g[0] + b0 * g[0].exp() + (-a1 * g[1:] + b1 * g[1:].exp()).sum()
+        if cfg.learn_pi_zero:
+            a, b = cfg.pi_zero_beta
+            z = self.pi_zero_logit
+            # Beta(pi_0 | a, b) expressed over the logit (Jacobian included).
+            out = out - a * nn.functional.logsigmoid(z) - b * nn.functional.logsigmoid(-z)
+        return out
+
+    def weights_nll(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        w = torch.cat([t.reshape(-1) for t in weights])
+        return mixture_nll(w, self.all_means(), self.log_precisions, self.log_mixing())
+
+    def complexity(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """``-log p(w) - log p(hyper)``: the term scaled by ``tau / N`` in the loss."""
+        return self.weights_nll(weights) + self.hyper_nll()
+
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Means, standard deviations and mixing proportions as numpy arrays (for plots)."""
+        return {
+            "means": self.all_means().cpu().double().numpy(),
+            "stds": torch.exp(-0.5 * self.log_precisions).cpu().double().numpy(),
+            "pi": self.log_mixing().exp().cpu().double().numpy(),
+        }
+
+    def param_groups(self, lr_means: float, lr_log_precisions: float, lr_mixing: float) -> list[dict]:
+        mixing = [self.mixing_logits] + ([self.pi_zero_logit] if self.config.learn_pi_zero else [])
+        return [
+            {"params": [self.means], "lr": lr_means, "name": "means"},
+            {"params": [self.log_precisions], "lr": lr_log_precisions, "name": "log_precisions"},
+            {"params": mixing, "lr": lr_mixing, "name": "mixing"},
+        ]
+
+
+@dataclass
+class Mixture:
+    """A plain (numpy, float64) mixture: component 0 is the zero component."""
+
+    means: np.ndarray
+    stds: np.ndarray
+    pi: np.ndarray
+
+    @classmethod
+    def from_prior(cls, prior: MixturePrior) -> Mixture:
+        s = prior.snapshot()
+        return cls(s["means"], s["stds"], s["pi"])
+
+    def log_joint(self, w: np.ndarray) -> np.ndarray:
+        """``log pi_j + log N(w_i | mu_j, sigma_j^2)`` as an (N, J) array."""
+        var = self.stds**2
+        d = w[:, None] - self.means[None, :]
+        return np.log(self.pi) - 0.5 * np.log(2 * np.pi * var) - 0.5 * d * d / var
+
+    def assign(self, w: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+        """Index of the component with the largest responsibility for each weight."""
+        out = np.empty(w.shape[0], dtype=np.int64)
+        for s in range(0, w.shape[0], chunk):
+            out[s : s + chunk] = self.log_joint(w[s : s + chunk]).argmax(axis=1)
+        return out
+
+
+def symmetric_kl(m1: float, s1: float, m2: float, s2: float) -> float:
+    """Symmetrised KL divergence between two 1-D Gaussians."""
+    v1, v2 = s1 * s1, s2 * s2
+    kl12 = 0.5 * (v1 / v2 + (m1 - m2) ** 2 / v2 - 1.0 + math.log(v2 / v1))
+    kl21 = 0.5 * (v2 / v1 + (m1 - m2) ** 2 / v1 - 1.0 + math.log(v1 / v2))
+    return 0.5 * (kl12 + kl21)
+
+
+def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
+    """Merge pairs of components whose symmetric KL divergence is below ``threshold``.
+
+    The closest pair is merged first (moment matching, weighted by ``pi``); a pair that
+    includes the zero component keeps mean 0. Returns the new mixture and the merge count.
+    """
+    means, stds, pi = list(mix.means), list(mix.stds), list(mix.pi)
+    merged = 0
+    while len(means) > 1:
+        best, pair = threshold, None
+        for i in range(len(means)):
+            for j in range(i + 1, len(means)):
+                d = symmetric_kl(means[i], stds[i], means[j], stds[j])
+                if d < best:
+                    best, pair = d, (i, j)
+        if pair is None:
+            break
+        i, j = pair
+        p = pi[i] + pi[j]
+        m = 0.0 if i == 0 else (pi[i] * means[i] + pi[j] * means[j]) / p
+        second = (pi[i] * (stds[i] ** 2 + means[i] ** 2) + pi[j] * (stds[j] ** 2 + means[j] ** 2)) / p
+        means[i], stds[i], pi[i] = m, math.sqrt(max(second - m * m, 1e-30)), p
+        del means[j], stds[j], pi[j]
+        merged += 1
+    return Mixture(np.array(means), np.array(stds), np.array(pi)), merged
+
+
+def quantize_weights(weights: list[torch.Tensor], mix: Mixture) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Snap every weight to the mean of its most responsible component (zero -> exactly 0.0).
+
+    Returns the new tensors and the per-component weight counts.
+    """
+    out, counts = [], np.zeros(len(mix.means), dtype=np.int64)
+    values = mix.means.astype(np.float32)
+    values[0] = 0.0
+    for t in weights:
+        flat = t.detach().flatten().cpu().double().numpy()
+        idx = mix.assign(flat)
+        counts += np.bincount(idx, minlength=len(values))
+        out.append(torch.from_numpy(values[idx].reshape(tuple(t.shape))).to(t.device, t.dtype))
+    return out, counts

@@ -1,0 +1,194 @@
+"""Training loops: plain pretraining and retraining under the mixture prior.
+
+Data sets are whole tensors in memory (see :mod:`swsformat.retrain.data`), batches are
+index slices of a shuffled permutation: no per-sample Python on two cores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .data import Split
+from .models import compressible_parameters
+from .prior import MixturePrior, PriorConfig
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
+    """Test error in percent."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    wrong = 0
+    for s in range(0, len(split), batch_size):
+        x = split.x[s : s + batch_size].to(device, non_blocking=True)
+        y = split.y[s : s + batch_size].to(device, non_blocking=True)
+        wrong += int((model(x).argmax(1) != y).sum())
+    model.train(was_training)
+    return 100.0 * wrong / max(len(split), 1)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    cross_entropy: float
+    complexity: float
+    test_error: float
+    seconds: float
+    tau: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Split,
+    batch_size: int,
+    generator: torch.Generator,
+    prior: MixturePrior | None = None,
+    complexity_scale: float = 0.0,
+    desc: str = "",
+    progress: bool = True,
+) -> tuple[float, float, float]:
+    """One pass over ``train``; returns mean loss, mean cross-entropy, last complexity."""
+    model.train()
+    device = next(model.parameters()).device
+    weights = [p for _, p in compressible_parameters(model)]
+    total = ce_total = 0.0
+    complexity = torch.zeros(())
+    batches = _batches(len(train), batch_size, generator)
+    for idx in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
+        ce = F.cross_entropy(model(x), y)
+        loss = ce
+        if prior is not None and complexity_scale > 0:
+            complexity = prior.complexity(weights)
+            loss = ce + complexity_scale * complexity
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        ce_total += float(ce.detach())
+    n = max(len(batches), 1)
+    return total / n, ce_total / n, float(complexity.detach())
+
+
+def pretrain(
+    model: nn.Module,
+    train: Split,
+    test: Split,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[EpochLog]:
+    """Plain Adam training (PART 1 of the tutorial); returns one log entry per epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    logs = []
+    for epoch in tqdm(range(1, epochs + 1), desc="pretrain", disable=not progress):
+        t0 = time.perf_counter()
+        loss, ce, _ = train_epoch(model, opt, train, batch_size, gen, desc=f"epoch {epoch}", progress=progress)
+        logs.append(EpochLog(epoch, loss, ce, 0.0, evaluate(model, test), time.perf_counter() - t0))
+    return logs
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Retraining settings; learning rates per parameter group as in the original tutorial."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    tau: float = 0.005
+    tau_warmup_epochs: int = 0
+    lr_weights: float = 5e-4
+    lr_means: float = 1e-4
+    lr_log_precisions: float = 3e-3
+    lr_mixing: float = 3e-3
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if self.tau < 0 or self.tau_warmup_epochs < 0:
+            raise ValueError("tau and tau_warmup_epochs must be >= 0")
+        for name in ("lr_weights", "lr_means", "lr_log_precisions", "lr_mixing"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def tau_at(self, epoch: int) -> float:
+        """tau for a 1-based epoch, ramped linearly over the warm-up epochs."""
+        if self.tau_warmup_epochs == 0:
+            return self.tau
+        return self.tau * min(1.0, epoch / self.tau_warmup_epochs)
+
+
+def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) -> torch.optim.Adam:
+    """Adam with one group for every network parameter (biases included) and three for the prior."""
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr_weights, "name": "network"}]
+    groups += prior.param_groups(cfg.lr_means, cfg.lr_log_precisions, cfg.lr_mixing)
+    return torch.optim.Adam(groups)
+
+
+def retrain(
+    model: nn.Module,
+    prior: MixturePrior,
+    train: Split,
+    test: Split,
+    cfg: RetrainConfig,
+    seed: int = 0,
+    on_epoch: Callable[[int, nn.Module, MixturePrior], None] | None = None,
+    progress: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[EpochLog]:
+    """Retrain ``model`` with ``loss = CE + tau/N * complexity`` (PART 2 of the tutorial).
+
+    ``on_epoch`` is called after every epoch (plots, checkpoints). Raises ``FloatingPointError``
+    when the loss stops being finite, leaving the model as it was after the last good epoch's
+    callback.
+    """
+    n = cfg.train_size or len(train)
+    gen = generator or torch.Generator().manual_seed(seed)
+    opt = optimizer or make_optimizer(model, prior, cfg)
+    logs = []
+    for epoch in tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress):
+        tau = cfg.tau_at(epoch)
+        t0 = time.perf_counter()
+        loss, ce, cx = train_epoch(
+            model, opt, train, cfg.batch_size, gen, prior, tau / n, desc=f"epoch {epoch}", progress=progress
+        )
+        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(cx))):
+            raise FloatingPointError(f"retraining diverged in epoch {epoch}: loss {loss}, complexity {cx}")
+        logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
+        if on_epoch is not None:
+            on_epoch(epoch, model, prior)
+    return logs
+
+
+def default_prior(model: nn.Module, config: PriorConfig) -> MixturePrior:
+    """A prior initialised from the model's current (pretrained) weights."""
+    device = next(model.parameters()).device
+    w = torch.cat([p.detach().flatten() for _, p in compressible_parameters(model)])
+    return MixturePrior(w, config).to(device)

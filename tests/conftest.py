@@ -1,0 +1,44 @@
+"""Shared fixtures; hypothesis profiles chosen by $HYPOTHESIS_PROFILE (default, ci, expensive)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("expensive", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def quantized(shape: tuple[int, ...], density: float, k: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A random tensor with about ``density`` non-zeros drawn from ``k - 1`` shared values."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.linspace(-1, 1, max(k - 1, 1) + 1, dtype=torch.float64)
+    values = values[values != 0][: max(k - 1, 1)].to(dtype)
+    idx = torch.randint(0, values.numel(), shape, generator=g)
+    mask = torch.rand(shape, generator=g) < density
+    return torch.where(mask, values[idx], torch.zeros((), dtype=dtype))
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST from $SWSFORMAT_DATA (the CI points it at ../shared/data); skip if absent."""
+    from swsformat.retrain import data
+
+    try:
+        return data.load("mnist", download=False)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

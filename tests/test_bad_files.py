@@ -1,0 +1,218 @@
+"""Malformed, truncated and corrupted files raise SwsFormatError, never anything else."""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+import swsformat
+from swsformat.container import parse
+from swsformat.errors import SwsChecksumError, SwsFormatError
+
+from .conftest import DATA, quantized
+
+GOLDEN = (DATA / "golden-v1.sws").read_bytes()
+
+
+def small_file() -> bytes:
+    return swsformat.encode_bytes({"a.weight": quantized((6, 20), 0.3, 5), "a.bias": torch.ones(6)})
+
+
+def rejects(data: bytes, match: str | None = None) -> SwsFormatError:
+    with pytest.raises(SwsFormatError, match=match) as info:
+        swsformat.load(data)
+    return info.value
+
+
+def rebuild(header: dict, payload: bytes = b"") -> bytes:
+    """A file with a hand-made header and a valid header CRC (to reach the deeper checks)."""
+    h = msgpack.packb(header, use_bin_type=True)
+    head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HHI", 1, 0, len(h)) + h
+    head += struct.pack("<I", zlib.crc32(head))
+    head += b"\0" * (-len(head) % 8)
+    return head + payload
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    hlen = struct.unpack("<I", data[12:16])[0]
+    header = msgpack.unpackb(data[16 : 16 + hlen], raw=False)
+    start = (20 + hlen + 7) // 8 * 8
+    return header, data[start:]
+
+
+def test_truncation_at_every_offset_is_rejected():
+    for n in range(len(GOLDEN)):
+        rejects(GOLDEN[:n])
+
+
+def test_every_single_bit_flip_is_detected():
+    data = small_file()
+    for i in range(len(data)):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[i] ^= 1 << bit
+            rejects(bytes(bad))
+
+
+def test_trailing_bytes_rejected():
+    rejects(GOLDEN + b"\0", "trailing")
+
+
+def test_random_bytes_and_mutations_only_raise_sws_errors():
+    rng = random.Random(0)
+    for _ in range(300):
+        rejects(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200))))
+    for _ in range(300):
+        bad = bytearray(GOLDEN)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(3)
+            pos = rng.randrange(len(bad))
+            if op == 0:
+                bad[pos] = rng.getrandbits(8)
+            elif op == 1:
+                del bad[pos]
+            else:
+                bad.insert(pos, rng.getrandbits(8))
+        if bytes(bad) != GOLDEN:
+            rejects(bytes(bad))
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda h: h.update(extra=1), "unexpected keys"),
+        (lambda h: h.pop("metadata"), "missing keys"),
+        (lambda h: h.update(version=2), "version"),
+        (lambda h: h["tensors"][0].update(shape=[2**62, 2**62]), "overflows int64"),
+        (lambda h: h["tensors"][0].update(shape=[-1, 20]), "non-negative"),
+        (lambda h: h["tensors"][0].update(nonzeros=10**6), "nonzeros"),
+        (lambda h: h["tensors"][0].update(entries=10**6), "entries"),
+        (lambda h: h["tensors"][0].update(index_bits=40), "index_bits"),
+        (lambda h: h["tensors"][0].update(codebook=b"\0\0\0\0"), "zero pattern"),
+        (lambda h: h["tensors"][0].update(codebook=struct.pack("<f", float("nan"))), "non-finite|code table"),
+        (lambda h: h["tensors"][0].update(dtype="complex64"), "dtype"),
+        (lambda h: h["tensors"][0]["gaps"].update(coder="zstd"), "coder"),
+        (lambda h: h["tensors"][0]["gaps"].update(bits=10**9), "bits"),
+        (lambda h: h["tensors"][0]["gaps"]["section"].__setitem__(0, 2**64 - 8), "offset"),
+        (lambda h: h["tensors"][0]["gaps"]["section"].__setitem__(1, 2**40), "past the end"),
+        (lambda h: h["tensors"][0]["row_counts"].__setitem__(0, 1), "offset"),
+        (lambda h: h["tensors"][1].update(name="a.weight"), "duplicate tensor name"),
+        (lambda h: h["tensors"][1].update(shape=[7]), "bytes for 7"),
+        (lambda h: h.update(tensors={}), "list"),
+        (lambda h: h.update(metadata={"k": 1}), "metadata"),
+    ],
+)
+def test_crafted_headers(mutate, match):
+    header, payload = split(small_file())
+    mutate(header)
+    rejects(rebuild(header, payload), match)
+
+
+def test_hostile_msgpack():
+    # Deep nesting, ext types, non-string keys, duplicate keys, trailing bytes, huge length claims.
+    for h in [
+        b"\x91" * 100000 + b"\xc0",
+        msgpack.packb(msgpack.ExtType(1, b"x")),
+        b"\x81\x01\x02",
+        b"\x82\xa1a\x01\xa1a\x02",
+        msgpack.packb({"a": 1}) + b"\x00",
+        b"\xdb\xff\xff\xff\xff",
+        b"\xdd\xff\xff\xff\xff",
+    ]:
+        head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HHI", 1, 0, len(h)) + h
+        head += struct.pack("<I", zlib.crc32(head))
+        rejects(head + b"\0" * (-len(head) % 8))
+
+
+def test_bad_prelude():
+    rejects(b"PK\x03\x04" + GOLDEN[4:], "magic")
+    rejects(GOLDEN[:12] + struct.pack("<I", 2**31), "header length")
+    rejects(GOLDEN[:10] + b"\x01\x00" + GOLDEN[12:], "reserved")
+
+
+def _code_table_file(lengths_hex: bytes) -> bytes:
+    header, payload = split(small_file())
+    header["tensors"][0]["values"]["code"] = lengths_hex
+    return rebuild(header, payload)
+
+
+def test_oversubscribed_and_wrong_codes():
+    from swsformat.spec import pack_nibbles
+
+    k = 5  # the values alphabet of small_file(): 4 codebook values + zero
+    rejects(_code_table_file(pack_nibbles([1] * k)), "over-subscribed")
+    rejects(_code_table_file(pack_nibbles([0] * k)), "no symbol has a code|bits")
+    rejects(_code_table_file(pack_nibbles([15] * k)), "bits|no codeword|ends before")
+
+
+def test_payload_inconsistent_with_valid_checksums():
+    """Recompute CRCs after corrupting a stream: the kernel must still catch it."""
+    header, payload = split(small_file())
+    t = header["tensors"][0]
+    off, length, _ = t["gaps"]["section"]
+    body = bytearray(payload)
+    for i in range(off, off + length):
+        body[i] ^= 0xFF
+    t["gaps"]["section"][2] = zlib.crc32(bytes(body[off : off + length]))
+    rejects(rebuild(header, bytes(body)), "tensor 'a.weight'")
+
+
+def test_row_counts_inconsistent():
+    header, payload = split(small_file())
+    t = header["tensors"][0]
+    off, length, _ = t["row_counts"]
+    body = bytearray(payload)
+    body[off] ^= 0x80
+    t["row_counts"][2] = zlib.crc32(bytes(body[off : off + length]))
+    rejects(rebuild(header, bytes(body)), "row_counts|more entries")
+
+
+def test_checksum_error_names_the_section():
+    header, payload = split(small_file())
+    off = header["tensors"][0]["values"]["section"][0]
+    body = bytearray(payload)
+    body[off] ^= 1
+    with pytest.raises(SwsChecksumError, match="'values'"):
+        parse(rebuild(header, bytes(body)))
+
+
+def test_small_file_declaring_huge_tensor_is_refused_quickly():
+    import time
+
+    sd = {"w.weight": torch.zeros(1, 1)}
+    header, payload = split(swsformat.encode_bytes(sd))
+    header["tensors"][0]["shape"] = [1 << 15, 1 << 15]  # 4 GiB of float32, all zeros
+    data = rebuild(header, payload)
+    assert len(data) < 1024
+    t0 = time.perf_counter()
+    rejects(data, "over the limit")
+    assert time.perf_counter() - t0 < 1.0  # generous: the check is arithmetic only
+
+
+def test_directory_and_missing_file(tmp_path):
+    with pytest.raises(SwsFormatError):
+        swsformat.load_state_dict(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        swsformat.load_state_dict(tmp_path / "nope.sws")
+
+
+def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.sws"
+    swsformat.encode({"a.weight": torch.zeros(2, 2)}, path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("swsformat.encoder.os.fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        swsformat.encode({"a.weight": torch.ones(2, 2)}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.sws"]
+    assert np.frombuffer(before[:8], np.uint8).tolist()[1:4] == list(b"SWS")

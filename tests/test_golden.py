@@ -1,0 +1,68 @@
+"""Format stability: committed files of every version decode, and today's writer makes the same bytes.
+
+Set SWSFORMAT_REGEN_GOLDEN=1 to rewrite the files (only when bumping the format version).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import swsformat
+
+from .conftest import DATA, quantized
+
+GOLDEN = DATA / "golden-v1.sws"
+
+
+def golden_state_dict() -> dict[str, torch.Tensor]:
+    t = torch.zeros(3, 40)
+    t[0, 39] = 0.5
+    t[2, [0, 1, 35]] = torch.tensor([-0.25, 0.5, -0.25])
+    return {
+        "conv.weight": quantized((6, 2, 3, 3), 0.3, 5, seed=3),
+        "conv.bias": torch.tensor([0.1, -0.2, 0.3, 0.0, 1.0, -1.0]),
+        "fc.weight": quantized((10, 54), 0.15, 7, seed=4),
+        "fc.bias": torch.arange(10, dtype=torch.float16),
+        "gap.weight": t,
+        "half.weight": quantized((4, 9), 0.5, 3, seed=5, dtype=torch.bfloat16),
+        "steps": torch.tensor(7),
+    }
+
+
+def test_golden_file_decodes_to_the_same_tensors():
+    if os.environ.get("SWSFORMAT_REGEN_GOLDEN"):
+        swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"})
+    sd = swsformat.load_state_dict(GOLDEN)
+    want = golden_state_dict()
+    assert list(sd) == list(want)
+    for k in want:
+        assert sd[k].dtype == want[k].dtype and torch.equal(sd[k], want[k]), k
+
+
+def test_writer_still_produces_the_golden_bytes():
+    data = swsformat.encode_bytes(golden_state_dict(), metadata={"purpose": "golden"})
+    # The library version string is the only field allowed to differ between releases.
+    golden = GOLDEN.read_bytes()
+    if data != golden:
+        a = swsformat.read_header(GOLDEN)
+        assert a["library"] != f"swsformat {swsformat.__version__}", "same library version, different bytes"
+
+
+def test_exact_bytes_of_a_tiny_layer():
+    """One layer small enough to check by hand against SPEC.md."""
+    w = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, -0.5]])
+    c = swsformat.encode_bytes({"w.weight": w}, index_bits=2, metadata={})
+    from swsformat.container import parse
+
+    t = parse(c).tensors[0]
+    # Two rows with one entry each: counts 1,1 in 1 bit -> 0b11000000.
+    assert t.row_bits == 1 and bytes(t.row_counts) == b"\xc0"
+    # Gaps 1 (row 0: column 1) and 3 (row 1: column 3): two used symbols of length 1;
+    # canonical codes give symbol 1 -> 0, symbol 3 -> 1, so the stream is 0b01000000.
+    assert list(t.gaps.code_lengths) == [0, 1, 0, 1] and bytes(t.gaps.data) == b"\x40"
+    # Codebook sorted by bit pattern: 0.5 (0x3f000000) before -0.5 (0xbf000000).
+    assert list(t.codebook) == [0x3F000000, 0xBF000000]
+    assert list(t.values.code_lengths) == [0, 1, 1] and bytes(t.values.data) == b"\x40"
+    assert c[:8] == b"\x89SWS\r\n\x1a\n" and c[8:12] == b"\x01\x00\x00\x00"

@@ -1,0 +1,158 @@
+"""Bit-exact round trips of the encoder and decoder, dense and sparse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import swsformat
+from swsformat.retrain.models import MODELS, build_model, compressible_parameters
+
+from .conftest import quantized
+
+
+def roundtrip(sd: dict[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
+    data = swsformat.encode_bytes(sd, **kw)
+    out = swsformat.load(data)
+    assert list(out) == list(sd)
+    for k, v in sd.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        assert torch.equal(out[k].view(-1).view(torch.uint8), v.contiguous().view(-1).view(torch.uint8)), k
+    sparse = swsformat.load(data, sparse=True)
+    for k, v in sd.items():
+        got = sparse[k]
+        if got.layout == torch.sparse_csr:
+            dense = got.to_dense().reshape(v.shape)
+            assert torch.equal(dense, v), k
+            # -0.0 is stored as a value of its own, so count non-zero bit patterns.
+            bits = v.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[v.element_size()])
+            assert got._nnz() == int((bits != 0).sum())
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(7,), (1, 1), (3, 5), (300, 784), (20, 1, 5, 5), (4, 3, 2, 2), (0, 5), (5, 0), (2, 3, 0, 4), ()],
+)
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_shapes_and_densities(shape, density):
+    t = quantized(shape, density, 16)
+    roundtrip({"layer.weight": t}, compress=["layer.weight"])
+
+
+@pytest.mark.parametrize("k", [2, 3, 16, 100, 256])
+def test_codebook_sizes(k):
+    t = quantized((64, 300), 0.5, k)
+    roundtrip({"w.weight": t})
+
+
+@pytest.mark.parametrize("bits", [1, 2, 5, 8, 12])
+def test_gaps_longer_than_width(bits):
+    t = torch.zeros(3, 5000)
+    t[0, 4999] = 0.5
+    t[1, 0] = -0.25
+    t[1, 4000] = 0.5
+    t[2, [17, 18, 2000]] = 0.125
+    roundtrip({"w.weight": t}, index_bits=bits)
+
+
+def test_single_nonzero_and_empty_rows():
+    t = torch.zeros(10, 10)
+    t[9, 9] = 1.5
+    roundtrip({"w.weight": t})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_keep_every_bit(dtype):
+    t = quantized((32, 48), 0.2, 9, dtype=dtype)
+    t[0, 0] = -0.0  # a negative zero is a value of its own and must survive
+    sd = {"w.weight": t, "b": torch.randn(5).to(dtype), "n": torch.arange(4), "m": torch.tensor([True, False])}
+    out = roundtrip(sd)
+    assert torch.signbit(out["w.weight"][0, 0])
+
+
+@given(
+    rows=st.integers(0, 40),
+    cols=st.integers(0, 300),
+    density=st.floats(0, 1),
+    k=st.integers(2, 256),
+    bits=st.one_of(st.none(), st.integers(1, 12), st.just("auto")),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_roundtrip(rows, cols, density, k, bits, seed):
+    t = quantized((rows, cols), density, k, seed=seed)
+    roundtrip({"w.weight": t}, index_bits=bits)
+
+
+def test_deterministic_bytes():
+    sd = {"a.weight": quantized((50, 60), 0.1, 8), "a.bias": torch.randn(50)}
+    assert swsformat.encode_bytes(sd) == swsformat.encode_bytes(dict(sd))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_paper_models_after_quantization(name):
+    model = build_model(name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in compressible_parameters(model):
+            means = torch.linspace(-0.2, 0.2, 15)
+            keep = torch.rand(p.shape, generator=g) < 0.05
+            p.copy_(torch.where(keep, means[torch.randint(0, 15, p.shape, generator=g)], torch.zeros(())))
+    roundtrip(model.state_dict())
+    for ib in (None, "auto"):
+        roundtrip(model.state_dict(), index_bits=ib)
+
+
+def test_unquantized_input_says_how_many_values():
+    with pytest.raises(swsformat.SwsEncodeError, match=r"has \d+ distinct non-zero values.*Quantize"):
+        swsformat.encode_bytes({"fc.weight": torch.randn(30, 30)})
+
+
+def test_nan_rejected():
+    t = torch.zeros(4, 4)
+    t[1, 1] = float("nan")
+    with pytest.raises(swsformat.SwsEncodeError, match="NaN"):
+        swsformat.encode_bytes({"fc.weight": t})
+
+
+def test_encode_writes_file_and_load_model(tmp_path):
+    model = build_model("lenet300-100")
+    with torch.no_grad():
+        for _, p in compressible_parameters(model):
+            p.copy_(torch.where(p.abs() > 0.08, torch.sign(p) * 0.1, torch.zeros(())))
+    path = tmp_path / "m.sws"
+    size = swsformat.encode(model, path)
+    assert path.stat().st_size == size
+    assert list(tmp_path.iterdir()) == [path]
+    loaded = swsformat.load_model(path)
+    assert type(loaded) is type(model) and not loaded.training
+    x = torch.randn(3, 1, 28, 28)
+    model.eval()
+    assert torch.equal(loaded(x), model(x))
+    other = swsformat.load_model(path, build_model("lenet300-100"))
+    assert torch.equal(other(x), model(x))
+
+
+def test_inspect_reads_only_the_header(tmp_path):
+    sd = {"a.weight": quantized((50, 60), 0.1, 8), "a.bias": torch.randn(50)}
+    path = tmp_path / "m.sws"
+    swsformat.encode(sd, path, metadata={"author": "me"})
+    info = swsformat.inspect(path)
+    assert [i["name"] for i in info] == ["a.weight", "a.bias"]
+    assert info[0]["nonzeros"] == int(torch.count_nonzero(sd["a.weight"]))
+    # Truncating the payload away does not bother a header-only reader.
+    raw = path.read_bytes()
+    hlen = int.from_bytes(raw[12:16], "little")
+    (tmp_path / "head.sws").write_bytes(raw[: 16 + hlen + 4])
+    assert swsformat.inspect(tmp_path / "head.sws") == info
+    assert swsformat.read_header(path)["metadata"] == {"author": "me"}
+
+
+def test_sparse_csr_layout():
+    t = quantized((20, 1, 5, 5), 0.2, 8)
+    out = swsformat.load(swsformat.encode_bytes({"c.weight": t}), sparse=True)["c.weight"]
+    assert out.layout == torch.sparse_csr and out.shape == (20, 25)
+    assert np.array_equal(out.to_dense().numpy(), t.reshape(20, 25).numpy())
