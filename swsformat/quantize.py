@@ -1,0 +1,73 @@
+"""Post-training quantization for ordinary checkpoints: magnitude pruning + 1-D k-means.
+
+The soft weight-sharing retraining is the better route; this path lets any trained model
+be written as ``.sws`` (``sws encode model.pt --prune 0.9 --clusters 16``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .encoder import default_selector
+
+
+def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
+    """Lloyd's k-means on a 1-D sample, initialised at quantiles; returns sorted centres."""
+    if values.size == 0:
+        return np.zeros(0)
+    centres = np.unique(np.quantile(values, (np.arange(k) + 0.5) / k))
+    for _ in range(iters):
+        edges = (centres[1:] + centres[:-1]) / 2
+        idx = np.searchsorted(edges, values)
+        sums = np.bincount(idx, weights=values, minlength=centres.size)
+        counts = np.bincount(idx, minlength=centres.size)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        if np.allclose(new, centres):
+            break
+        centres = new
+    return np.unique(centres)
+
+
+def _snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    edges = (centres[1:] + centres[:-1]) / 2
+    return centres[np.searchsorted(edges, values)]
+
+
+@torch.no_grad()
+def prune_and_cluster(
+    state_dict: Mapping[str, torch.Tensor],
+    prune: float = 0.9,
+    clusters: int = 16,
+    per_layer: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to ``clusters`` values.
+
+    Applies to the tensors :func:`swsformat.encoder.default_selector` picks (conv and linear
+    weights); with ``per_layer=False`` one codebook is shared by the whole model, as in
+    soft weight-sharing. Returns a new state_dict; other tensors are passed through.
+    """
+    if not 0.0 <= prune < 1.0:
+        raise ValueError(f"prune must be in [0, 1), got {prune}")
+    if not 1 <= clusters <= 255:
+        raise ValueError(f"clusters must be in [1, 255], got {clusters}")
+    names = [n for n, t in state_dict.items() if default_selector(n, t)]
+    out = dict(state_dict)
+    if not names:
+        return out
+    groups = [[n] for n in names] if per_layer else [names]
+    for group in groups:
+        flat = np.concatenate([state_dict[n].detach().cpu().double().numpy().ravel() for n in group])
+        threshold = np.quantile(np.abs(flat), prune) if prune > 0 else -1.0
+        kept = flat[np.abs(flat) > threshold]
+        rng = np.random.default_rng(0)
+        sample = kept if kept.size <= 1_000_000 else rng.choice(kept, 1_000_000, replace=False)
+        centres = kmeans_1d(sample, clusters)
+        for n in group:
+            t = state_dict[n]
+            w = t.detach().cpu().double().numpy()
+            q = np.where(np.abs(w) > threshold, _snap(w, centres) if centres.size else 0.0, 0.0)
+            out[n] = torch.from_numpy(q).to(t.dtype).to(t.device)
+    return out

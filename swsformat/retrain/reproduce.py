@@ -1,0 +1,130 @@
+"""The main job: pretrain (or load), compress with soft weight-sharing, write ``.sws`` + JSON.
+
+``sws compress --model lenet5-caffe -o lenet5-caffe.sws`` runs this; the committed files
+under ``results/paper/`` were made by it, with the exact command in each JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import size_report
+from ..encoder import atomic_write
+from . import data as data_mod
+from .models import build_model
+from .pipeline import CompressConfig, compress
+from .prior import PriorConfig
+from .train import RetrainConfig, evaluate, pick_device, pretrain
+
+# Best settings measured per model (see README, "Reproducing the paper").
+BEST: dict[str, dict[str, Any]] = {
+    "lenet300-100": {"pretrain_epochs": 30, "epochs": 10, "tau": 0.1},
+    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 10, "tau": 0.1},
+    "tutorial-net": {"pretrain_epochs": 20, "epochs": 10, "tau": 0.1},
+}
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
+
+
+def run(
+    model_name: str,
+    data_name: str,
+    output: str | os.PathLike,
+    json_path: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    pretrain_epochs: int | None = None,
+    tau: float | None = None,
+    seed: int = 0,
+    data_root: str | None = None,
+    pretrained: str | None = None,
+    plots: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole job and return the results dict (also written as JSON beside the file)."""
+    best = BEST[model_name]
+    epochs = best["epochs"] if epochs is None else epochs
+    pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
+    tau = best["tau"] if tau is None else tau
+    t0 = time.perf_counter()
+    device = pick_device()
+    train, test = data_mod.load(data_name, root=data_root)
+    train, test = train.to(device), test.to(device)
+    torch.manual_seed(seed)
+    model = build_model(model_name).to(device)
+    if pretrained:
+        model.load_state_dict(torch.load(pretrained, map_location=device, weights_only=True))
+        pre_logs = []
+    else:
+        pre_logs = pretrain(model, train, test, epochs=pretrain_epochs, seed=seed, progress=progress)
+    pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed)
+    recorder = None
+    if plots:
+        from .plots import MovementRecorder
+
+        recorder = MovementRecorder(model)
+    result = compress(model, train, test, config, path=output, on_epoch=recorder, progress=progress)
+    report = size_report(output)
+    out = {
+        "command": " ".join(["sws"] + sys.argv[1:]) if Path(sys.argv[0]).name == "sws" else " ".join(sys.argv),
+        "model": model_name,
+        "data": data_name,
+        "file": Path(output).name,
+        "seed": seed,
+        "config": config.to_dict(),
+        "pretrain_epochs": pretrain_epochs if not pretrained else None,
+        "pretrained_from": pretrained,
+        "pretrain_test_error_per_epoch": [round(log.test_error, 3) for log in pre_logs],
+        "retrain_test_error_per_epoch": [round(log.test_error, 3) for log in result.logs],
+        "retrain_epoch_seconds": [round(log.seconds, 2) for log in result.logs],
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine(),
+        **{k: v for k, v in result.summary().items() if k != "seconds"},
+        "nonzero_fraction": report["nonzero_fraction"],
+        "file_bytes": report["file_bytes"],
+        "fp32_bytes": report["fp32_bytes"],
+        "compression_rate": report["compression_rate"],
+        "paper_compression_rate": report["paper_compression_rate"],
+        "mixture": {k: [round(float(x), 6) for x in getattr(result.mixture, k)] for k in ("means", "stds", "pi")},
+        "decoded_test_error": None,
+    }
+    # Evaluate the file as a user would: decode it into a fresh module.
+    from ..decoder import load_model
+
+    out["decoded_test_error"] = evaluate(load_model(output, device=device), test)
+    json_path = json_path or str(Path(output).with_suffix(".json"))
+    atomic_write(json_path, (json.dumps(out, indent=2) + "\n").encode())
+    if plots:
+        from .plots import flat_weights, histograms, mixture_plot
+
+        folder = Path(plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        ref = build_model(model_name)
+        ref.load_state_dict({k: v.cpu() for k, v in pretrained_sd.items()})
+        retrained = recorder.frames[-1][1] if recorder and recorder.frames else flat_weights(model)
+        histograms(
+            {"pretrained": flat_weights(ref)[recorder.idx] if recorder else flat_weights(ref),
+             "retrained": retrained, "quantized": flat_weights(model)[recorder.idx] if recorder else flat_weights(model)},
+            folder / f"{model_name}-histograms.png",
+        )
+        mixture_plot(retrained, result.mixture, folder / f"{model_name}-mixture.png")
+        if recorder:
+            recorder.gif(folder / f"{model_name}-movement.gif")
+    print(json.dumps({k: out[k] for k in ("quantized_error", "decoded_test_error", "nonzero_fraction",
+                                           "compression_rate", "paper_compression_rate", "file_bytes")}))
+    return out
+
+
+__all__ = ["BEST", "run", "replace"]

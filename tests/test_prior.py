@@ -1,0 +1,142 @@
+"""The mixture prior against a plain numpy/scipy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import logsumexp
+
+from swsformat.retrain.prior import (
+    Mixture,
+    MixturePrior,
+    PriorConfig,
+    initial_means,
+    merge_components,
+    mixture_nll,
+    quantize_weights,
+)
+
+
+def reference_nll(w, mu, log_prec, log_pi):
+    sd = np.exp(-0.5 * log_prec)
+    lp = log_pi[None, :] + stats.norm.logpdf(w[:, None], mu[None, :], sd[None, :])
+    return -logsumexp(lp, axis=1).sum()
+
+
+def random_mixture(j=6, seed=0):
+    rng = np.random.default_rng(seed)
+    mu = np.concatenate([[0.0], rng.uniform(-0.5, 0.5, j - 1)])
+    log_prec = rng.uniform(2, 9, j)
+    log_pi = np.log(rng.dirichlet(np.ones(j)))
+    return mu, log_prec, log_pi
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nll_and_gradients_match_reference(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.2, 5000)
+    mu, log_prec, log_pi = random_mixture()
+    args = [torch.tensor(a, dtype=torch.float64, device=device, requires_grad=True) for a in (w, mu, log_prec, log_pi)]
+    loss = mixture_nll(*args)
+    assert float(loss.detach()) == pytest.approx(reference_nll(w, mu, log_prec, log_pi), rel=1e-9)
+    grads = torch.autograd.grad(loss, args)
+    # Central finite differences of the scipy reference for every mixture parameter.
+    for k, base in enumerate((w, mu, log_prec, log_pi)):
+        if k == 0:
+            idx = [0, 17, 4999]
+        else:
+            idx = range(base.size)
+        for i in idx:
+            h = 1e-6
+            up, dn = [a.copy() for a in (w, mu, log_prec, log_pi)], [a.copy() for a in (w, mu, log_prec, log_pi)]
+            up[k][i] += h
+            dn[k][i] -= h
+            fd = (reference_nll(*up) - reference_nll(*dn)) / (2 * h)
+            assert float(grads[k][i]) == pytest.approx(fd, rel=1e-4, abs=1e-4)
+
+
+def test_no_nan_when_a_component_collapses():
+    w = torch.tensor([0.0, 1e-9, 0.3, -0.3], dtype=torch.float32, requires_grad=True)
+    mu = torch.tensor([0.0, 0.3, 5.0], requires_grad=True)
+    log_prec = torch.tensor([60.0, 40.0, 80.0], requires_grad=True)  # variances down to 1e-35
+    log_pi = torch.log(torch.tensor([0.98, 0.01, 0.01])).requires_grad_()
+    loss = mixture_nll(w, mu, log_prec, log_pi)
+    loss.backward()
+    for t in (loss, w.grad, mu.grad, log_prec.grad, log_pi.grad):
+        assert torch.isfinite(t.detach()).all()
+
+
+def test_hyper_priors_match_scipy():
+    cfg = PriorConfig(components=4, learn_pi_zero=True, pi_zero=0.9, gamma_zero=(50.0, 2.0), gamma_other=(5.0, 0.5), pi_zero_beta=(30.0, 3.0))
+    prior = MixturePrior(torch.randn(100) * 0.1, cfg)
+    with torch.no_grad():
+        prior.log_precisions.copy_(torch.tensor([3.0, 1.0, 2.0, 0.5]))
+    got = float(prior.hyper_nll().detach())
+    lam = np.exp(prior.log_precisions.detach().numpy().astype(np.float64))
+    # Gamma density over log-precision = Gamma(lambda) * lambda (Jacobian); Beta over the logit likewise.
+    ref = -(stats.gamma.logpdf(lam[0], 50.0, scale=1 / 2.0) + np.log(lam[0]))
+    ref -= sum(stats.gamma.logpdf(x, 5.0, scale=1 / 0.5) + np.log(x) for x in lam[1:])
+    p0 = 0.9
+    ref -= stats.beta.logpdf(p0, 30.0, 3.0) + np.log(p0 * (1 - p0))
+    # Both sides drop different constants: compare differences between two settings instead.
+    with torch.no_grad():
+        prior.log_precisions.add_(0.25)
+        prior.pi_zero_logit.add_(0.3)
+    got2 = float(prior.hyper_nll().detach())
+    lam2 = lam * math.exp(0.25)
+    p02 = 1 / (1 + math.exp(-(math.log(p0 / (1 - p0)) + 0.3)))
+    ref2 = -(stats.gamma.logpdf(lam2[0], 50.0, scale=1 / 2.0) + np.log(lam2[0]))
+    ref2 -= sum(stats.gamma.logpdf(x, 5.0, scale=1 / 0.5) + np.log(x) for x in lam2[1:])
+    ref2 -= stats.beta.logpdf(p02, 30.0, 3.0) + np.log(p02 * (1 - p02))
+    assert got2 - got == pytest.approx(ref2 - ref, rel=1e-4)
+
+
+def test_mixing_proportions_sum_to_one_and_zero_is_fixed():
+    prior = MixturePrior(torch.randn(100), PriorConfig(components=8, pi_zero=0.99))
+    pi = prior.log_mixing().exp().detach()
+    assert float(pi.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(pi[0]) == pytest.approx(0.99, abs=1e-6)
+    assert not prior.pi_zero_logit.requires_grad
+    assert float(prior.all_means()[0].detach()) == 0.0
+
+
+def test_initial_means_spread_and_none_near_zero():
+    w = torch.linspace(-0.6, 0.6, 1001)
+    m = initial_means(w, 15)
+    assert m.numel() == 15
+    step = 1.2 / 15
+    assert float(m.abs().min()) >= step * 0.49
+    assert float(m.min()) == pytest.approx(-0.6) and float(m.max()) == pytest.approx(0.6)
+
+
+def test_merge_merges_close_components_and_keeps_far_ones():
+    mix = Mixture(np.array([0.0, 0.2, 0.2005, -0.3, 0.001]), np.array([0.01, 0.01, 0.01, 0.01, 0.01]), np.array([0.9, 0.03, 0.03, 0.02, 0.02]))
+    merged, n = merge_components(mix, threshold=1.0)
+    assert n == 2
+    assert sorted(np.round(merged.means, 4)) == [-0.3, 0.0, 0.2003]
+    assert merged.means[0] == 0.0  # merging into the zero component keeps mean 0
+    assert merged.pi.sum() == pytest.approx(1.0)
+    same, none = merge_components(mix, threshold=0.0)
+    assert none == 0 and len(same.means) == 5
+
+
+def test_quantize_snaps_to_means_and_zeros_are_exact():
+    mix = Mixture(np.array([0.0, 0.25, -0.25]), np.array([0.02, 0.02, 0.02]), np.array([0.9, 0.05, 0.05]))
+    w = torch.tensor([[0.001, -0.003, 0.24, -0.26, 0.0]])
+    (q,), counts = quantize_weights([w], mix)
+    assert q.tolist() == [[0.0, 0.0, 0.25, -0.25, 0.0]]
+    assert counts.tolist() == [3, 1, 1]
+    assert torch.signbit(q).sum() == 1  # the zeros are +0.0 exactly, only -0.25 is negative
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="components"):
+        PriorConfig(components=1)
+    with pytest.raises(ValueError, match="pi_zero"):
+        PriorConfig(pi_zero=1.0)
