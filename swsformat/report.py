@@ -11,7 +11,7 @@ from . import kernels
 from .container import Container, RawTensor, SwsTensor, parse
 from .decoder import PathLike, _read, read_header
 from .huffman import decode_table, entropy_bits, validate_lengths
-from .spec import PRELUDE, RAW_DTYPES, SWS_DTYPES, align, matrix_shape
+from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 FP32_BITS = 32
 
@@ -93,13 +93,12 @@ def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[s
     fp32_bits = sum(r["fp32_bits"] for r in tensors)
     coded_fp32 = sum(r["fp32_bits"] for r in sws)
     coded_bits = sum(r["payload_bits"] for r in sws)
-    padding = len(data) - (align(PRELUDE + hlen + 4)) - sum(
-        (r.get("raw_bits", 0) + r.get("payload_bits", 0) - r.get("codebook_bits", 0)) // 8 for r in tensors
-    )
+    sections = sum(r.get("raw_bits", 0) + r.get("payload_bits", 0) for r in tensors) // 8
     out = {
         "file_bytes": len(data),
         "header_bytes": hlen,
-        "overhead_bytes": align(PRELUDE + hlen + 4) + padding,
+        # Prelude, header (less the codebooks, counted with their tensors), CRC and padding.
+        "overhead_bytes": len(data) - sections,
         "fp32_bytes": fp32_bits // 8,
         "compression_rate": fp32_bits / total_bits,
         "paper_compression_rate": coded_fp32 / coded_bits if coded_bits else float("nan"),
