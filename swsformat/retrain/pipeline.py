@@ -26,12 +26,19 @@ class CompressConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     merge_threshold: float = 1.0
+    assign: str = "map"
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-4
     index_bits: int | str | None = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.merge_threshold < 0:
             raise ValueError("merge_threshold must be >= 0")
+        if self.assign not in ("map", "nearest"):
+            raise ValueError(f"assign must be 'map' or 'nearest', got {self.assign!r}")
+        if self.finetune_epochs < 0 or self.finetune_lr <= 0:
+            raise ValueError("finetune_epochs must be >= 0 and finetune_lr > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,16 +75,65 @@ class CompressResult:
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, mixture: Mixture) -> tuple[float, int]:
+def quantize_model_(model: nn.Module, mixture: Mixture, rule: str = "map") -> tuple[float, int]:
     """Snap the model's compressible weights in place; return (non-zero fraction, components used)."""
     params = [p for _, p in compressible_parameters(model)]
-    new, counts = quantize_weights(params, mixture)
+    new, counts = quantize_weights(params, mixture, rule)
     for p, q in zip(params, new):
         p.copy_(q)
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p)) for p in params)
     used = int(np.count_nonzero(counts[1:]))
     return nonzero / max(total, 1), used
+
+
+def finetune_codebook_(
+    model: nn.Module, train: Split, epochs: int, lr: float, batch_size: int = 256, seed: int = 0, progress: bool = True
+) -> None:
+    """Train the shared values and the other parameters (biases) with the assignments frozen.
+
+    After snapping, each weight is ``codebook[index]``; the gradient of a shared value is the
+    sum of its weights' gradients (as in Deep Compression's centroid fine-tuning). Zeros stay
+    exactly zero and no new value appears, so the file size does not change.
+    """
+    if epochs == 0:
+        return
+    from torch.nn import functional as F
+
+    from .train import _batches
+
+    weights = [p for _, p in compressible_parameters(model)]
+    wset = {id(p) for p in weights}
+    others = [p for p in model.parameters() if id(p) not in wset]
+    values = torch.cat([p.detach().flatten() for p in weights])
+    uniq, inverse = torch.unique(values, return_inverse=True)
+    zero = int((uniq == 0).nonzero()[0]) if bool((uniq == 0).any()) else -1
+    codebook = nn.Parameter(uniq.clone())
+    sizes = [p.numel() for p in weights]
+    opt = torch.optim.Adam([codebook] + others, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    device = values.device
+    for _ in range(epochs):
+        for idx in _batches(len(train), batch_size, gen):
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            for p in weights:
+                p.grad = None
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in weights])
+            codebook.grad = torch.zeros_like(codebook).index_add_(0, inverse, grad)
+            if zero >= 0:
+                codebook.grad[zero] = 0
+            opt.step()
+            with torch.no_grad():
+                if zero >= 0:
+                    codebook[zero] = 0
+                new = codebook[inverse]
+                for p, chunk in zip(weights, new.split(sizes)):
+                    p.copy_(chunk.view_as(p))
+    for p in weights:
+        p.grad = None
 
 
 def compress(
@@ -103,7 +159,9 @@ def compress(
     logs = retrain(model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress)
     retrained = evaluate(model, test)
     mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
-    frac, used = quantize_model_(model, mixture)
+    frac, used = quantize_model_(model, mixture, config.assign)
+    finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.retrain.batch_size,
+                       config.seed, progress)
     quant = evaluate(model, test)
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, quant, frac, used, merged, time.perf_counter() - t0

@@ -225,11 +225,18 @@ class Mixture:
         d = w[:, None] - self.means[None, :]
         return np.log(self.pi) - 0.5 * np.log(2 * np.pi * var) - 0.5 * d * d / var
 
-    def assign(self, w: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-        """Index of the component with the largest responsibility for each weight."""
+    def assign(self, w: np.ndarray, rule: str = "map", chunk: int = CHUNK) -> np.ndarray:
+        """Component of each weight: ``"map"`` = largest responsibility (the paper's rule),
+        ``"nearest"`` = closest mean (smallest change to the weight)."""
+        if rule not in ("map", "nearest"):
+            raise ValueError(f"assignment rule must be 'map' or 'nearest', got {rule!r}")
         out = np.empty(w.shape[0], dtype=np.int64)
         for s in range(0, w.shape[0], chunk):
-            out[s : s + chunk] = self.log_joint(w[s : s + chunk]).argmax(axis=1)
+            part = w[s : s + chunk]
+            if rule == "map":
+                out[s : s + chunk] = self.log_joint(part).argmax(axis=1)
+            else:
+                out[s : s + chunk] = np.abs(part[:, None] - self.means[None, :]).argmin(axis=1)
         return out
 
 
@@ -268,7 +275,9 @@ def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
     return Mixture(np.array(means), np.array(stds), np.array(pi)), merged
 
 
-def quantize_weights(weights: list[torch.Tensor], mix: Mixture) -> tuple[list[torch.Tensor], np.ndarray]:
+def quantize_weights(
+    weights: list[torch.Tensor], mix: Mixture, rule: str = "map"
+) -> tuple[list[torch.Tensor], np.ndarray]:
     """Snap every weight to the mean of its most responsible component (zero -> exactly 0.0).
 
     Returns the new tensors and the per-component weight counts.
@@ -278,7 +287,7 @@ def quantize_weights(weights: list[torch.Tensor], mix: Mixture) -> tuple[list[to
     values[0] = 0.0
     for t in weights:
         flat = t.detach().flatten().cpu().double().numpy()
-        idx = mix.assign(flat)
+        idx = mix.assign(flat, rule)
         counts += np.bincount(idx, minlength=len(values))
         out.append(torch.from_numpy(values[idx].reshape(tuple(t.shape))).to(t.device, t.dtype))
     return out, counts

@@ -1,0 +1,94 @@
+"""Hardening: a bounded fuzz slice in separate processes, pure-Python kernels, no pickle on load."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import swsformat
+
+from .conftest import DATA, ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz  # noqa: E402
+
+
+def test_fuzz_slice_in_worker_processes():
+    """A bounded slice of the campaign: crashes, hangs and foreign exceptions fail the test."""
+    summary = fuzz.campaign(inputs=int(os.environ.get("SWS_FUZZ_INPUTS", "4000")), seed=1, timeout=20.0,
+                            mem_limit=3 << 30, out_dir=None)
+    assert summary["crashes"] == 0 and summary["hangs"] == 0 and summary["other_exceptions"] == 0, summary
+
+
+def test_fuzz_runner_detects_a_crash():
+    """The harness itself must see a segfault: feed it a worker that crashes."""
+    runner = fuzz.Runner(timeout=20.0, mem_limit=3 << 30)
+    runner.proc = subprocess.Popen(
+        [sys.executable, "-c", "import ctypes, sys; sys.stdin.buffer.read(4); ctypes.string_at(0)"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    assert runner.run(b"x").startswith("crash:SIG")
+
+
+def _digest_script() -> str:
+    return (
+        "import hashlib, swsformat, torch\n"
+        f"sd = swsformat.load_state_dict({str(DATA / 'golden-v1.sws')!r})\n"
+        f"sp = swsformat.load_state_dict({str(DATA / 'golden-v1.sws')!r}, sparse=True)\n"
+        "h = hashlib.sha256()\n"
+        "for k in sd: h.update(k.encode()); h.update(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())\n"
+        "for k in sp:\n"
+        "    t = sp[k]\n"
+        "    if t.layout == torch.sparse_csr:\n"
+        "        for part in (t.crow_indices(), t.col_indices(), t.values()): h.update(part.contiguous().view(torch.uint8).numpy().tobytes())\n"
+        "try:\n"
+        f"    swsformat.load(open({str(DATA / 'golden-v1.sws')!r}, 'rb').read()[:-5])\n"
+        "except swsformat.SwsError as e: h.update(str(e).encode())\n"
+        "print(h.hexdigest())\n"
+    )
+
+
+@pytest.mark.parametrize("env", [{"NUMBA_DISABLE_JIT": "1"}, {"NUMBA_BOUNDSCHECK": "1"}])
+def test_same_results_without_jit_and_with_boundscheck(env):
+    base = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, check=True)
+    other = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, check=True,
+                           env={**os.environ, **env})
+    assert base.stdout == other.stdout and len(base.stdout.strip()) == 64
+
+
+def test_load_never_unpickles(monkeypatch):
+    # Warm up first: numba reads its own cache index (a pickle it wrote under __pycache__)
+    # when a kernel is first used in a process; the file being loaded never goes near pickle.
+    swsformat.load_state_dict(DATA / "golden-v1.sws")
+    swsformat.load_state_dict(DATA / "golden-v1.sws", sparse=True)
+    swsformat.size_report(DATA / "golden-v1.sws")
+
+    def forbidden(*a, **k):
+        raise AssertionError("pickle or torch.load used on the load path")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    sd = swsformat.load_state_dict(DATA / "golden-v1.sws")
+    assert "fc.weight" in sd
+    swsformat.load_state_dict(DATA / "golden-v1.sws", sparse=True)
+    swsformat.size_report(DATA / "golden-v1.sws")
+    swsformat.inspect(DATA / "golden-v1.sws")
+
+
+def test_import_with_unwritable_cache_and_home(tmp_path):
+    """numba's cache must not break import or decoding when nothing can be written."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    env = {**os.environ, "HOME": str(ro), "NUMBA_CACHE_DIR": str(ro / "cache"), "XDG_CACHE_HOME": str(ro)}
+    r = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hashlib.sha256(b"").hexdigest() != r.stdout.strip()
