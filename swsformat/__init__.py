@@ -13,18 +13,30 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import SwsChecksumError, SwsDecodeError, SwsEncodeError, SwsError, SwsFormatError  # noqa: E402
-from .encoder import encode, encode_bytes  # noqa: E402
 from .decoder import load, load_model, load_state_dict, read_header  # noqa: E402
+from .encoder import encode, encode_bytes  # noqa: E402
+from .errors import SwsChecksumError, SwsDecodeError, SwsEncodeError, SwsError, SwsFormatError  # noqa: E402
 from .report import inspect, size_report  # noqa: E402
 
+
+def __getattr__(name: str):
+    """``swsformat.compress`` and ``swsformat.CompressConfig`` without importing training at startup."""
+    if name in ("compress", "CompressConfig"):
+        from . import retrain
+
+        return getattr(retrain, name)
+    raise AttributeError(f"module 'swsformat' has no attribute {name!r}")
+
+
 __all__ = [
+    "CompressConfig",
     "SwsChecksumError",
     "SwsDecodeError",
     "SwsEncodeError",
     "SwsError",
     "SwsFormatError",
     "__version__",
+    "compress",
     "encode",
     "encode_bytes",
     "inspect",

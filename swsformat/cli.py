@@ -28,7 +28,7 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise SystemExit(_fail("reading .safetensors needs the extra: pip install 'swsformat[safetensors]'"))
+            raise SystemExit(_fail("reading .safetensors needs the extra: pip install 'swsformat[safetensors]'")) from None
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

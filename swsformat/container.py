@@ -10,14 +10,13 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from .errors import SwsChecksumError, SwsFormatError, where
 from .spec import (
-    ALIGN,
     CODER_HUFFMAN,
     FORMAT_VERSION,
     MAGIC,
@@ -37,7 +36,7 @@ from .spec import (
     unpack_nibbles,
 )
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 INT64_MAX = (1 << 63) - 1
 
 
@@ -84,7 +83,7 @@ class RawTensor:
     kind: str = field(default="raw", init=False)
 
 
-Tensor = Union[SwsTensor, RawTensor]
+Tensor = SwsTensor | RawTensor
 
 
 @dataclass

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .errors import SwsDecodeError, SwsFormatError, where
 from .huffman import decode_table, validate_lengths
 from .spec import PRELUDE, RAW_DTYPES, SWS_DTYPES, matrix_shape
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 TORCH_DTYPES = {
     "float64": torch.float64,

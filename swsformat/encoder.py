@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .errors import SwsEncodeError, where
 from .huffman import canonical_codes, code_lengths
 from .spec import MAX_CODEBOOK, MAX_INDEX_BITS, RAW_DTYPES, SWS_DTYPES, default_index_bits, matrix_shape
 
-IndexBits = Union[int, str, None, Mapping[str, Union[int, str]]]
+IndexBits = int | str | None | Mapping[str, int | str]
 AUTO_RANGE = range(1, 13)
 
 _TORCH_DTYPES = {

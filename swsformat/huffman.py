@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from dahuffman import HuffmanCodec
 
+from . import kernels
 from .errors import SwsDecodeError, where
 from .spec import MAX_CODE_LENGTH
 
@@ -45,17 +46,8 @@ def code_lengths(counts: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.nd
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical codes (uint32) for ``lengths``: by increasing length, then symbol index."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    codes = np.zeros(lengths.shape[0], dtype=np.uint32)
-    code = 0
-    prev = 0
-    for sym in sorted(np.flatnonzero(lengths), key=lambda s: (lengths[s], s)):
-        code <<= int(lengths[sym]) - prev
-        prev = int(lengths[sym])
-        codes[sym] = code
-        code += 1
-    return codes
+    """Canonical codes for ``lengths``: by increasing length, then symbol index (as deflate)."""
+    return kernels.canonical_codes(np.asarray(lengths, dtype=np.uint8))
 
 
 def validate_lengths(lengths: np.ndarray, count: int, tensor: str, field: str) -> None:
@@ -63,27 +55,21 @@ def validate_lengths(lengths: np.ndarray, count: int, tensor: str, field: str) -
     loc = where(tensor, field)
     if lengths.size and int(lengths.max()) > MAX_CODE_LENGTH:
         raise SwsDecodeError(f"{loc}code length {int(lengths.max())} exceeds {MAX_CODE_LENGTH}")
-    used = int(np.count_nonzero(lengths))
     if count == 0:
         return
-    if used == 0:
+    if not lengths.any():
         raise SwsDecodeError(f"{loc}no symbol has a code but the stream holds {count} symbols")
-    kraft = sum(1 << (MAX_CODE_LENGTH - int(x)) for x in lengths if x)
-    if kraft > 1 << MAX_CODE_LENGTH:
+    if kernels.kraft_units(lengths) > 1 << MAX_CODE_LENGTH:
         raise SwsDecodeError(f"{loc}code lengths are over-subscribed (Kraft sum > 1)")
 
 
 def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, int]:
-    """Lookup table of ``2**maxlen`` int32 entries ``symbol << 5 | length`` (-1: no codeword)."""
-    maxlen = int(lengths.max()) if lengths.size else 0
-    maxlen = max(maxlen, 1)
-    table = np.full(1 << maxlen, -1, dtype=np.int32)
-    codes = canonical_codes(lengths)
-    for sym in np.flatnonzero(lengths):
-        n = int(lengths[sym])
-        start = int(codes[sym]) << (maxlen - n)
-        table[start : start + (1 << (maxlen - n))] = (int(sym) << 5) | n
-    return table, maxlen
+    """Lookup table of ``2**maxlen`` int32 entries ``symbol << 5 | length`` (-1: no codeword).
+
+    Call :func:`validate_lengths` first.
+    """
+    table, maxlen = kernels.decode_table(np.asarray(lengths, dtype=np.uint8))
+    return table, int(maxlen)
 
 
 def entropy_bits(counts: np.ndarray) -> float:

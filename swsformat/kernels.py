@@ -27,7 +27,23 @@ STATUS = {
     ERR_NONZEROS: "the number of non-zero entries differs from the header's 'nonzeros'",
 }
 
-jit = numba.njit(cache=True, nogil=True)
+def njit(**options):
+    """``numba.njit`` with an on-disk cache when a cache folder is usable, without one otherwise.
+
+    numba refuses ``cache=True`` (at decoration, i.e. at import) when neither the package's
+    ``__pycache__`` nor a user cache folder is writable: a read-only install must still import.
+    """
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError:
+            return numba.njit(cache=False, **options)(fn)
+
+    return wrap
+
+
+jit = njit(nogil=True)
 
 
 @jit
@@ -141,6 +157,58 @@ def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
             need -= take
         out[i] = v
     return out
+
+
+@jit
+def canonical_codes(lengths: np.ndarray) -> np.ndarray:
+    """Deflate's canonical codes: by increasing length, then symbol index (lengths <= 15)."""
+    bl_count = np.zeros(16, dtype=np.int64)
+    for x in lengths:
+        bl_count[x] += 1
+    bl_count[0] = 0
+    next_code = np.zeros(16, dtype=np.int64)
+    code = 0
+    for bits in range(1, 16):
+        code = (code + bl_count[bits - 1]) << 1
+        next_code[bits] = code
+    codes = np.zeros(lengths.shape[0], dtype=np.int64)
+    for sym in range(lengths.shape[0]):
+        n = lengths[sym]
+        if n != 0:
+            codes[sym] = next_code[n]
+            next_code[n] += 1
+    return codes
+
+
+@jit
+def kraft_units(lengths: np.ndarray) -> int:
+    """``sum 2**(15 - len)`` over used symbols: at most ``2**15`` for a prefix code."""
+    total = 0
+    for x in lengths:
+        if x != 0:
+            total += 1 << (15 - x)
+    return total
+
+
+@jit
+def decode_table(lengths: np.ndarray):
+    """Lookup table of ``2**maxlen`` entries ``symbol << 5 | length`` (-1: no codeword).
+
+    The caller has checked Kraft's inequality, so every codeword's range fits the table.
+    """
+    maxlen = 1
+    for x in lengths:
+        if x > maxlen:
+            maxlen = x
+    table = np.full(1 << maxlen, -1, dtype=np.int32)
+    codes = canonical_codes(lengths)
+    for sym in range(lengths.shape[0]):
+        n = lengths[sym]
+        if n != 0:
+            start = codes[sym] << (maxlen - n)
+            for k in range(start, start + (1 << (maxlen - n))):
+                table[k] = (sym << 5) | n
+    return table, maxlen
 
 
 @jit

@@ -92,3 +92,25 @@ def test_import_with_unwritable_cache_and_home(tmp_path):
     r = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert hashlib.sha256(b"").hexdigest() != r.stdout.strip()
+
+
+def test_kernels_fall_back_to_no_cache(monkeypatch):
+    """A read-only install: numba raises for cache=True, the decorator retries without it."""
+    import numba
+
+    from swsformat.kernels import njit
+
+    real = numba.njit
+
+    def picky(*a, cache=False, **k):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(*a, **k)
+
+    monkeypatch.setattr(numba, "njit", picky)
+
+    @njit(nogil=True)
+    def add(a, b):
+        return a + b
+
+    assert add(2, 3) == 5

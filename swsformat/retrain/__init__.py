@@ -1,0 +1,28 @@
+"""Soft weight-sharing retraining: prior, training loops, models, data, the whole pipeline.
+
+This package knows nothing about the file layout: it hands quantized models to
+:func:`swsformat.encode`.
+"""
+
+from __future__ import annotations
+
+from . import data
+from .models import MODELS, build_model
+from .pipeline import CompressConfig, CompressResult, compress
+from .prior import MixturePrior, PriorConfig
+from .train import RetrainConfig, evaluate, pretrain, retrain
+
+__all__ = [
+    "MODELS",
+    "CompressConfig",
+    "CompressResult",
+    "MixturePrior",
+    "PriorConfig",
+    "RetrainConfig",
+    "build_model",
+    "compress",
+    "data",
+    "evaluate",
+    "pretrain",
+    "retrain",
+]

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..kernels import njit
+
 CUTOFF = 36.0
 BLOCK = 16384
 
 
-@numba.njit(parallel=True, fastmath=False, cache=True, nogil=True)
+@njit(parallel=True, nogil=True)
 def nll_and_grads(w: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray, gw: np.ndarray) -> np.ndarray:
     """Return ``acc`` of shape (4, J): row 0 col 0 holds the NLL, rows 1-3 the sums
     ``sum_i r_ij lam_j (w_i - mu_j)``, ``sum_i r_ij lam_j (w_i - mu_j)^2 / 2`` and
@@ -26,7 +28,11 @@ def nll_and_grads(w: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
     partial = np.zeros((blocks, 4, j_count))
     for b in numba.prange(blocks):
         logits = np.empty(j_count)
-        acc = partial[b]
+        active = np.empty(j_count, dtype=np.int64)
+        acc_t = np.zeros(j_count)
+        acc_h = np.zeros(j_count)
+        acc_r = np.zeros(j_count)
+        nll = 0.0
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             wi = np.float64(w[i])
             best = -np.inf
@@ -34,28 +40,33 @@ def nll_and_grads(w: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
                 d = wi - mu[j]
                 v = c[j] - 0.5 * lam[j] * d * d
                 logits[j] = v
-                if v > best:
-                    best = v
+                best = max(best, v)
+            # Only components within CUTOFF nats of the best one get an exp and a gradient.
             total = 0.0
+            k = 0
             for j in range(j_count):
                 v = logits[j] - best
                 if v > -CUTOFF:
                     e = np.exp(v)
-                    logits[j] = e
+                    logits[k] = e
+                    active[k] = j
                     total += e
-                else:
-                    logits[j] = 0.0
-            acc[0, 0] -= best + np.log(total)
+                    k += 1
+            nll -= best + np.log(total)
             g = 0.0
             inv = 1.0 / total
-            for j in range(j_count):
-                r = logits[j] * inv
-                if r != 0.0:
-                    d = wi - mu[j]
-                    t = lam[j] * d
-                    g += r * t
-                    acc[1, j] += r * t
-                    acc[2, j] += r * 0.5 * t * d
-                    acc[3, j] += r
+            for a in range(k):
+                j = active[a]
+                r = logits[a] * inv
+                d = wi - mu[j]
+                t = lam[j] * d
+                g += r * t
+                acc_t[j] += r * t
+                acc_h[j] += r * 0.5 * t * d
+                acc_r[j] += r
             gw[i] = g
+        partial[b, 0, 0] = nll
+        partial[b, 1] = acc_t
+        partial[b, 2] = acc_h
+        partial[b, 3] = acc_r
     return partial.sum(axis=0)

@@ -33,6 +33,33 @@ BEST: dict[str, dict[str, Any]] = {
 }
 
 
+def pretrained_model(
+    model_name: str, data_name: str, train, test, epochs: int, seed: int, device: torch.device, progress: bool = True
+) -> tuple[torch.nn.Module, list, bool]:
+    """Pretrain ``model_name``, reusing a cached result for the same (model, data, epochs, seed).
+
+    Pretraining is deterministic given these on one machine, so the cache only saves time;
+    delete ``~/.cache/swsformat/pretrained`` to force a rerun.
+    """
+    from .data import cache_dir
+
+    torch.manual_seed(seed)
+    model = build_model(model_name).to(device)
+    path = cache_dir() / "pretrained" / f"{model_name}-{data_name}-e{epochs}-s{seed}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        return model, blob["test_errors"], True
+    logs = pretrain(model, train, test, epochs=epochs, seed=seed, progress=progress)
+    errors = [round(log.test_error, 3) for log in logs]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "test_errors": errors}, path)
+    except OSError:
+        pass  # a read-only cache only costs time next run
+    return model, errors, False
+
+
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
@@ -61,13 +88,16 @@ def run(
     device = pick_device()
     train, test = data_mod.load(data_name, root=data_root)
     train, test = train.to(device), test.to(device)
-    torch.manual_seed(seed)
-    model = build_model(model_name).to(device)
+    cached = False
     if pretrained:
+        torch.manual_seed(seed)
+        model = build_model(model_name).to(device)
         model.load_state_dict(torch.load(pretrained, map_location=device, weights_only=True))
-        pre_logs = []
+        pre_errors: list = []
     else:
-        pre_logs = pretrain(model, train, test, epochs=pretrain_epochs, seed=seed, progress=progress)
+        model, pre_errors, cached = pretrained_model(
+            model_name, data_name, train, test, pretrain_epochs, seed, device, progress
+        )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     config = CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed)
     recorder = None
@@ -86,7 +116,8 @@ def run(
         "config": config.to_dict(),
         "pretrain_epochs": pretrain_epochs if not pretrained else None,
         "pretrained_from": pretrained,
-        "pretrain_test_error_per_epoch": [round(log.test_error, 3) for log in pre_logs],
+        "pretrain_test_error_per_epoch": pre_errors,
+        "pretrain_from_cache": cached,
         "retrain_test_error_per_epoch": [round(log.test_error, 3) for log in result.logs],
         "retrain_epoch_seconds": [round(log.seconds, 2) for log in result.logs],
         "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -7,8 +7,8 @@ index slices of a shuffled permutation: no per-sample Python on two cores.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -102,13 +102,18 @@ def pretrain(
     seed: int = 0,
     progress: bool = True,
 ) -> list[EpochLog]:
-    """Plain Adam training (PART 1 of the tutorial); returns one log entry per epoch."""
+    """Plain Adam training (PART 1 of the tutorial) with a cosine learning-rate decay.
+
+    Returns one log entry per epoch.
+    """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     logs = []
     for epoch in tqdm(range(1, epochs + 1), desc="pretrain", disable=not progress):
         t0 = time.perf_counter()
         loss, ce, _ = train_epoch(model, opt, train, batch_size, gen, desc=f"epoch {epoch}", progress=progress)
+        sched.step()
         logs.append(EpochLog(epoch, loss, ce, 0.0, evaluate(model, test), time.perf_counter() - t0))
     return logs
 
