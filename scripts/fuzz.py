@@ -157,9 +157,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 def worker(mem_limit: int) -> None:
     import swsformat
 
-    swsformat.load((ROOT / "tests" / "data" / "golden-v1.sws").read_bytes())  # compile before the limit
+    for s in seeds():  # compile every kernel signature before the limits apply
+        swsformat.load(s)
     resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
     while True:
         head = inp.read(4)
         if len(head) < 4:
@@ -183,10 +186,14 @@ class Runner:
         self.timeout, self.mem_limit, self.proc = timeout, mem_limit, None
 
     def start(self) -> None:
+        """Start a worker and wait (without the per-input limit) until its kernels are compiled."""
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--mem-limit", str(self.mem_limit)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
+        ready, _, _ = select.select([self.proc.stdout], [], [], 600)
+        if not ready or self.proc.stdout.readline() != b"ready\n":
+            raise RuntimeError("fuzz worker failed to start")
 
     def run(self, data: bytes) -> str:
         if self.proc is None or self.proc.poll() is not None:

@@ -42,7 +42,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .retrain import reproduce
 
     reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
-                  tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots)
+                  tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
+                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume)
     return 0
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tau", type=float, default=None)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plots", default=None, help="folder for histograms, mixture and the weight-movement GIF")
+    c.add_argument("--checkpoint", default=None, help="retraining checkpoint, written every epoch (default: OUTPUT.ckpt)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("encode", help="write a checkpoint (.pt/.pth/.safetensors) as .sws")

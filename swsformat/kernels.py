@@ -164,7 +164,7 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     """Deflate's canonical codes: by increasing length, then symbol index (lengths <= 15)."""
     bl_count = np.zeros(16, dtype=np.int64)
     for x in lengths:
-        bl_count[x] += 1
+        bl_count[np.int64(x)] += 1
     bl_count[0] = 0
     next_code = np.zeros(16, dtype=np.int64)
     code = 0
@@ -173,7 +173,7 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
         next_code[bits] = code
     codes = np.zeros(lengths.shape[0], dtype=np.int64)
     for sym in range(lengths.shape[0]):
-        n = lengths[sym]
+        n = np.int64(lengths[sym])
         if n != 0:
             codes[sym] = next_code[n]
             next_code[n] += 1
@@ -186,7 +186,7 @@ def kraft_units(lengths: np.ndarray) -> int:
     total = 0
     for x in lengths:
         if x != 0:
-            total += 1 << (15 - x)
+            total += 1 << (15 - np.int64(x))
     return total
 
 
@@ -198,12 +198,12 @@ def decode_table(lengths: np.ndarray):
     """
     maxlen = 1
     for x in lengths:
-        if x > maxlen:
-            maxlen = x
+        if np.int64(x) > maxlen:
+            maxlen = np.int64(x)
     table = np.full(1 << maxlen, -1, dtype=np.int32)
     codes = canonical_codes(lengths)
     for sym in range(lengths.shape[0]):
-        n = lengths[sym]
+        n = np.int64(lengths[sym])
         if n != 0:
             start = codes[sym] << (maxlen - n)
             for k in range(start, start + (1 << (maxlen - n))):

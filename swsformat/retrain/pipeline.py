@@ -146,6 +146,8 @@ def compress(
     metadata: dict[str, str] | None = None,
     on_epoch: Callable[[int, nn.Module, MixturePrior], None] | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> CompressResult:
     """Soft weight-sharing of a pretrained ``model``, written to ``path`` if given.
 
@@ -157,7 +159,10 @@ def compress(
     t0 = time.perf_counter()
     pre = evaluate(model, test)
     prior = default_prior(model, config.prior)
-    logs = retrain(model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress)
+    logs = retrain(
+        model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
+        checkpoint=checkpoint, resume=resume,
+    )
     retrained = evaluate(model, test)
     mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
     frac, used = quantize_model_(model, mixture, config.assign)

@@ -89,8 +89,10 @@ class PriorConfig:
     """Settings of the mixture and its hyper-priors (defaults after the original tutorial).
 
     Gamma hyper-priors are on the precisions ``lambda_j`` with shape ``alpha`` and rate
-    ``beta`` (mean precision ``alpha/beta``); the zero component gets a stronger one because
-    it explains most of the weights.
+    ``beta`` (mean precision ``alpha/beta``). All components start wide (std 0.25, as in the
+    original tutorial) so that the zero component first claims most weights; the non-zero
+    components' prior is stiff (``alpha`` = 2500) so none of them turns into a wide
+    catch-all that would absorb and then badly quantize many weights.
     """
 
     components: int = 16
@@ -98,9 +100,9 @@ class PriorConfig:
     learn_pi_zero: bool = False
     pi_zero_beta: tuple[float, float] = (1000.0, 10.0)
     gamma_zero: tuple[float, float] = (5000.0, 2.0)
-    gamma_other: tuple[float, float] = (250.0, 0.1)
-    init_std: float = 0.05
-    init_zero_std: float = 0.01
+    gamma_other: tuple[float, float] = (2500.0, 0.1)
+    init_std: float = 0.25
+    init_zero_std: float = 0.25
 
     def __post_init__(self) -> None:
         if not 2 <= self.components <= 256:

@@ -27,9 +27,9 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
-    "lenet300-100": {"pretrain_epochs": 30, "epochs": 10, "tau": 0.1},
-    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 10, "tau": 0.1},
-    "tutorial-net": {"pretrain_epochs": 20, "epochs": 10, "tau": 0.1},
+    "lenet300-100": {"pretrain_epochs": 30, "epochs": 15, "tau": 0.03},
+    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
+    "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
 }
 
 
@@ -78,6 +78,8 @@ def run(
     pretrained: str | None = None,
     plots: str | None = None,
     progress: bool = True,
+    checkpoint: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file)."""
     best = BEST[model_name]
@@ -105,7 +107,10 @@ def run(
         from .plots import MovementRecorder
 
         recorder = MovementRecorder(model)
-    result = compress(model, train, test, config, path=output, on_epoch=recorder, progress=progress)
+    result = compress(
+        model, train, test, config, path=output, on_epoch=recorder, progress=progress,
+        checkpoint=checkpoint, resume=resume,
+    )
     report = size_report(output)
     out = {
         "command": " ".join(["sws"] + sys.argv[1:]) if Path(sys.argv[0]).name == "sws" else " ".join(sys.argv),

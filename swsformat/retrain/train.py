@@ -6,9 +6,11 @@ index slices of a shuffled permutation: no per-sample Python on two cores.
 
 from __future__ import annotations
 
+import io
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,7 +57,6 @@ class EpochLog:
     test_error: float
     seconds: float
     tau: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def train_epoch(
@@ -120,15 +121,21 @@ def pretrain(
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """Retraining settings; learning rates per parameter group as in the original tutorial."""
+    """Retraining settings with one learning rate per parameter group.
 
-    epochs: int = 30
+    The original tutorial used tau 0.003-0.005, weights 5e-4 and log-precisions 3e-3 for
+    30+ epochs; on a CPU budget of 10-15 epochs the measured best is a larger tau (0.05) and
+    faster weights (1e-3) and log-precisions (1e-2), which make the mixture converge before
+    the weights are snapped (see README, "Reproducing the paper").
+    """
+
+    epochs: int = 15
     batch_size: int = 256
-    tau: float = 0.005
+    tau: float = 0.05
     tau_warmup_epochs: int = 0
-    lr_weights: float = 5e-4
+    lr_weights: float = 1e-3
     lr_means: float = 1e-4
-    lr_log_precisions: float = 3e-3
+    lr_log_precisions: float = 1e-2
     lr_mixing: float = 3e-3
     train_size: int | None = None
 
@@ -155,6 +162,31 @@ def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) ->
     return torch.optim.Adam(groups)
 
 
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, prior: MixturePrior, opt: torch.optim.Optimizer,
+    gen: torch.Generator, epoch: int, logs: list[EpochLog],
+) -> None:
+    """Everything needed to continue a run, written atomically (temp file, fsync, rename)."""
+    from dataclasses import asdict
+
+    from ..encoder import atomic_write
+
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "prior": prior.state_dict(),
+            "optimizer": opt.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "logs": [asdict(log) for log in logs],
+        },
+        buf,
+    )
+    atomic_write(path, buf.getvalue())
+
+
 def retrain(
     model: nn.Module,
     prior: MixturePrior,
@@ -164,20 +196,30 @@ def retrain(
     seed: int = 0,
     on_epoch: Callable[[int, nn.Module, MixturePrior], None] | None = None,
     progress: bool = True,
-    optimizer: torch.optim.Optimizer | None = None,
-    start_epoch: int = 1,
-    generator: torch.Generator | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> list[EpochLog]:
     """Retrain ``model`` with ``loss = CE + tau/N * complexity`` (PART 2 of the tutorial).
 
-    ``on_epoch`` is called after every epoch (plots, checkpoints). Raises ``FloatingPointError``
-    when the loss stops being finite, leaving the model as it was after the last good epoch's
-    callback.
+    ``on_epoch`` is called after every epoch (plots). With ``checkpoint``, the full state is
+    saved atomically after every epoch; ``resume=True`` continues from it, reaching the same
+    weights as an uninterrupted run. Raises ``FloatingPointError`` when the loss stops being
+    finite; the checkpoint then still holds the last good epoch.
     """
     n = cfg.train_size or len(train)
-    gen = generator or torch.Generator().manual_seed(seed)
-    opt = optimizer or make_optimizer(model, prior, cfg)
-    logs = []
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model, prior, cfg)
+    logs: list[EpochLog] = []
+    start_epoch = 1
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
+        model.load_state_dict(state["model"])
+        prior.load_state_dict(state["prior"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        logs = [EpochLog(**log) for log in state["logs"]]
+        start_epoch = state["epoch"] + 1
     for epoch in tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress):
         tau = cfg.tau_at(epoch)
         t0 = time.perf_counter()
@@ -187,6 +229,8 @@ def retrain(
         if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(cx))):
             raise FloatingPointError(f"retraining diverged in epoch {epoch}: loss {loss}, complexity {cx}")
         logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, prior, opt, gen, epoch, logs)
         if on_epoch is not None:
             on_epoch(epoch, model, prior)
     return logs

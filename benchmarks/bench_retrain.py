@@ -1,0 +1,39 @@
+"""Cost of the prior: one retraining epoch against one plain training epoch of the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swsformat.retrain.data import Split
+from swsformat.retrain.models import MODELS, build_model
+from swsformat.retrain.prior import PriorConfig
+from swsformat.retrain.train import RetrainConfig, default_prior, make_optimizer, train_epoch
+
+from .conftest import best_of, record
+
+N = 10240
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_retrain_epoch_vs_plain_epoch(benchmark, name):
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(N, 1, 28, 28, generator=g), torch.randint(0, 10, (N,), generator=g))
+    model = build_model(name)
+    prior = default_prior(model, PriorConfig())
+    cfg = RetrainConfig()
+    sws_opt = make_optimizer(model, prior, cfg)
+    plain_opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_weights)
+    gen = torch.Generator().manual_seed(0)
+
+    def plain():
+        train_epoch(model, plain_opt, data, cfg.batch_size, gen, progress=False)
+
+    def sws():
+        train_epoch(model, sws_opt, data, cfg.batch_size, gen, prior, cfg.tau / 60000, progress=False)
+
+    sws()  # compile the prior kernel outside the timing
+    benchmark.pedantic(sws, rounds=3, iterations=1)
+    baseline = best_of(plain, repeat=3)
+    ratio = record(benchmark, f"{name} retraining epoch (prior included)", benchmark.stats.stats.min, baseline, "plain_epoch")
+    benchmark.extra_info["cost_ratio"] = 1 / ratio

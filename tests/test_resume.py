@@ -1,0 +1,88 @@
+"""A retraining run killed with SIGKILL mid-epoch resumes to the same final weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from swsformat.retrain.data import Split
+from swsformat.retrain.models import build_model
+from swsformat.retrain.prior import PriorConfig
+from swsformat.retrain.train import RetrainConfig, default_prior, retrain
+
+SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from swsformat.retrain.data import Split
+from swsformat.retrain.models import build_model
+from swsformat.retrain.prior import PriorConfig
+from swsformat.retrain.train import RetrainConfig, default_prior, retrain
+g = torch.Generator().manual_seed(0)
+data = Split(torch.randn(2048, 1, 28, 28, generator=g), torch.randint(0, 10, (2048,), generator=g))
+torch.manual_seed(0)
+model = build_model("lenet300-100")
+prior = default_prior(model, PriorConfig())
+cfg = RetrainConfig(epochs=3, batch_size=64, train_size=60000)
+def slow(epoch, m, p):
+    print(f"epoch {epoch} done", flush=True)
+retrain(model, prior, data, data.subset(256), cfg, seed=0, progress=False, on_epoch=slow,
+        checkpoint=sys.argv[1], resume=len(sys.argv) > 3)
+torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
+def run(ckpt: Path, out: Path, resume: bool = False, kill_after_epoch: int | None = None) -> None:
+    args = [sys.executable, "-c", SCRIPT, str(ckpt), str(out)] + (["resume"] if resume else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if kill_after_epoch is None:
+        subprocess.run(args, check=True, env=env, capture_output=True)
+        return
+    with subprocess.Popen(args, stdout=subprocess.PIPE, env=env) as proc:
+        for line in proc.stdout:
+            if line.startswith(f"epoch {kill_after_epoch} done".encode()):
+                time.sleep(0.2)  # inside the next epoch
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    run(tmp_path / "a.ckpt", tmp_path / "a.pt")
+    run(tmp_path / "b.ckpt", tmp_path / "b.pt", kill_after_epoch=1)
+    assert (tmp_path / "b.ckpt").exists() and not (tmp_path / "b.pt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    run(tmp_path / "b.ckpt", tmp_path / "b.pt", resume=True)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g))
+    model = build_model("lenet300-100")
+    prior = default_prior(model, PriorConfig())
+    ckpt = tmp_path / "run.ckpt"
+    seen = []
+
+    def poison(epoch, m, p):
+        seen.append(epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                m.fc1.weight[0, 0] = float("nan")
+
+    with pytest.raises(FloatingPointError, match="diverged in epoch 2"):
+        retrain(model, prior, data, data, RetrainConfig(epochs=3, batch_size=128), progress=False,
+                on_epoch=poison, checkpoint=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1 and torch.isfinite(state["model"]["fc1.weight"]).all()
