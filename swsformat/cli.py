@@ -1,4 +1,4 @@
-"""The ``sws`` command: compress, encode, info, decode, eval.
+"""The ``sws`` command: compress, encode, info, decode, eval, bench, plot.
 
 ``main(argv)`` returns an exit code so tests can call it directly; bad files and bad
 arguments print one line to stderr and exit non-zero, without a traceback.
@@ -128,6 +128,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from . import bench
+
+    res = bench.run(a.file, devices=a.device or None)
+    print(json.dumps(res, indent=2) if a.json else bench.format_table(res))
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    from .plotting import plot_file
+
+    written = plot_file(a.file, a.output)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sws", description="Soft weight-sharing compression and .sws files.")
     p.add_argument("--version", action="version", version=f"swsformat {__version__}")
@@ -176,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default="mnist", choices=["mnist", "fashion-mnist"])
     v.add_argument("--data-root", default=None)
     v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="load and inference timings on this machine, dense vs sparse, CPU and CUDA")
+    b.add_argument("file")
+    b.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu and cuda if present)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plot", help="weight histogram and codebook picture as PNG")
+    pl.add_argument("file")
+    pl.add_argument("-o", "--output", default=None, help="output prefix (default: FILE without .sws)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -78,7 +78,22 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["encode"])
     assert e.value.code == 2
-    for sub in ("compress", "encode", "info", "decode", "eval"):
+    for sub in ("compress", "encode", "info", "decode", "eval", "bench", "plot"):
         with pytest.raises(SystemExit) as e:
             main([sub, "--help"])
         assert e.value.code == 0
+
+
+def test_bench_and_plot(tmp_path, capsys):
+    from swsformat.quantize import prune_and_cluster
+
+    model = build_model("lenet5-caffe")
+    path = tmp_path / "l5.sws"
+    swsformat.encode(prune_and_cluster(model.state_dict(), 0.95, 8), path, architecture="lenet5-caffe")
+    assert main(["bench", str(path), "--device", "cpu", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["inference"]) == {"cpu_batch1", "cpu_batch256"}
+    assert res["load"]["sws_dense_s"] > 0
+    assert main(["plot", str(path), "-o", str(tmp_path / "pic")]) == 0
+    assert (tmp_path / "pic-histogram.png").stat().st_size > 1000
+    assert (tmp_path / "pic-codebook.png").stat().st_size > 1000
