@@ -28,11 +28,7 @@ def nll_and_grads(w: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
     partial = np.zeros((blocks, 4, j_count))
     for b in numba.prange(blocks):
         logits = np.empty(j_count)
-        active = np.empty(j_count, dtype=np.int64)
-        acc_t = np.zeros(j_count)
-        acc_h = np.zeros(j_count)
-        acc_r = np.zeros(j_count)
-        nll = 0.0
+        acc = partial[b]
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             wi = np.float64(w[i])
             best = -np.inf
@@ -40,33 +36,28 @@ def nll_and_grads(w: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
                 d = wi - mu[j]
                 v = c[j] - 0.5 * lam[j] * d * d
                 logits[j] = v
-                best = max(best, v)
-            # Only components within CUTOFF nats of the best one get an exp and a gradient.
+                if v > best:
+                    best = v
             total = 0.0
-            k = 0
             for j in range(j_count):
                 v = logits[j] - best
                 if v > -CUTOFF:
                     e = np.exp(v)
-                    logits[k] = e
-                    active[k] = j
+                    logits[j] = e
                     total += e
-                    k += 1
-            nll -= best + np.log(total)
+                else:
+                    logits[j] = 0.0
+            acc[0, 0] -= best + np.log(total)
             g = 0.0
             inv = 1.0 / total
-            for a in range(k):
-                j = active[a]
-                r = logits[a] * inv
-                d = wi - mu[j]
-                t = lam[j] * d
-                g += r * t
-                acc_t[j] += r * t
-                acc_h[j] += r * 0.5 * t * d
-                acc_r[j] += r
+            for j in range(j_count):
+                r = logits[j] * inv
+                if r != 0.0:
+                    d = wi - mu[j]
+                    t = lam[j] * d
+                    g += r * t
+                    acc[1, j] += r * t
+                    acc[2, j] += r * 0.5 * t * d
+                    acc[3, j] += r
             gw[i] = g
-        partial[b, 0, 0] = nll
-        partial[b, 1] = acc_t
-        partial[b, 2] = acc_h
-        partial[b, 3] = acc_r
     return partial.sum(axis=0)
