@@ -31,7 +31,8 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
     return np.unique(centres)
 
 
-def _snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Each value replaced by its nearest centre (``centres`` sorted)."""
     edges = (centres[1:] + centres[:-1]) / 2
     return centres[np.searchsorted(edges, values)]
 
@@ -68,6 +69,6 @@ def prune_and_cluster(
         for n in group:
             t = state_dict[n]
             w = t.detach().cpu().double().numpy()
-            q = np.where(np.abs(w) > threshold, _snap(w, centres) if centres.size else 0.0, 0.0)
+            q = np.where(np.abs(w) > threshold, snap(w, centres) if centres.size else 0.0, 0.0)
             out[n] = torch.from_numpy(q).to(t.dtype).to(t.device)
     return out

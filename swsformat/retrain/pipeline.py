@@ -30,6 +30,8 @@ class CompressConfig:
     assign: str = "map"
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
+    bias_clusters: int = 16
+    bias_tolerance: float = 0.1
     index_bits: int | str | None = "auto"
     seed: int = 0
 
@@ -38,6 +40,8 @@ class CompressConfig:
             raise ValueError("merge_threshold must be >= 0")
         if self.assign not in ("map", "nearest"):
             raise ValueError(f"assign must be 'map' or 'nearest', got {self.assign!r}")
+        if not 0 <= self.bias_clusters <= 255:
+            raise ValueError("bias_clusters must be in [0, 255] (0 keeps biases at full precision)")
         if self.finetune_epochs < 0 or self.finetune_lr <= 0:
             raise ValueError("finetune_epochs must be >= 0 and finetune_lr > 0")
 
@@ -137,6 +141,32 @@ def finetune_codebook_(
         p.grad = None
 
 
+@torch.no_grad()
+def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: float) -> list[str]:
+    """Quantize each layer's bias to ``clusters`` shared values (1-D k-means) if that costs at most
+    ``tolerance`` points of error on ``check`` (training data, never the test set).
+
+    Returns the names of the quantized biases (empty when the cost was too high and nothing changed).
+    """
+    from ..quantize import kmeans_1d, snap
+
+    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
+    params = dict(model.named_parameters())
+    biases = {n: params[n] for n in names if n in params}
+    if clusters == 0 or not biases:
+        return []
+    before = evaluate(model, check)
+    saved = {n: b.detach().clone() for n, b in biases.items()}
+    for b in biases.values():
+        v = b.detach().cpu().double().numpy()
+        b.copy_(torch.from_numpy(snap(v, kmeans_1d(v, clusters))).to(b))
+    if evaluate(model, check) > before + tolerance:
+        for n, b in biases.items():
+            b.copy_(saved[n])
+        return []
+    return list(biases)
+
+
 def compress(
     model: nn.Module,
     train: Split,
@@ -168,6 +198,7 @@ def compress(
     frac, used = quantize_model_(model, mixture, config.assign)
     finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.retrain.batch_size,
                        config.seed, progress)
+    shared_biases = share_biases_(model, config.bias_clusters, train.subset(10000), config.bias_tolerance)
     quant = evaluate(model, test)
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, quant, frac, used, merged, time.perf_counter() - t0
@@ -175,5 +206,6 @@ def compress(
     if path is not None:
         meta = {"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())}
         meta.update(metadata or {})
-        result.file_bytes = encode(model, path, index_bits=config.index_bits, metadata=meta)
+        coded = {n for n, _ in compressible_parameters(model)} | set(shared_biases)
+        result.file_bytes = encode(model, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta)
     return result

@@ -1,0 +1,37 @@
+"""Print the README's results table from the committed JSON files under results/paper/.
+
+    python scripts/results_table.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = {
+    "lenet300-100": ("LeNet-300-100", 1.94, 4.3, 64),
+    "lenet5-caffe": ("LeNet-5-Caffe", 0.97, 0.5, 162),
+    "tutorial-net": ("tutorial conv net (642K)", 0.98, 7.43, None),
+}
+
+
+def main() -> None:
+    print("| model | paper: error % / non-zero % / CR | pretrained error % | retrained error % | quantized error % (decoded file) | non-zero % | components | file bytes | CR whole file | CR paper accounting | retrain epochs | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, (label, err, nz, cr) in PAPER.items():
+        path = ROOT / "results" / "paper" / f"{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        paper = f"{err} / {nz} / {cr if cr else 'n/a'}"
+        print(
+            f"| {label} | {paper} | {r['pretrained_error']:.2f} | {r['retrained_error']:.2f} | "
+            f"{r['quantized_error']:.2f} ({r['decoded_test_error']:.2f}) | {100 * r['nonzero_fraction']:.2f} | "
+            f"{r['components_left']} | {r['file_bytes']:,} | {r['compression_rate']:.0f} | "
+            f"{r['paper_compression_rate']:.0f} | {len(r['retrain_test_error_per_epoch'])} | {r['wall_seconds'] / 60:.0f} min |"
+        )
+
+
+if __name__ == "__main__":
+    main()
