@@ -28,6 +28,17 @@ def quantized(shape: tuple[int, ...], density: float, k: int, seed: int = 0, dty
     return torch.where(mask, values[idx], torch.zeros((), dtype=dtype))
 
 
+def quantized_model(name: str, density: float = 0.1, k: int = 9, seed: int = 0) -> torch.nn.Module:
+    """A built-in architecture whose conv/linear weights are replaced by ``quantized`` ones."""
+    from swsformat.retrain.models import build_model, compressible_parameters
+
+    model = build_model(name)
+    with torch.no_grad():
+        for i, (_, p) in enumerate(compressible_parameters(model)):
+            p.copy_(quantized(tuple(p.shape), density, k, seed=seed + i))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from $SWSFORMAT_DATA (CI points it at ../shared/data).

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import swsformat
 from swsformat.retrain.models import MODELS, build_model, compressible_parameters
 
-from .conftest import quantized
+from .conftest import quantized, quantized_model
 
 
 def roundtrip(sd: dict[str, torch.Tensor], **kw) -> dict[str, torch.Tensor]:
@@ -94,13 +94,7 @@ def test_deterministic_bytes():
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_paper_models_after_quantization(name):
-    model = build_model(name)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in compressible_parameters(model):
-            means = torch.linspace(-0.2, 0.2, 15)
-            keep = torch.rand(p.shape, generator=g) < 0.05
-            p.copy_(torch.where(keep, means[torch.randint(0, 15, p.shape, generator=g)], torch.zeros(())))
+    model = quantized_model(name, density=0.05, k=16, seed=1)
     roundtrip(model.state_dict())
     for ib in (None, "auto"):
         roundtrip(model.state_dict(), index_bits=ib)

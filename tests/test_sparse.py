@@ -6,18 +6,9 @@ import pytest
 import torch
 
 import swsformat
-from swsformat.retrain.models import MODELS, build_model, compressible_parameters
+from swsformat.retrain.models import MODELS
 
-
-def quantized_model(name: str) -> torch.nn.Module:
-    model = build_model(name)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in compressible_parameters(model):
-            means = torch.linspace(-0.3, 0.3, 9)
-            keep = torch.rand(p.shape, generator=g) < 0.1
-            p.copy_(torch.where(keep, means[torch.randint(0, 9, p.shape, generator=g)], torch.zeros(())))
-    return model.eval()
+from .conftest import quantized_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
