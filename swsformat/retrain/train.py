@@ -7,6 +7,7 @@ index slices of a shuffled permutation: no per-sample Python on two cores.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Callable
@@ -137,6 +138,7 @@ class RetrainConfig:
     lr_means: float = 1e-4
     lr_log_precisions: float = 1e-2
     lr_mixing: float = 3e-3
+    lr_schedule: str = "cosine"
     train_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -144,6 +146,8 @@ class RetrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.tau < 0 or self.tau_warmup_epochs < 0:
             raise ValueError("tau and tau_warmup_epochs must be >= 0")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         for name in ("lr_weights", "lr_means", "lr_log_precisions", "lr_mixing"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -164,7 +168,7 @@ def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) ->
 
 def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, prior: MixturePrior, opt: torch.optim.Optimizer,
-    gen: torch.Generator, epoch: int, logs: list[EpochLog],
+    sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, epoch: int, logs: list[EpochLog],
 ) -> None:
     """Everything needed to continue a run, written atomically (temp file, fsync, rename)."""
     from dataclasses import asdict
@@ -178,6 +182,7 @@ def save_checkpoint(
             "model": model.state_dict(),
             "prior": prior.state_dict(),
             "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "logs": [asdict(log) for log in logs],
@@ -209,6 +214,10 @@ def retrain(
     n = cfg.train_size or len(train)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, prior, cfg)
+    # Cosine decay lets the weights settle onto the mixture before they are snapped.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / max(cfg.epochs, 1))) if cfg.lr_schedule == "cosine" else 1.0
+    )
     logs: list[EpochLog] = []
     start_epoch = 1
     if resume and checkpoint is not None and os.path.exists(checkpoint):
@@ -216,6 +225,7 @@ def retrain(
         model.load_state_dict(state["model"])
         prior.load_state_dict(state["prior"])
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         logs = [EpochLog(**log) for log in state["logs"]]
@@ -228,9 +238,10 @@ def retrain(
         )
         if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(cx))):
             raise FloatingPointError(f"retraining diverged in epoch {epoch}: loss {loss}, complexity {cx}")
+        sched.step()
         logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, prior, opt, gen, epoch, logs)
+            save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs)
         if on_epoch is not None:
             on_epoch(epoch, model, prior)
     return logs
