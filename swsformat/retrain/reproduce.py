@@ -11,7 +11,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
-    "lenet300-100": {"pretrain_epochs": 30, "epochs": 15, "tau": 0.03},
+    "lenet300-100": {"pretrain_epochs": 30, "epochs": 15, "tau": 0.02},
     "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
 }
@@ -111,6 +110,8 @@ def run(
         model, train, test, config, path=output, on_epoch=recorder, progress=progress,
         checkpoint=checkpoint, resume=resume,
     )
+    if checkpoint and os.path.exists(checkpoint):
+        os.unlink(checkpoint)  # the run is complete: nothing left to resume
     report = size_report(output)
     out = {
         "command": " ".join(["sws"] + sys.argv[1:]) if Path(sys.argv[0]).name == "sws" else " ".join(sys.argv),
@@ -163,4 +164,4 @@ def run(
     return out
 
 
-__all__ = ["BEST", "run", "replace"]
+__all__ = ["BEST", "pretrained_model", "run"]
