@@ -43,7 +43,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
                   tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
-                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume)
+                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization)
     return 0
 
 
@@ -67,7 +67,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
         if not a.architecture:
             return _fail("--data needs --architecture to build the model", 2)
-        _, test = data_mod.load(a.data, root=a.data_root)
+        _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
         from .retrain.models import build_model
 
         ref = build_model(a.architecture)
@@ -122,7 +122,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .retrain import data as data_mod
     from .retrain.train import evaluate
 
-    _, test = data_mod.load(a.data, root=a.data_root)
+    from .decoder import read_header
+
+    # The file records how its inputs were normalised; files without the record used "standard".
+    meta = read_header(a.file)["metadata"]
+    norm = json.loads(meta["sws.input"])["normalization"] if "sws.input" in meta else "standard"
+    _, test = data_mod.load(a.data, root=a.data_root, normalization=norm)
     dense = evaluate(load_model(a.file), test)
     print(f"{a.file}: test error {dense:.2f}% on {a.data} ({len(test)} images)")
     return 0
@@ -163,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plots", default=None, help="folder for histograms, mixture and the weight-movement GIF")
     c.add_argument("--checkpoint", default=None, help="retraining checkpoint, written every epoch (default: OUTPUT.ckpt)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    c.add_argument("--normalization", default="unit", choices=["unit", "standard"],
+                   help="input pixels in [0, 1] (default) or standardised")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("encode", help="write a checkpoint (.pt/.pth/.safetensors) as .sws")
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--architecture", default=None, help="built-in architecture name to record (and to evaluate)")
     e.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"], help="report the accuracy cost")
     e.add_argument("--data-root", default=None)
+    e.add_argument("--normalization", default="unit", choices=["unit", "standard"],
+                   help="how the checkpoint's inputs were normalised (for --data)")
     e.set_defaults(func=cmd_encode)
 
     i = sub.add_parser("info", help="per-layer sizes, compression rate and entropy bounds")

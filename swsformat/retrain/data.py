@@ -50,8 +50,9 @@ MIRRORS = {
 
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 
-# Per-pixel statistics of the MNIST training set, used to standardise inputs.
-NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+# Per-pixel statistics of the training sets, for normalization="standard".
+STATISTICS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+NORMALIZATIONS = ("unit", "standard")
 
 
 @dataclass
@@ -147,9 +148,13 @@ def _download(name: str) -> Path:
 
 
 def load(
-    name: str = "mnist", root: str | os.PathLike | None = None, download: bool = True
+    name: str = "mnist", root: str | os.PathLike | None = None, download: bool = True, normalization: str = "unit"
 ) -> tuple[Split, Split]:
     """Load ``(train, test)`` of ``"mnist"`` or ``"fashion-mnist"`` as in-memory tensors.
+
+    ``normalization="unit"`` scales pixels to [0, 1], so blank pixels are exactly 0 and the
+    weights reading them cost nothing when pruned (the original tutorial's choice);
+    ``"standard"`` subtracts the training mean and divides by the standard deviation.
 
     Example:
         >>> train, test = load("mnist")  # doctest: +SKIP
@@ -158,6 +163,8 @@ def load(
     """
     if name not in MIRRORS:
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(MIRRORS)}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     folder = _find(name, root)
     if folder is None:
         if not download:
@@ -172,7 +179,7 @@ def load(
         raw = gzip.decompress((folder / fname).read_bytes())
         _verify(name, key, raw, str(folder / fname))
         arrays[key] = parse_idx(raw, 3 if key.endswith("images") else 1)
-    mean, std = NORMALISATION[name]
+    mean, std = STATISTICS[name] if normalization == "standard" else (0.0, 1.0)
 
     def split(prefix: str) -> Split:
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]

@@ -33,7 +33,8 @@ BEST: dict[str, dict[str, Any]] = {
 
 
 def pretrained_model(
-    model_name: str, data_name: str, train, test, epochs: int, seed: int, device: torch.device, progress: bool = True
+    model_name: str, data_name: str, train, test, epochs: int, seed: int, device: torch.device,
+    progress: bool = True, normalization: str = "unit",
 ) -> tuple[torch.nn.Module, list, bool]:
     """Pretrain ``model_name``, reusing a cached result for the same (model, data, epochs, seed).
 
@@ -44,7 +45,7 @@ def pretrained_model(
 
     torch.manual_seed(seed)
     model = build_model(model_name).to(device)
-    path = cache_dir() / "pretrained" / f"{model_name}-{data_name}-e{epochs}-s{seed}.pt"
+    path = cache_dir() / "pretrained" / f"{model_name}-{data_name}-{normalization}-e{epochs}-s{seed}.pt"
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(blob["state_dict"])
@@ -79,6 +80,7 @@ def run(
     progress: bool = True,
     checkpoint: str | None = None,
     resume: bool = False,
+    normalization: str = "unit",
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file)."""
     best = BEST[model_name]
@@ -87,7 +89,7 @@ def run(
     tau = best["tau"] if tau is None else tau
     t0 = time.perf_counter()
     device = pick_device()
-    train, test = data_mod.load(data_name, root=data_root)
+    train, test = data_mod.load(data_name, root=data_root, normalization=normalization)
     train, test = train.to(device), test.to(device)
     cached = False
     if pretrained:
@@ -97,7 +99,7 @@ def run(
         pre_errors: list = []
     else:
         model, pre_errors, cached = pretrained_model(
-            model_name, data_name, train, test, pretrain_epochs, seed, device, progress
+            model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization
         )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     config = CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed)
@@ -108,7 +110,7 @@ def run(
         recorder = MovementRecorder(model)
     result = compress(
         model, train, test, config, path=output, on_epoch=recorder, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        checkpoint=checkpoint, resume=resume, metadata={"sws.input": json.dumps({"data": data_name, "normalization": normalization})},
     )
     if checkpoint and os.path.exists(checkpoint):
         os.unlink(checkpoint)  # the run is complete: nothing left to resume
@@ -119,6 +121,7 @@ def run(
         "data": data_name,
         "file": Path(output).name,
         "seed": seed,
+        "normalization": normalization,
         "config": config.to_dict(),
         "pretrain_epochs": pretrain_epochs if not pretrained else None,
         "pretrained_from": pretrained,
