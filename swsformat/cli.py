@@ -118,11 +118,9 @@ def cmd_decode(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .decoder import load_model
+    from .decoder import load_model, read_header
     from .retrain import data as data_mod
     from .retrain.train import evaluate
-
-    from .decoder import read_header
 
     # The file records how its inputs were normalised; files without the record used "standard".
     meta = read_header(a.file)["metadata"]
