@@ -38,12 +38,24 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, true, null), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from .retrain import reproduce
 
     reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
                   tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
-                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization)
+                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization,
+                  overrides=dict(a.set or []))
     return 0
 
 
@@ -168,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     c.add_argument("--normalization", default="unit", choices=["unit", "standard"],
                    help="input pixels in [0, 1] (default) or standardised")
+    c.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
+                   help="override a config field, e.g. retrain.lr_schedule=constant or prior.pi_zero=0.995")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("encode", help="write a checkpoint (.pt/.pth/.safetensors) as .sws")

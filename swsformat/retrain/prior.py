@@ -251,10 +251,13 @@ def symmetric_kl(m1: float, s1: float, m2: float, s2: float) -> float:
 
 
 def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
-    """Merge pairs of components whose symmetric KL divergence is below ``threshold``.
+    """Merge pairs of components that are redundant: KL below ``threshold``.
 
-    The closest pair is merged first (moment matching, weighted by ``pi``); a pair that
-    includes the zero component keeps mean 0. Returns the new mixture and the merge count.
+    The divergence is the KL between two Gaussians at the pair's means that both have the
+    *smaller* of the two variances, ``(mu_i - mu_j)^2 / (2 min(sigma)^2)``: a wide component
+    that has not converged does not swallow its neighbours. The closest pair is merged first
+    (moment matching, weighted by ``pi``); a pair that includes the zero component keeps
+    mean 0. Returns the new mixture and the merge count.
     """
     means, stds, pi = list(mix.means), list(mix.stds), list(mix.pi)
     merged = 0
@@ -262,7 +265,8 @@ def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
         best, pair = threshold, None
         for i in range(len(means)):
             for j in range(i + 1, len(means)):
-                d = symmetric_kl(means[i], stds[i], means[j], stds[j])
+                s = min(stds[i], stds[j])
+                d = symmetric_kl(means[i], s, means[j], s)
                 if d < best:
                     best, pair = d, (i, j)
         if pair is None:

@@ -60,6 +60,22 @@ def pretrained_model(
     return model, errors, False
 
 
+def apply_overrides(config: CompressConfig, overrides: dict[str, Any]) -> CompressConfig:
+    """``{"retrain.tau_final": 0.5, "finetune_epochs": 1}`` applied to a (frozen) config."""
+    from dataclasses import replace
+
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) == 1:
+            config = replace(config, **{key: value})
+        elif len(parts) == 2 and parts[0] in ("prior", "retrain"):
+            sub = getattr(config, parts[0])
+            config = replace(config, **{parts[0]: replace(sub, **{parts[1]: value})})
+        else:
+            raise ValueError(f"cannot set {key!r}: use FIELD, prior.FIELD or retrain.FIELD")
+    return config
+
+
 def machine() -> str:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
@@ -81,6 +97,7 @@ def run(
     checkpoint: str | None = None,
     resume: bool = False,
     normalization: str = "unit",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file)."""
     best = BEST[model_name]
@@ -102,7 +119,10 @@ def run(
             model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization
         )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed)
+    config = apply_overrides(
+        CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed),
+        {**best.get("overrides", {}), **(overrides or {})},
+    )
     recorder = None
     if plots:
         from .plots import MovementRecorder

@@ -134,6 +134,8 @@ class RetrainConfig:
     batch_size: int = 256
     tau: float = 0.05
     tau_warmup_epochs: int = 0
+    tau_final: float | None = None
+    tau_ramp_epochs: int = 0
     lr_weights: float = 1e-3
     lr_means: float = 1e-4
     lr_log_precisions: float = 1e-2
@@ -153,10 +155,16 @@ class RetrainConfig:
                 raise ValueError(f"{name} must be positive")
 
     def tau_at(self, epoch: int) -> float:
-        """tau for a 1-based epoch, ramped linearly over the warm-up epochs."""
-        if self.tau_warmup_epochs == 0:
-            return self.tau
-        return self.tau * min(1.0, epoch / self.tau_warmup_epochs)
+        """tau for a 1-based epoch: ramped up from 0 over the warm-up epochs, then (with
+        ``tau_final``) linearly to ``tau_final`` over the last ``tau_ramp_epochs`` epochs, which
+        pulls the weights onto the means before they are snapped."""
+        tau = self.tau
+        if self.tau_warmup_epochs:
+            tau *= min(1.0, epoch / self.tau_warmup_epochs)
+        start = self.epochs - self.tau_ramp_epochs
+        if self.tau_final is not None and self.tau_ramp_epochs and epoch > start:
+            tau += (self.tau_final - tau) * (epoch - start) / self.tau_ramp_epochs
+        return tau
 
 
 def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) -> torch.optim.Adam:
