@@ -261,7 +261,8 @@ def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
     """
     means, stds, pi = list(mix.means), list(mix.stds), list(mix.pi)
     merged = 0
-    while len(means) > 1:
+    # Keep at least one non-zero component: a model whose weights are all zero is useless.
+    while len(means) > 2:
         best, pair = threshold, None
         for i in range(len(means)):
             for j in range(i + 1, len(means)):
