@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plots", default=None, help="folder for histograms, mixture and the weight-movement GIF")
     c.add_argument("--checkpoint", default=None, help="retraining checkpoint, written every epoch (default: OUTPUT.ckpt)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    c.add_argument("--normalization", default="unit", choices=["unit", "standard"],
-                   help="input pixels in [0, 1] (default) or standardised")
+    c.add_argument("--normalization", default=None, choices=["unit", "standard"],
+                   help="input pixels in [0, 1] or standardised (default: the model's best setting)")
     c.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                    help="override a config field, e.g. retrain.lr_schedule=constant or prior.pi_zero=0.995")
     c.set_defaults(func=cmd_compress)

@@ -26,7 +26,10 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
-    "lenet300-100": {"pretrain_epochs": 30, "epochs": 15, "tau": 0.02},
+    "lenet300-100": {
+        "pretrain_epochs": 30, "epochs": 15, "tau": 0.03, "normalization": "standard",
+        "overrides": {"retrain.lr_schedule": "cosine"},
+    },
     "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
 }
@@ -96,7 +99,7 @@ def run(
     progress: bool = True,
     checkpoint: str | None = None,
     resume: bool = False,
-    normalization: str = "unit",
+    normalization: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file)."""
@@ -104,6 +107,7 @@ def run(
     epochs = best["epochs"] if epochs is None else epochs
     pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
     tau = best["tau"] if tau is None else tau
+    normalization = best.get("normalization", "unit") if normalization is None else normalization
     t0 = time.perf_counter()
     device = pick_device()
     train, test = data_mod.load(data_name, root=data_root, normalization=normalization)
