@@ -28,9 +28,12 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
         "pretrain_epochs": 30, "epochs": 15, "tau": 0.03, "normalization": "standard",
+        "overrides": {"bias_clusters": 0},
+    },
+    "lenet5-caffe": {
+        "pretrain_epochs": 20, "epochs": 12, "tau": 0.05, "normalization": "standard",
         "overrides": {"retrain.lr_schedule": "cosine"},
     },
-    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
 }
 
