@@ -7,6 +7,7 @@ index slices of a shuffled permutation: no per-sample Python on two cores.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import time
@@ -35,7 +36,8 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     """Test error in percent."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # A sparsified model keeps its weights as buffers, so look at buffers too.
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     wrong = 0
     for s in range(0, len(split), batch_size):
         x = split.x[s : s + batch_size].to(device, non_blocking=True)

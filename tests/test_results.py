@@ -1,0 +1,31 @@
+"""The committed results/paper files, decoded and evaluated independently on the MNIST test set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import swsformat
+from swsformat.retrain import data, evaluate
+
+from .conftest import ROOT
+
+PAPER = ROOT / "results" / "paper"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(PAPER.glob("*.sws")), ids=lambda p: p.stem)
+def test_committed_file_matches_its_json(path, mnist):
+    record = json.loads(path.with_suffix(".json").read_text())
+    meta = swsformat.read_header(path)["metadata"]
+    norm = json.loads(meta["sws.input"])["normalization"] if "sws.input" in meta else "standard"
+    _, test = data.load("mnist", download=False, normalization=norm)
+    model = swsformat.load_model(path)
+    assert evaluate(model, test) == pytest.approx(record["decoded_test_error"])
+    sparse = swsformat.load_model(path, sparse=True)
+    assert abs(evaluate(sparse, test) - record["decoded_test_error"]) <= 0.02  # float summation order only
+    rep = swsformat.size_report(path)
+    assert rep["file_bytes"] == path.stat().st_size == record["file_bytes"]
+    assert rep["compression_rate"] == pytest.approx(record["compression_rate"])
+    assert rep["nonzero_fraction"] == pytest.approx(record["nonzero_fraction"])
