@@ -19,11 +19,10 @@ PAPER = {
 def main() -> None:
     print("| model | paper: error % / non-zero % / CR | pretrained error % | retrained error % | quantized error % (decoded file) | non-zero % | components | file bytes | CR whole file | CR paper accounting | retrain epochs | wall time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, (label, err, nz, cr) in PAPER.items():
-        path = ROOT / "results" / "paper" / f"{name}.json"
-        if not path.exists():
-            continue
+    for path in sorted((ROOT / "results" / "paper").glob("*.json")):
         r = json.loads(path.read_text())
+        label, err, nz, cr = PAPER[r["model"]]
+        label = f"{label} (`{path.stem}.sws`)"
         paper = f"{err} / {nz} / {cr if cr else 'n/a'}"
         print(
             f"| {label} | {paper} | {r['pretrained_error']:.2f} | {r['retrained_error']:.2f} | "

@@ -30,10 +30,7 @@ BEST: dict[str, dict[str, Any]] = {
         "pretrain_epochs": 30, "epochs": 15, "tau": 0.03, "normalization": "standard",
         "overrides": {"bias_clusters": 0},
     },
-    "lenet5-caffe": {
-        "pretrain_epochs": 20, "epochs": 12, "tau": 0.05, "normalization": "standard",
-        "overrides": {"retrain.lr_schedule": "cosine"},
-    },
+    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02, "normalization": "standard"},
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
 }
 
