@@ -31,7 +31,7 @@ BEST: dict[str, dict[str, Any]] = {
         "overrides": {"bias_clusters": 0},
     },
     "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02, "normalization": "standard"},
-    "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.05},
+    "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02},
 }
 
 
