@@ -63,9 +63,10 @@ def cmd_encode(a: argparse.Namespace) -> int:
     from . import encode, size_report
     from .quantize import prune_and_cluster
 
-    sd = _load_checkpoint(a.input)
+    original = _load_checkpoint(a.input)
+    sd = original
     if a.clusters:
-        sd = prune_and_cluster(sd, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
+        sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
     meta = {"source": Path(a.input).name}
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
     size = encode(sd, a.output, index_bits=a.index_bits, metadata=meta, architecture=arch)
@@ -83,7 +84,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         from .retrain.models import build_model
 
         ref = build_model(a.architecture)
-        ref.load_state_dict(_load_checkpoint(a.input))
+        ref.load_state_dict(original)
         before, after = evaluate(ref, test), evaluate(load_model(a.output), test)
         print(f"test error: {before:.2f}% before, {after:.2f}% after ({after - before:+.2f} points)")
     return 0

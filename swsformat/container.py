@@ -95,6 +95,8 @@ class Container:
     architecture: dict[str, Any] | None = None
     library: str = ""
     version: int = FORMAT_VERSION
+    # The parsed header map, kept by parse() so reports need not decode it a second time.
+    raw_header: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 def _crc(data: np.ndarray) -> int:
@@ -429,4 +431,4 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
         )
         last_end = int(c.m["values"]["section"][0]) + values.data.size
     layout.finish(last_end)
-    return Container(tensors, dict(meta), arch, library, version)
+    return Container(tensors, dict(meta), arch, library, version, raw_header=header)

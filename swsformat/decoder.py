@@ -6,6 +6,7 @@ numba kernel runs; the kernels then check only what depends on the coded bits.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -45,16 +46,9 @@ MAX_EXPANSION = 4096
 MIN_OUTPUT_LIMIT = 64 * 1024 * 1024
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _nbytes(t: SwsTensor | RawTensor) -> int:
     size = SWS_DTYPES[t.dtype].itemsize if isinstance(t, SwsTensor) else RAW_DTYPES[t.dtype].itemsize
-    return _numel(t.shape) * size
+    return math.prod(t.shape) * size
 
 
 def check_output_size(c: Container, file_size: int, max_output_bytes: int | None) -> None:

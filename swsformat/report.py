@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from . import kernels
-from .container import Container, RawTensor, SwsTensor, parse
+from .container import RawTensor, SwsTensor, parse
 from .decoder import PathLike, _read, read_header
+from .errors import SwsDecodeError
 from .huffman import decode_table, entropy_bits, validate_lengths
 from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 FP32_BITS = 32
-
-
-def _numel(shape: tuple[int, ...] | list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _stream_entropy(t: SwsTensor, which: str) -> float:
@@ -29,14 +24,12 @@ def _stream_entropy(t: SwsTensor, which: str) -> float:
     table, maxlen = decode_table(s.code_lengths)
     symbols, status = kernels.decode_symbols(s.data, s.bits, table, maxlen, t.entries)
     if status != kernels.OK:
-        from .errors import SwsDecodeError
-
         raise SwsDecodeError(f"tensor {t.name!r}, field {which!r}: {kernels.STATUS[status]}")
     return entropy_bits(np.bincount(symbols, minlength=s.code_lengths.size))
 
 
 def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) -> dict[str, Any]:
-    numel = _numel(t.shape)
+    numel = math.prod(t.shape)
     r: dict[str, Any] = {"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape), "numel": numel}
     r["fp32_bits"] = numel * FP32_BITS if t.dtype in SWS_DTYPES else numel * RAW_DTYPES[t.dtype].itemsize * 8
     r["header_bits"] = header_bits
@@ -68,7 +61,7 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
     return r
 
 
-def _header_share(c: Container, raw_header: dict[str, Any]) -> list[int]:
+def _header_share(raw_header: dict[str, Any]) -> list[int]:
     """Bits of each tensor's own header entry (msgpack-encoded alone)."""
     return [len(msgpack.packb(e, use_bin_type=True)) * 8 for e in raw_header["tensors"]]
 
@@ -83,10 +76,7 @@ def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[s
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else _read(path_or_bytes)
     c = parse(data)
     hlen = int.from_bytes(data[12:16], "little")
-    from .container import decode_header
-
-    header = decode_header(data, hlen)
-    shares = _header_share(c, header)
+    shares = _header_share(c.raw_header)
     tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
     sws = [r for r in tensors if r["kind"] == "sws"]
     total_bits = len(data) * 8
