@@ -16,22 +16,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._prior_kernel import nll_and_grads
+from ._prior_kernel import F32_LOGIT_LIMIT, nll_and_grads, nll_and_grads_f32
 
 LOG_2PI = math.log(2.0 * math.pi)
 CHUNK = 1 << 20
 
 
 class _MixtureNLL(torch.autograd.Function):
-    """``sum_i -log sum_j exp(c_j - lambda_j (w_i - mu_j)^2 / 2)`` and its exact gradients."""
+    """``sum_i -log sum_j exp(c_j - lambda_j (w_i - mu_j)^2 / 2)`` and its exact gradients,
+    for a flat weight vector on a CUDA device (chunked (N, J) torch expressions)."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor):  # type: ignore[override]
         lam = log_prec.exp()
         c = log_pi + 0.5 * log_prec - 0.5 * LOG_2PI
-        if w.device.type == "cpu":
-            return _cpu_forward(ctx, w, mu, lam, c)
-        ctx.fused = None
         lse = torch.empty_like(w)
         for s in range(0, w.numel(), CHUNK):
             d = w[s : s + CHUNK, None] - mu
@@ -41,9 +39,6 @@ class _MixtureNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if ctx.fused is not None:
-            gw, g_mu, g_prec, g_pi = ctx.fused
-            return grad * gw, grad * g_mu, grad * g_prec, grad * g_pi
         w, mu, log_prec, lam, c, lse = ctx.saved_tensors
         gw = torch.empty_like(w)
         g_mu = torch.zeros_like(mu)
@@ -62,25 +57,64 @@ class _MixtureNLL(torch.autograd.Function):
         return grad * gw, grad * g_mu, grad * g_prec, grad * g_pi
 
 
-def _cpu_forward(ctx, w: torch.Tensor, mu: torch.Tensor, lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Loss and every gradient in one numba pass; backward then only scales them."""
-    wn = w.detach().contiguous().numpy()
+class _MixtureNLLCPU(torch.autograd.Function):
+    """The same quantity for CPU weight tensors, each passed as is: one numba pass per tensor
+    computes the loss and every gradient, backward only scales them. No concatenation of the
+    weights and no splitting of their gradient (together they cost as much as the kernel)."""
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor, *weights: torch.Tensor):  # type: ignore[override]
+        lam = log_prec.exp()
+        c = log_pi + 0.5 * log_prec - 0.5 * LOG_2PI
+        mu_d, lam_d, c_d = (t.detach().double().numpy() for t in (mu, lam, c))
+        acc = np.zeros((4, mu_d.size))
+        grads = []
+        for w in weights:
+            gw, part = _cpu_kernel(w.detach().contiguous().view(-1).numpy(), mu_d, lam_d, c_d)
+            acc += part
+            grads.append(torch.from_numpy(gw).view(w.shape))
+        t = torch.from_numpy(acc).to(mu.dtype)
+        g_pi = -t[3]
+        ctx.fused = (-t[1], t[2] + 0.5 * g_pi, g_pi, grads)
+        dtype = weights[0].dtype if weights else mu.dtype
+        return torch.tensor(acc[0, 0], dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        g_mu, g_prec, g_pi, grads = ctx.fused
+        return (grad * g_mu, grad * g_prec, grad * g_pi, *(g * grad for g in grads))
+
+
+def _cpu_kernel(wn: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(d NLL / d w, acc)`` of one flat weight array.
+
+    float32 weights take the vectorised float32 kernel when, as checked on its own output,
+    every logit stayed far inside float32's range; float64 weights, NaNs and extreme
+    precisions take the exact float64 kernel.
+    """
     gw = np.empty_like(wn)
-    acc = nll_and_grads(
-        wn,
-        mu.detach().double().numpy(),
-        lam.detach().double().numpy(),
-        c.detach().double().numpy(),
-        gw,
-    )
-    t = torch.from_numpy(acc).to(mu.dtype)
-    g_pi = -t[3]
-    ctx.fused = (torch.from_numpy(gw), -t[1], t[2] + 0.5 * g_pi, g_pi)
-    return torch.tensor(acc[0, 0], dtype=w.dtype)
+    if wn.dtype == np.float32 and wn.size:
+        f32 = np.float32
+        acc, reach = nll_and_grads_f32(wn, mu.astype(f32), lam.astype(f32), c.astype(f32), gw)
+        reach += float(np.abs(mu).max())
+        bound = float(np.abs(c).max()) + 0.5 * float(lam.max()) * reach * reach
+        if bound < F32_LOGIT_LIMIT:
+            return gw, acc
+    return gw, nll_and_grads(wn, mu, lam, c, gw)
 
 
 def mixture_nll(w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the flat weight vector ``w`` under the mixture."""
+    """Negative log-likelihood of the weight tensor ``w`` (any shape) under the mixture."""
+    return mixture_nll_many([w], mu, log_prec, log_pi)
+
+
+def mixture_nll_many(
+    weights: list[torch.Tensor], mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor
+) -> torch.Tensor:
+    """Negative log-likelihood of all ``weights`` together under the mixture."""
+    if all(t.device.type == "cpu" for t in weights):
+        return _MixtureNLLCPU.apply(mu, log_prec, log_pi, *weights)
+    w = torch.cat([t.reshape(-1) for t in weights])
     return _MixtureNLL.apply(w, mu, log_prec, log_pi)
 
 
@@ -183,8 +217,7 @@ class MixturePrior(nn.Module):
         return out
 
     def weights_nll(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        w = torch.cat([t.reshape(-1) for t in weights])
-        return mixture_nll(w, self.all_means(), self.log_precisions, self.log_mixing())
+        return mixture_nll_many(weights, self.all_means(), self.log_precisions, self.log_mixing())
 
     def complexity(self, weights: list[torch.Tensor]) -> torch.Tensor:
         """``-log p(w) - log p(hyper)``: the term scaled by ``tau / N`` in the loss."""
