@@ -17,15 +17,17 @@ PAPER = {
 
 
 def main() -> None:
-    print("| model | paper: error % / non-zero % / CR | pretrained error % | retrained error % | quantized error % (decoded file) | non-zero % | components | file bytes | CR whole file | CR paper accounting | retrain epochs | wall time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | paper: error % / non-zero % / CR | pretrained error % | retrained error % | snapped error % after QAT | quantized error % (decoded file) | non-zero % | components | file bytes | CR whole file | CR paper accounting | retrain epochs | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted((ROOT / "results" / "paper").glob("*.json")):
         r = json.loads(path.read_text())
         label, err, nz, cr = PAPER[r["model"]]
         label = f"{label} (`{path.stem}.sws`)"
         paper = f"{err} / {nz} / {cr if cr else 'n/a'}"
+        qat = r.get("config", {}).get("qat_epochs", 0)
+        snapped = f"{r['snapped_error']:.2f} ({qat} epochs)" if "snapped_error" in r else "n/a (no QAT)"
         print(
-            f"| {label} | {paper} | {r['pretrained_error']:.2f} | {r['retrained_error']:.2f} | "
+            f"| {label} | {paper} | {r['pretrained_error']:.2f} | {r['retrained_error']:.2f} | {snapped} | "
             f"{r['quantized_error']:.2f} ({r['decoded_test_error']:.2f}) | {100 * r['nonzero_fraction']:.2f} | "
             f"{r['components_left']} | {r['file_bytes']:,} | {r['compression_rate']:.0f} | "
             f"{r['paper_compression_rate']:.0f} | {len(r['retrain_test_error_per_epoch'])} | {r['wall_seconds'] / 60:.0f} min |"

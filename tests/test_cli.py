@@ -97,3 +97,20 @@ def test_bench_and_plot(tmp_path, capsys):
     assert main(["plot", str(path), "-o", str(tmp_path / "pic")]) == 0
     assert (tmp_path / "pic-histogram.png").stat().st_size > 1000
     assert (tmp_path / "pic-codebook.png").stat().st_size > 1000
+
+
+def test_safetensors_in_and_out(checkpoint, tmp_path):
+    """The optional extra: encode a .safetensors checkpoint, decode back to .safetensors."""
+    st = pytest.importorskip("safetensors.torch")
+    src = tmp_path / "model.safetensors"
+    st.save_file(torch.load(checkpoint, weights_only=True), str(src))
+    out = tmp_path / "m.sws"
+    assert main(["encode", str(src), "-o", str(out), "--prune", "0.8", "--clusters", "16"]) == 0
+    back = tmp_path / "dense.safetensors"
+    assert main(["decode", str(out), "-o", str(back)]) == 0
+    got = st.load_file(str(back))
+    want = swsformat.load_state_dict(out)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert float((got["fc1.weight"] == 0).float().mean()) >= 0.79

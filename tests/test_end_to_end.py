@@ -25,13 +25,14 @@ def test_compress_lenet300_on_real_mnist(mnist, tmp_path):
         prior=PriorConfig(),
         # A short budget: faster log-precisions so the mixture converges in 4 short epochs.
         retrain=RetrainConfig(epochs=4, tau=0.01, lr_log_precisions=5e-2, train_size=60000),
+        qat_epochs=2,
         finetune_epochs=1,
         # On a budget this short the zero component is still wide; snapping to the nearest
         # mean (instead of the most responsible component) keeps the weights the net needs.
         assign="nearest",
     )
     path = tmp_path / "lenet300.sws"
-    result = compress(model, train, test, cfg, path=path, progress=False)
+    result = compress(model, train, test, cfg, path=path, progress=False, embed_summary=True)
     # Accuracy kept, sparsity gained, few shared values (a minute of CPU: far from the
     # paper's sparsity, which the committed results/paper runs show).
     assert result.nonzero_fraction < 0.7, result.summary()

@@ -29,3 +29,26 @@ def test_committed_file_matches_its_json(path, mnist):
     assert rep["file_bytes"] == path.stat().st_size == record["file_bytes"]
     assert rep["compression_rate"] == pytest.approx(record["compression_rate"])
     assert rep["nonzero_fraction"] == pytest.approx(record["nonzero_fraction"])
+
+
+# The targets, checked on the committed files (error %, minimum whole-file rate, maximum non-zero %).
+TARGETS = {
+    "lenet300-100": (1.94, 64, None),
+    "lenet5-caffe": (1.0, 162, None),
+    "tutorial-net": (1.0, None, 7.5),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_committed_file_meets_its_target(name, mnist):
+    path = PAPER / f"{name}.sws"
+    max_error, min_rate, max_nonzero = TARGETS[name]
+    meta = swsformat.read_header(path)["metadata"]
+    _, test = data.load("mnist", download=False, normalization=json.loads(meta["sws.input"])["normalization"])
+    assert evaluate(swsformat.load_model(path), test) <= max_error
+    rep = swsformat.size_report(path)
+    if min_rate is not None:
+        assert rep["compression_rate"] >= min_rate
+    if max_nonzero is not None:
+        assert 100 * rep["nonzero_fraction"] <= max_nonzero

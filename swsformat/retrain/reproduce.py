@@ -27,10 +27,13 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
-        "pretrain_epochs": 30, "epochs": 15, "tau": 0.03, "normalization": "standard",
-        "overrides": {"bias_clusters": 0},
+        "pretrain_epochs": 30, "epochs": 15, "tau": 0.05, "normalization": "standard",
+        "overrides": {"bias_clusters": 0, "qat_epochs": 40},
     },
-    "lenet5-caffe": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02, "normalization": "standard"},
+    "lenet5-caffe": {
+        "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
+        "overrides": {"qat_epochs": 20},
+    },
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02},
 }
 
