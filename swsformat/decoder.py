@@ -223,10 +223,18 @@ def load_model(
     sd = {t.name: tensor_from_entry(t, "cpu", False) for t in c.tensors}
     if module is None:
         # Built on the meta device: no random initialisation of weights that are replaced at once
-        # (a third of the load time of LeNet-5-Caffe); the decoded tensors become the parameters.
+        # (a third of the load time of LeNet-5-Caffe); the decoded tensors become the parameters,
+        # in the architecture's own dtypes (a float16 file still gives a float32 model).
         with torch.device("meta"):
             module = build_architecture(c.architecture)
-        module.load_state_dict(sd, strict=True, assign=True)
+        ref = module.state_dict()
+        sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
+        try:
+            module.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            name = c.architecture["name"] if c.architecture else "?"
+            detail = " ".join(str(e).split())
+            raise SwsFormatError(f"the file's tensors do not fit its architecture {name!r}: {detail}") from None
     else:
         module.load_state_dict(sd, strict=strict)
     module = module.to(device).eval()

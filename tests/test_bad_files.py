@@ -216,3 +216,34 @@ def test_atomic_write_failure_leaves_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.sws"]
     assert np.frombuffer(before[:8], np.uint8).tolist()[1:4] == list(b"SWS")
+
+
+def test_file_that_does_not_fit_its_architecture_is_a_format_error(tmp_path):
+    """A file naming a built-in architecture must hold exactly its tensors, with their shapes."""
+    from swsformat.quantize import prune_and_cluster
+    from swsformat.retrain.models import build_model
+
+    sd = prune_and_cluster(build_model("lenet300-100").state_dict(), prune=0.9, clusters=8)
+    sd.pop("fc3.bias")
+    missing = tmp_path / "missing.sws"
+    swsformat.encode(sd, missing, architecture="lenet300-100")
+    with pytest.raises(swsformat.SwsFormatError, match="do not fit its architecture 'lenet300-100'.*fc3.bias"):
+        swsformat.load_model(missing)
+    sd["fc3.bias"] = torch.zeros(7)
+    wrong = tmp_path / "wrong.sws"
+    swsformat.encode(sd, wrong, architecture="lenet300-100")
+    with pytest.raises(swsformat.SwsFormatError, match="size mismatch for fc3.bias"):
+        swsformat.load_model(wrong)
+
+
+def test_half_precision_file_gives_a_float32_builtin_model(tmp_path):
+    from swsformat.quantize import prune_and_cluster
+    from swsformat.retrain.models import build_model
+
+    sd = {k: v.half() for k, v in prune_and_cluster(build_model("lenet300-100").state_dict(), prune=0.9, clusters=8).items()}
+    path = tmp_path / "half.sws"
+    swsformat.encode(sd, path, architecture="lenet300-100")
+    model = swsformat.load_model(path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.fc1.weight, sd["fc1.weight"].float())
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -97,9 +97,20 @@ def prune_masks(model: nn.Module, mixture: Mixture, rule: str = "map") -> list[t
     ]
 
 
+def _nonzero_grid(mixture: Mixture, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted non-zero means and the midpoints between neighbours (for :func:`_nearest`)."""
+    values = torch.tensor(np.sort(mixture.means[1:]), dtype=torch.float32, device=device)
+    return values, (values[1:] + values[:-1]) / 2
+
+
 def _nearest(w: torch.Tensor, values: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     """Each entry of ``w`` replaced by the nearest of the sorted ``values`` (``mids``: midpoints)."""
     return values[torch.bucketize(w, mids)]
+
+
+def _cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine decay of every group's learning rate to zero over ``steps`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 @torch.no_grad()
@@ -109,10 +120,9 @@ def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor
     Returns (non-zero fraction, number of non-zero shared values used).
     """
     params = [p for _, p in compressible_parameters(model)]
-    values = torch.tensor(np.sort(mixture.means[1:]), dtype=torch.float32)
     used: set[float] = set()
     for p, m in zip(params, masks):
-        v, mids = values.to(p.device), ((values[1:] + values[:-1]) / 2).to(p.device)
+        v, mids = _nonzero_grid(mixture, p.device)
         q = torch.where(m, _nearest(p.detach().float(), v, mids), torch.zeros((), device=p.device))
         p.copy_(q.to(p.dtype))
         used.update(torch.unique(q[m]).tolist())
@@ -130,7 +140,7 @@ def quantization_aware_finetune_(
 
     The retrained network is the best *float* network under the prior; this phase makes it the
     best *quantized* one for the pruning the prior chose, recovering what the snap costs
-    (LeNet-300-100: 3.03% error after a plain snap, 2.07% after 8 epochs of this, same zeros).
+    (LeNet-300-100 at tau 0.05: 2.06% error after 8 epochs of this, 1.85% after 40, see README).
     Adam with a cosine decay to zero, biases included; the mixture is not changed.
     """
     if epochs == 0:
@@ -141,15 +151,13 @@ def quantization_aware_finetune_(
     from .train import _batches
 
     params = [p for _, p in compressible_parameters(model)]
-    values = torch.tensor(np.sort(mixture.means[1:]), dtype=torch.float32)
     device = params[0].device
-    values, mids = values.to(device), ((values[1:] + values[:-1]) / 2).to(device)
+    values, mids = _nonzero_grid(mixture, device)
     with torch.no_grad():
         for p, m in zip(params, masks):
             p.mul_(m)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     shadow = [torch.empty_like(p) for p in params]
     model.train()
@@ -198,8 +206,7 @@ def finetune_codebook_(
     codebook = nn.Parameter(uniq.clone())
     sizes = [p.numel() for p in weights]
     opt = torch.optim.Adam([codebook] + others, lr=lr)
-    steps = epochs * -(-len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     device = values.device
     for _ in range(epochs):
