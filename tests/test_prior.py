@@ -174,3 +174,82 @@ def test_config_validation():
         PriorConfig(components=1)
     with pytest.raises(ValueError, match="pi_zero"):
         PriorConfig(pi_zero=1.0)
+
+
+def _prior_pair(learn_pi_zero: bool, dtype: torch.dtype) -> tuple[MixturePrior, MixturePrior]:
+    """Two identical priors with non-trivial parameters (one for each gradient path)."""
+    torch.manual_seed(3)
+    cfg = PriorConfig(components=6, learn_pi_zero=learn_pi_zero, pi_zero=0.9)
+    a = MixturePrior(torch.randn(500) * 0.1, cfg)
+    with torch.no_grad():
+        a.log_precisions.add_(torch.randn(6))
+        a.mixing_logits.add_(torch.randn(5))
+        a.pi_zero_logit.add_(0.3)
+    a = a.to(dtype)
+    b = MixturePrior(torch.randn(500) * 0.1, cfg).to(dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("learn_pi_zero", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_complexity_grad_equals_autograd(learn_pi_zero, dtype):
+    """The training loop's in-place gradient equals ``(scale * complexity).backward()``:
+    weights with and without an existing ``.grad``, one frozen weight, every prior parameter."""
+    a, b = _prior_pair(learn_pi_zero, dtype)
+    rng = np.random.default_rng(4)
+    shapes = [(300, 70), (9,), (4, 3, 5, 5)]
+    base = [torch.tensor(rng.normal(0, 0.15, s), dtype=dtype) for s in shapes]
+    wa = [t.clone().requires_grad_(i != 1) for i, t in enumerate(base)]
+    wb = [t.clone().requires_grad_(i != 1) for i, t in enumerate(base)]
+    existing = torch.tensor(rng.normal(0, 1, shapes[0]), dtype=dtype)
+    wa[0].grad, wb[0].grad = existing.clone(), existing.clone()
+    scale = 0.37
+    value = a.complexity(wa)
+    (scale * value).backward()
+    got = b.add_complexity_grad_(wb, scale)
+    assert got == pytest.approx(float(value.detach()), rel=1e-6)
+    assert wb[1].grad is None
+    tol = 2e-5 if dtype == torch.float32 else 1e-9
+    for x, y in [(wa[0], wb[0]), (wa[2], wb[2])] + list(zip(a.parameters(), b.parameters())):
+        if x.grad is None:
+            assert y.grad is None
+            continue
+        assert float((x.grad - y.grad).abs().max()) <= tol * float(x.grad.abs().max())
+
+
+def test_add_complexity_grad_non_contiguous_weight_takes_autograd():
+    a, b = _prior_pair(False, torch.float32)
+    w = torch.randn(40, 30).mul_(0.1)
+    wa, wb = w.clone().t().requires_grad_(), w.clone().t().requires_grad_()
+    (2.0 * a.complexity([wa])).backward()
+    assert b.add_complexity_grad_([wb], 2.0) == pytest.approx(float(a.complexity([wa]).detach()), rel=1e-6)
+    assert torch.allclose(wa.grad, wb.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_far_weights_match_reference():
+    """Weights whose every logit lies far below the largest ``c_j`` (tight components, weights
+    far from all of them) take the kernel's exact per-weight path."""
+    mu = np.array([0.0, 0.2, -0.3])
+    log_prec = np.array([12.0, 11.0, 3.0])
+    log_pi = np.log(np.array([0.9, 0.05, 0.05]))
+    w = np.concatenate([np.linspace(-0.05, 0.05, 300), [0.6, -1.5, 2.5]])
+    t = torch.tensor(w, dtype=torch.float32, requires_grad=True)
+    params = [torch.tensor(x, dtype=torch.float32) for x in (mu, log_prec, log_pi)]
+    loss = mixture_nll(t, *params)
+    ref = reference_nll(t.detach().double().numpy(), mu, log_prec, log_pi)
+    assert float(loss.detach()) == pytest.approx(ref, rel=1e-6)
+    loss.backward()
+    t64 = torch.tensor(t.detach().double().numpy(), requires_grad=True)
+    mixture_nll(t64, *(torch.tensor(x) for x in (mu, log_prec, log_pi))).backward()
+    far = slice(300, None)
+    assert torch.allclose(t.grad[far].double(), t64.grad[far], rtol=1e-5)
+
+
+def test_nan_weight_gives_non_finite_complexity():
+    _, prior = _prior_pair(False, torch.float32)
+    w = torch.zeros(1000)
+    w[700] = float("nan")
+    w.requires_grad_()
+    assert not math.isfinite(prior.add_complexity_grad_([w], 1.0))
+    assert torch.isnan(w.grad[700]) and torch.isfinite(w.grad[:700]).all()

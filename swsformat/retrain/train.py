@@ -77,23 +77,23 @@ def train_epoch(
     model.train()
     device = next(model.parameters()).device
     weights = [p for _, p in compressible_parameters(model)]
-    total = ce_total = 0.0
-    complexity = torch.zeros(())
+    total = ce_total = complexity = 0.0
     batches = _batches(len(train), batch_size, generator)
     for idx in tqdm(batches, desc=desc, leave=False, disable=not progress):
         x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
         ce = F.cross_entropy(model(x), y)
-        loss = ce
-        if prior is not None and complexity_scale > 0:
-            complexity = prior.complexity(weights)
-            loss = ce + complexity_scale * complexity
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        ce.backward()
+        loss = float(ce.detach())
+        if prior is not None and complexity_scale > 0:
+            # The prior's gradient is added in closed form, not through autograd (it is cheaper).
+            complexity = prior.add_complexity_grad_(weights, complexity_scale)
+            loss += complexity_scale * complexity
         optimizer.step()
-        total += float(loss.detach())
+        total += loss
         ce_total += float(ce.detach())
     n = max(len(batches), 1)
-    return total / n, ce_total / n, float(complexity.detach())
+    return total / n, ce_total / n, complexity
 
 
 def pretrain(
