@@ -293,11 +293,13 @@ class MixturePrior(nn.Module):
         ]
         if cfg.learn_pi_zero:
             a, b = cfg.pi_zero_beta
-            p0 = 1.0 / (1.0 + math.exp(-z))
+            p0 = math.exp(-np.logaddexp(0.0, -z))
             hyper += a * np.logaddexp(0.0, -z) + b * np.logaddexp(0.0, z)
             d_z = g_pi[0] * (1 - p0) - p0 * rest.sum() - a * (1 - p0) + b * p0
             grads.append((self.pi_zero_logit, d_z))
         for param, grad in grads:
+            if not param.requires_grad:
+                continue
             g = torch.from_numpy(np.asarray(scale * grad)).to(param.dtype).reshape(param.shape)
             if param.grad is None:
                 param.grad = g
