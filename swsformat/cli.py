@@ -69,7 +69,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
     meta = {"source": Path(a.input).name}
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
-    size = encode(sd, a.output, index_bits=a.index_bits, metadata=meta, architecture=arch)
+    size = encode(sd, a.output, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
     rep = size_report(a.output, entropy=False)
     print(f"wrote {a.output}: {size} bytes, compression rate {rep['compression_rate']:.1f}x, "
           f"{100 * rep['nonzero_fraction']:.2f}% non-zero")

@@ -179,6 +179,16 @@ def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dic
     return {"name": str(architecture["name"]), "kwargs": dict(architecture.get("kwargs", {}))}
 
 
+# Coding a tensor costs about 300 bytes of header and code tables; above this raw size it
+# always pays, below it ``smallest=True`` compares the two forms byte for byte.
+SMALLEST_CHECK_BYTES = 1 << 20
+
+
+def _entry_bytes(t: RawTensor | SwsTensor) -> int:
+    """Bytes one tensor adds to a file: its header entry, code tables and aligned sections."""
+    return len(serialize(Container([t], {}, None, "")))
+
+
 def to_container(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     *,
@@ -187,6 +197,7 @@ def to_container(
     index_bits: IndexBits = None,
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
+    smallest: bool = False,
 ) -> Container:
     """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
     sd = _state_dict(model_or_state_dict)
@@ -207,7 +218,12 @@ def to_container(
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} is not a floating type and cannot be coded")
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
-            tensors.append(_sws(name, t, ib))
+            coded = _sws(name, t, ib)
+            if smallest and t.numel() * t.element_size() <= SMALLEST_CHECK_BYTES:
+                raw = _raw(name, t)
+                if _entry_bytes(raw) <= _entry_bytes(coded):
+                    coded = raw
+            tensors.append(coded)
         else:
             tensors.append(_raw(name, t))
     meta = dict(metadata or {})
@@ -272,6 +288,9 @@ def encode(
         metadata: free-form ``str -> str`` user metadata.
         architecture: registered architecture name or ``{"name", "kwargs"}``; taken from the
             module's ``sws_architecture`` attribute when not given.
+        smallest: store a selected tensor raw when coding it would not make the file smaller
+            (small tensors such as biases: a codebook and code tables cost ~300 bytes). Both
+            forms decode to the same bit patterns.
 
     Example:
         >>> import torch, swsformat

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import swsformat
+from swsformat.container import parse
 from swsformat.retrain.models import build_model, compressible_parameters
 
 
@@ -66,3 +67,21 @@ def test_report_compression_rates():
     assert rep["compression_rate"] == pytest.approx(rep["fp32_bytes"] / rep["file_bytes"])
     assert rep["nonzero_fraction"] == pytest.approx(10 / 10000)
     assert np.isfinite(rep["paper_compression_rate"]) and rep["paper_compression_rate"] > rep["compression_rate"]
+
+
+def test_smallest_stores_tensors_raw_when_coding_does_not_pay():
+    """``smallest=True``: a tiny selected tensor goes raw, a large sparse one stays coded, the
+    file is no larger than without the option, and every tensor decodes bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.zeros(200, 300)
+    idx = torch.randint(0, big.numel(), (600,), generator=g)
+    big.view(-1)[idx] = torch.tensor([-0.5, 0.25, 0.75])[torch.randint(0, 3, (600,), generator=g)]
+    sd = {"big.weight": big, "tiny.bias": torch.tensor([0.1, -0.2, 0.3])}
+    names = set(sd)
+    plain = swsformat.encode_bytes(sd, compress=names)
+    small = swsformat.encode_bytes(sd, compress=names, smallest=True)
+    assert len(small) < len(plain)
+    kinds = {t.name: t.kind for t in parse(small).tensors}
+    assert kinds == {"big.weight": "sws", "tiny.bias": "raw"}
+    for name, t in swsformat.load(small).items():
+        assert torch.equal(t.view(torch.int32), sd[name].view(torch.int32))

@@ -310,5 +310,7 @@ def compress(
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
         coded = {n for n, _ in compressible_parameters(model)} | set(shared_biases)
-        result.file_bytes = encode(model, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta)
+        result.file_bytes = encode(
+            model, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta, smallest=True
+        )
     return result
