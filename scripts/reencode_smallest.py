@@ -14,22 +14,23 @@ from pathlib import Path
 import torch
 
 import swsformat
-from swsformat.decoder import read_container
+from swsformat.container import parse
 
 
 def main(paths: list[str]) -> None:
     for p in map(Path, paths):
-        c = read_container(p)
-        sd = swsformat.load_state_dict(p)
+        original = p.read_bytes()
+        c = parse(original)
+        sd = swsformat.load(original)
         bits = {t.name: t.index_bits for t in c.tensors if t.kind == "sws"}
         kwargs = dict(compress=set(bits), index_bits=bits, metadata=c.metadata, architecture=c.architecture)
-        original = p.read_bytes()
         if swsformat.encode_bytes(sd, **kwargs) != original:
             raise SystemExit(f"{p}: re-encoding does not reproduce the file; left unchanged")
         data = swsformat.encode_bytes(sd, smallest=True, **kwargs)
         again = swsformat.load(data)
         for name, t in sd.items():
-            if t.dtype != again[name].dtype or not torch.equal(t.view(-1).view(torch.uint8), again[name].view(-1).view(torch.uint8)):
+            same = t.dtype == again[name].dtype and torch.equal(t.view(-1).view(torch.uint8), again[name].view(-1).view(torch.uint8))
+            if not same:
                 raise SystemExit(f"{p}: {name} changed; left unchanged")
         p.write_bytes(data)
         print(f"{p}: {len(original)} -> {len(data)} bytes")

@@ -11,7 +11,8 @@ gradient buffer) ``d NLL / d w``:
   component-major so every inner loop is a straight SIMD loop (AVX2: 8 lanes) with a
   polynomial ``exp``. The exponents are taken against one constant, ``max_j c_j``, which
   bounds every logit from above, instead of each weight's best logit: that drops a whole
-  pass (the per-weight max) and made the kernel 1.45x faster. The few weights whose every
+  pass (the per-weight max); with the degree-5 ``exp`` the kernel went from 4.8 to 3.3 ms for
+  266K weights and 16 components on one core. The few weights whose every
   logit lies more than 60 nats below the constant, and whole blocks whose logits could
   leave float32's range, take the exact float64 path. Relative error about 1e-6 against
   the float64 kernel (tested), below float32 training noise.

@@ -121,8 +121,8 @@ def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor
     """
     params = [p for _, p in compressible_parameters(model)]
     used: set[float] = set()
+    v, mids = _nonzero_grid(mixture, params[0].device)
     for p, m in zip(params, masks):
-        v, mids = _nonzero_grid(mixture, p.device)
         q = torch.where(m, _nearest(p.detach().float(), v, mids), torch.zeros((), device=p.device))
         p.copy_(q.to(p.dtype))
         used.update(torch.unique(q[m]).tolist())
@@ -140,7 +140,8 @@ def quantization_aware_finetune_(
 
     The retrained network is the best *float* network under the prior; this phase makes it the
     best *quantized* one for the pruning the prior chose, recovering what the snap costs
-    (LeNet-300-100 at tau 0.05: 2.06% error after 8 epochs of this, 1.85% after 40, see README).
+    (LeNet-300-100: 3.02% error with a plain snap, under 2% after 40-60 epochs of this; README,
+    "Results").
     Adam with a cosine decay to zero, biases included; the mixture is not changed.
     """
     if epochs == 0:

@@ -251,7 +251,8 @@ class MixturePrior(nn.Module):
         no weight-sized temporaries. Through autograd these cost as much as the kernel itself
         in a LeNet-300-100 step. Other devices take the autograd path.
         """
-        if not all(_flat_numpy(w) is not None for w in weights):
+        flat = [_flat_numpy(w) for w in weights]
+        if any(wn is None for wn in flat):
             value = self.complexity(weights)
             (scale * value).backward()
             return float(value.detach())
@@ -265,8 +266,7 @@ class MixturePrior(nn.Module):
         mu = np.concatenate([[0.0], self.means.detach().cpu().double().numpy()])
         params = _kernel_params(mu, np.exp(lp), log_pi + 0.5 * lp - 0.5 * LOG_2PI)
         acc = np.zeros((4, mu.size))
-        for w in weights:
-            wn = _flat_numpy(w)
+        for w, wn in zip(weights, flat):
             if w.requires_grad and w.grad is None:
                 w.grad = torch.zeros_like(w)
             gn = _flat_numpy(w.grad) if w.requires_grad else None

@@ -84,14 +84,15 @@ def train_epoch(
         ce = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         ce.backward()
-        loss = float(ce.detach())
+        ce_value = float(ce.detach())
+        loss = ce_value
         if prior is not None and complexity_scale > 0:
             # The prior's gradient is added in closed form, not through autograd (it is cheaper).
             complexity = prior.add_complexity_grad_(weights, complexity_scale)
             loss += complexity_scale * complexity
         optimizer.step()
         total += loss
-        ce_total += float(ce.detach())
+        ce_total += ce_value
     n = max(len(batches), 1)
     return total / n, ce_total / n, complexity
 
