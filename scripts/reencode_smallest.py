@@ -15,6 +15,7 @@ import torch
 
 import swsformat
 from swsformat.container import parse
+from swsformat.encoder import atomic_write
 
 
 def main(paths: list[str]) -> None:
@@ -32,7 +33,7 @@ def main(paths: list[str]) -> None:
             same = t.dtype == again[name].dtype and torch.equal(t.view(-1).view(torch.uint8), again[name].view(-1).view(torch.uint8))
             if not same:
                 raise SystemExit(f"{p}: {name} changed; left unchanged")
-        p.write_bytes(data)
+        atomic_write(p, data)
         print(f"{p}: {len(original)} -> {len(data)} bytes")
 
 
