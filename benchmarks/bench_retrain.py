@@ -8,7 +8,7 @@ import torch
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import MODELS, build_model
 from swsformat.retrain.prior import PriorConfig
-from swsformat.retrain.train import RetrainConfig, default_prior, make_optimizer, train_epoch
+from swsformat.retrain.train import RetrainConfig, adam, default_prior, make_optimizer, train_epoch
 
 from .conftest import best_of, record
 
@@ -23,7 +23,7 @@ def test_retrain_epoch_vs_plain_epoch(benchmark, name):
     prior = default_prior(model, PriorConfig())
     cfg = RetrainConfig()
     sws_opt = make_optimizer(model, prior, cfg)
-    plain_opt = torch.optim.Adam(model.parameters(), lr=cfg.lr_weights)
+    plain_opt = adam(model.parameters(), lr=cfg.lr_weights)  # the optimizer pretraining uses
     gen = torch.Generator().manual_seed(0)
 
     def plain():

@@ -18,7 +18,7 @@ from ..encoder import encode
 from .data import Split
 from .models import compressible_parameters
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
-from .train import EpochLog, RetrainConfig, default_prior, evaluate, retrain
+from .train import EpochLog, RetrainConfig, adam, default_prior, evaluate, retrain
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def quantization_aware_finetune_(
     with torch.no_grad():
         for p, m in zip(params, masks):
             p.mul_(m)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = adam(model.parameters(), lr=lr)
     sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     shadow = [torch.empty_like(p) for p in params]
@@ -206,7 +206,7 @@ def finetune_codebook_(
     zero = int((uniq == 0).nonzero()[0]) if bool((uniq == 0).any()) else -1
     codebook = nn.Parameter(uniq.clone())
     sizes = [p.numel() for p in weights]
-    opt = torch.optim.Adam([codebook] + others, lr=lr)
+    opt = adam([codebook] + others, lr=lr)
     sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     device = values.device
