@@ -6,7 +6,8 @@ in time is a hang (it is killed and restarted). Any exception other than SwsErro
 
     python scripts/fuzz.py --inputs 100000 --json results/fuzz/summary.json
 
-Mutations: bit flips, byte sets, insertions, deletions, truncation at every offset, header
+Mutations: bit flips, byte sets, insertions, deletions, truncation at every offset, damaged
+deflate streams and declared sizes of version 2 headers (header CRC recomputed), header
 fields set to extreme values (huge or negative sizes, overflowing offsets, nnz mismatch,
 invalid code tables, out-of-range symbols), with checksums recomputed half of the time so
 that the deeper checks and the numba kernels see the damage.
@@ -42,25 +43,28 @@ def seeds() -> list[bytes]:
     import swsformat
 
     g = torch.Generator().manual_seed(0)
-    out = [(ROOT / "tests" / "data" / "golden-v1.sws").read_bytes()]
-    for shape, density, k, bits in [((6, 20), 0.3, 5, None), ((4, 1, 3, 3), 0.5, 3, 2), ((3, 200), 0.02, 9, "auto"), ((2, 2), 1.0, 2, 1)]:
+    out = [(ROOT / "tests" / "data" / f"golden-v{v}.sws").read_bytes() for v in (1, 2)]
+    cases = [((6, 20), 0.3, 5, None), ((4, 1, 3, 3), 0.5, 3, 2), ((3, 200), 0.02, 9, "auto"), ((2, 2), 1.0, 2, 1)]
+    for i, (shape, density, k, bits) in enumerate(cases):
         vals = torch.linspace(-1, 1, k)
         w = torch.where(torch.rand(shape, generator=g) < density, vals[torch.randint(0, k, shape, generator=g)], torch.zeros(()))
-        out.append(swsformat.encode_bytes({"a.weight": w, "a.bias": torch.ones(shape[0])}, index_bits=bits))
+        sd = {"a.weight": w, "a.bias": torch.ones(shape[0])}
+        out.append(swsformat.encode_bytes(sd, index_bits=bits, version=1 if i == 3 else 2))
     return out
 
 
 def _split(data: bytes):
+    """(version, header map, data area) of a valid file."""
+    from swsformat.container import decode_header, read_prelude
+
+    prelude = read_prelude(data)
+    return prelude.version, decode_header(data, prelude), data[prelude.data_start :]
+
+
+def _rebuild(header, payload: bytes, fix_sections: bool, version: int, coding: int | None = None) -> bytes:
     import msgpack
 
-    hlen = struct.unpack("<I", data[12:16])[0]
-    header = msgpack.unpackb(data[16 : 16 + hlen], raw=False)
-    start = (20 + hlen + 7) // 8 * 8
-    return header, data[start:]
-
-
-def _rebuild(header, payload: bytes, fix_sections: bool) -> bytes:
-    import msgpack
+    from swsformat.container import pack_head
 
     tensors = header.get("tensors") if isinstance(header, dict) else None
     if fix_sections and isinstance(tensors, list):
@@ -72,10 +76,30 @@ def _rebuild(header, payload: bytes, fix_sections: bool) -> bytes:
             for ref in refs:
                 if isinstance(ref, list) and len(ref) == 3 and all(isinstance(x, int) and 0 <= x < 2**40 for x in ref[:2]):
                     ref[2] = zlib.crc32(payload[ref[0] : ref[0] + ref[1]])
-    h = msgpack.packb(header, use_bin_type=True)
-    head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HHI", 1, 0, len(h)) + h
+    return pack_head(msgpack.packb(header, use_bin_type=True), version, coding) + payload
+
+
+def _damage_deflated_header(data: bytes, rng: random.Random) -> bytes:
+    """Corrupt the deflate stream of a version 2 header, or its declared size, and recompute
+    the header CRC so that the inflater sees it."""
+    from swsformat.container import read_prelude
+
+    p = read_prelude(data)
+    stored = bytearray(data[p.length : p.length + p.stored])
+    size = p.size
+    what = rng.randrange(4)
+    if what == 0:
+        for _ in range(rng.randint(1, 4)):
+            stored[rng.randrange(len(stored))] = rng.getrandbits(8)
+    elif what == 1:
+        del stored[rng.randrange(len(stored)) :]
+    elif what == 2:
+        stored += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 8)))
+    else:
+        size = rng.choice([1, size - 1, size + 1, 2**24, rng.randrange(1, 2**24)])
+    head = data[:10] + struct.pack("<BBII", 1, 0, len(stored), max(size, 1)) + bytes(stored)
     head += struct.pack("<I", zlib.crc32(head))
-    return head + b"\0" * (-len(head) % 8) + payload
+    return head + bytes(-len(head) % 8) + data[p.data_start :]
 
 
 def _paths(obj, prefix=()):
@@ -90,7 +114,7 @@ def _paths(obj, prefix=()):
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
-    op = rng.randrange(8)
+    op = rng.randrange(9)
     b = bytearray(data)
     if op == 0:
         for _ in range(rng.randint(1, 8)):
@@ -111,7 +135,11 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         return bytes(b)
     if op == 4:
         return bytes(b[: rng.randrange(len(b))])
-    header, payload = _split(data)
+    version, header, payload = _split(data)
+    if op == 8:
+        if version == 2 and data[10] == 1:
+            return _damage_deflated_header(data, rng)
+        op = 5
     fix = rng.random() < 0.5
     if op == 5:  # a header field set to an extreme value
         paths = [p for p, v in _paths(header) if isinstance(v, (int, bytes, str, list))]
@@ -126,13 +154,13 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             parent[path[-1]] = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))
         else:
             parent[path[-1]] = rng.choice([None, "x", [], {}, [1, 2], 1.5, True])
-        return _rebuild(header, payload, fix)
+        return _rebuild(header, payload, fix, version)
     if op == 6:  # damage a payload stream with checksums fixed: the kernels must catch it
         p = bytearray(payload)
         for _ in range(rng.randint(1, 6)):
             if p:
                 p[rng.randrange(len(p))] = rng.getrandbits(8)
-        return _rebuild(header, bytes(p), True)
+        return _rebuild(header, bytes(p), True, version)
     # op 7: random code tables / counts that disagree with the streams
     sws = [t for t in header["tensors"] if t.get("kind") == "sws"]
     if not sws:
@@ -148,7 +176,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         t["codebook"] = t["codebook"][: rng.randrange(len(t["codebook"]) + 1)]
     else:
         t[field] = max(0, t[field] + rng.choice([-2, -1, 1, 2, 1000]))
-    return _rebuild(header, payload, True)
+    return _rebuild(header, payload, True, version)
 
 
 # ------------------------------------------------------------------------------------ worker

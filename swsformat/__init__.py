@@ -11,7 +11,7 @@ Public API, flat in the spirit of ``safetensors.torch``::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .decoder import load, load_model, load_state_dict, read_header  # noqa: E402
 from .encoder import encode, encode_bytes  # noqa: E402

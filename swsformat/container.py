@@ -19,6 +19,8 @@ from .errors import SwsChecksumError, SwsFormatError, where
 from .spec import (
     CODER_HUFFMAN,
     FORMAT_VERSION,
+    HEADER_DEFLATE,
+    HEADER_MSGPACK,
     MAGIC,
     MAX_CODE_LENGTH,
     MAX_CODEBOOK,
@@ -30,6 +32,7 @@ from .spec import (
     PRELUDE,
     RAW_DTYPES,
     SWS_DTYPES,
+    VERSIONS,
     align,
     matrix_shape,
     pack_nibbles,
@@ -95,26 +98,86 @@ class Container:
     architecture: dict[str, Any] | None = None
     library: str = ""
     version: int = FORMAT_VERSION
-    # The parsed header map, kept by parse() so reports need not decode it a second time.
+    # The parsed header map and the header's size in the file, kept by parse() so reports
+    # need not decode it a second time.
     raw_header: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    header_bytes: int = field(default=0, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Prelude:
+    """The fixed-size start of a file: version, header coding and header lengths."""
+
+    version: int
+    coding: int  # HEADER_MSGPACK or HEADER_DEFLATE (always HEADER_MSGPACK in version 1)
+    stored: int  # header bytes in the file
+    size: int  # msgpack bytes once decoded
+
+    @property
+    def length(self) -> int:
+        return PRELUDE[self.version]
+
+    @property
+    def data_start(self) -> int:
+        """Offset of the data area: prelude, header and header CRC, aligned."""
+        return align(self.length + self.stored + 4)
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    return c.compress(data) + c.flush()
+
+
+def pack_head(header: bytes, version: int = FORMAT_VERSION, coding: int | None = None) -> bytes:
+    """Prelude, header and header CRC for the msgpack bytes ``header``, padded to the data area.
+
+    Version 2 stores the header deflated when that is smaller (``coding=None``) or as asked.
+    """
+    if len(header) > MAX_HEADER:
+        raise SwsFormatError(f"header of {len(header)} bytes exceeds the {MAX_HEADER}-byte limit")
+    if version == 1:
+        if coding not in (None, HEADER_MSGPACK):
+            raise ValueError("version 1 headers are plain msgpack")
+        head = MAGIC + struct.pack("<HHI", 1, 0, len(header)) + header
+    elif version == 2:
+        if coding not in (None, HEADER_MSGPACK, HEADER_DEFLATE):
+            raise ValueError(f"unknown header coding {coding}")
+        stored = header
+        if coding != HEADER_MSGPACK:
+            packed = _deflate(header)
+            if coding == HEADER_DEFLATE or len(packed) < len(header):
+                stored = packed
+        coding = HEADER_DEFLATE if stored is not header else HEADER_MSGPACK
+        head = MAGIC + struct.pack("<HBBII", 2, coding, 0, len(stored), len(header)) + stored
+    else:
+        raise ValueError(f"cannot write format version {version} (versions {VERSIONS})")
+    head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
+    return head + bytes(align(len(head)) - len(head))
 
 
 def _crc(data: np.ndarray) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+def section_start(end: int, version: int, aligned: bool) -> int:
+    """Where a section begins after one ending at ``end``: version 1 aligns every section,
+    version 2 only raw tensor data (coded streams are read bit by bit, never mapped)."""
+    return align(end) if aligned or version == 1 else end
+
+
 def serialize(c: Container) -> bytes:
-    """The canonical byte form of ``c`` (deterministic: same container, same bytes)."""
-    offset = 0
+    """The canonical byte form of ``c`` (deterministic for a given zlib: same container,
+    same bytes; the decoded header and the data area are the same with any zlib)."""
+    end = 0
     entries = []
     payload: list[tuple[int, np.ndarray]] = []
 
-    def section(arr: np.ndarray) -> list[int]:
-        nonlocal offset
+    def section(arr: np.ndarray, aligned: bool = False) -> list[int]:
+        nonlocal end
         arr = np.ascontiguousarray(arr, dtype=np.uint8)
-        here = offset
+        here = section_start(end, c.version, aligned)
         payload.append((here, arr))
-        offset = align(here + arr.size)
+        end = here + arr.size
         return [here, int(arr.size), _crc(arr)]
 
     def stream(s: Stream) -> dict[str, Any]:
@@ -128,7 +191,7 @@ def serialize(c: Container) -> bytes:
     for t in c.tensors:
         e: dict[str, Any] = {"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": [int(x) for x in t.shape]}
         if isinstance(t, RawTensor):
-            e["data"] = section(t.data)
+            e["data"] = section(t.data, aligned=True)
         else:
             e.update(
                 index_bits=int(t.index_bits),
@@ -152,15 +215,10 @@ def serialize(c: Container) -> bytes:
         },
         use_bin_type=True,
     )
-    if len(header) > MAX_HEADER:
-        raise SwsFormatError(f"header of {len(header)} bytes exceeds the {MAX_HEADER}-byte limit")
-    prelude = MAGIC + struct.pack("<HHI", c.version, 0, len(header))
-    head = prelude + header
-    head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
-    data_start = align(len(head))
-    end = payload[-1][0] + payload[-1][1].size if payload else 0
+    head = pack_head(header, c.version)
+    data_start = len(head)
     out = bytearray(data_start + end)
-    out[: len(head)] = head
+    out[:data_start] = head
     for off, arr in payload:
         out[data_start + off : data_start + off + arr.size] = arr.tobytes()
     return bytes(out)
@@ -184,33 +242,67 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
     return out
 
 
-def read_prelude(buf: Buffer) -> tuple[int, int]:
-    """Validate the 16-byte prelude; return (version, header length)."""
-    if len(buf) < PRELUDE:
-        raise SwsFormatError(f"file of {len(buf)} bytes is shorter than the {PRELUDE}-byte prelude")
+def read_prelude(buf: Buffer) -> Prelude:
+    """Validate the prelude (16 bytes in version 1, 20 in version 2)."""
+    if len(buf) < PRELUDE[1]:
+        raise SwsFormatError(f"file of {len(buf)} bytes is shorter than the {PRELUDE[1]}-byte prelude")
     if bytes(buf[:8]) != MAGIC:
         raise SwsFormatError("not a .sws file: bad magic bytes at offset 0")
-    version, reserved, hlen = struct.unpack("<HHI", bytes(buf[8:PRELUDE]))
-    if version != FORMAT_VERSION:
-        raise SwsFormatError(f"format version {version} is not supported (this reader reads {FORMAT_VERSION})")
+    version = struct.unpack("<H", bytes(buf[8:10]))[0]
+    if version not in VERSIONS:
+        raise SwsFormatError(f"format version {version} is not supported (this reader reads {list(VERSIONS)})")
+    if version == 1:
+        reserved, stored = struct.unpack("<HI", bytes(buf[10:16]))
+        coding, size = HEADER_MSGPACK, stored
+    else:
+        if len(buf) < PRELUDE[2]:
+            raise SwsFormatError(f"file of {len(buf)} bytes is shorter than the {PRELUDE[2]}-byte prelude")
+        coding, reserved, stored, size = struct.unpack("<BBII", bytes(buf[10:20]))
+        if coding not in (HEADER_MSGPACK, HEADER_DEFLATE):
+            raise SwsFormatError(f"header coding {coding} at offset 10 is not 0 (msgpack) or 1 (deflate)")
     if reserved != 0:
-        raise SwsFormatError(f"reserved prelude field at offset 10 is {reserved}, must be 0")
-    if not 1 <= hlen <= MAX_HEADER:
-        raise SwsFormatError(f"header length {hlen} outside [1, {MAX_HEADER}]")
-    return version, hlen
+        raise SwsFormatError(f"reserved prelude field at offset {10 if version == 1 else 11} is {reserved}, must be 0")
+    if not 1 <= stored <= MAX_HEADER:
+        raise SwsFormatError(f"header length {stored} outside [1, {MAX_HEADER}]")
+    if not 1 <= size <= MAX_HEADER:
+        raise SwsFormatError(f"decoded header length {size} outside [1, {MAX_HEADER}]")
+    if coding == HEADER_MSGPACK and size != stored:
+        raise SwsFormatError(f"plain msgpack header: decoded length {size} differs from stored length {stored}")
+    return Prelude(version, coding, stored, size)
 
 
-def decode_header(buf: Buffer, hlen: int) -> dict:
-    """Check the header CRC and unpack its msgpack map with hostile-input limits."""
-    need = PRELUDE + hlen + 4
+def _inflate(raw: bytes, size: int) -> bytes:
+    """Raw deflate -> exactly ``size`` bytes; never produces more than ``size + 1`` bytes."""
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(raw, size + 1)
+    except zlib.error as exc:
+        raise SwsFormatError(f"header is not a valid deflate stream: {exc}") from None
+    if len(out) != size or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise SwsFormatError(
+            f"deflated header does not decode to exactly {size} bytes in one complete stream "
+            f"(got {len(out)}{'+' if d.unconsumed_tail else ''} bytes, "
+            f"{'complete' if d.eof else 'unfinished'}, {len(d.unused_data)} bytes after its end)"
+        )
+    return out
+
+
+def decode_header(buf: Buffer, prelude: Prelude) -> dict:
+    """Check the header CRC, inflate it if deflated and unpack its msgpack map with
+    hostile-input limits."""
+    start = prelude.length
+    need = start + prelude.stored + 4
     if len(buf) < need:
         raise SwsFormatError(f"file truncated inside the header: {len(buf)} bytes, header needs {need}")
-    stored = struct.unpack("<I", bytes(buf[PRELUDE + hlen : need]))[0]
-    if zlib.crc32(bytes(buf[: PRELUDE + hlen])) & 0xFFFFFFFF != stored:
+    stored = struct.unpack("<I", bytes(buf[need - 4 : need]))[0]
+    if zlib.crc32(bytes(buf[: need - 4])) & 0xFFFFFFFF != stored:
         raise SwsChecksumError("header CRC-32 mismatch: the header is corrupted")
+    raw = bytes(buf[start : need - 4])
+    if prelude.coding == HEADER_DEFLATE:
+        raw = _inflate(raw, prelude.size)
     try:
         header = msgpack.unpackb(
-            bytes(buf[PRELUDE : PRELUDE + hlen]),
+            raw,
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -276,39 +368,38 @@ def _shape(v: Any, name: str) -> tuple[int, ...]:
 class _Layout:
     """Checks that sections follow each other canonically and fit the file."""
 
-    def __init__(self, data: memoryview, verify: bool) -> None:
-        self.data, self.verify, self.next = data, verify, 0
+    def __init__(self, data: memoryview, verify: bool, version: int) -> None:
+        self.data, self.verify, self.version, self.end = data, verify, version, 0
 
-    def take(self, v: Any, name: str, field_name: str) -> np.ndarray:
+    def take(self, v: Any, name: str, field_name: str, aligned: bool = False) -> np.ndarray:
         if not isinstance(v, list) or len(v) != 3 or any(type(x) is not int for x in v):
             raise SwsFormatError(f"{where(name, field_name)}section must be [offset, length, crc32]")
         off, length, crc = v
-        if off != self.next:
+        expected = section_start(self.end, self.version, aligned)
+        if off != expected:
             raise SwsFormatError(
-                f"{where(name, field_name)}section offset {off} != expected {self.next} "
-                "(sections must be in order, aligned, without gaps or overlaps)"
+                f"{where(name, field_name)}section offset {off} != expected {expected} "
+                "(sections must be in order, aligned as SPEC.md says, without gaps or overlaps)"
             )
         if length < 0 or off + length > len(self.data):
             raise SwsFormatError(
                 f"{where(name, field_name)}section [{off}, +{length}) runs past the end of the "
                 f"data area ({len(self.data)} bytes): file truncated?"
             )
+        if any(self.data[self.end : off]):
+            raise SwsFormatError(f"{where(name, field_name)}padding before the section is not zero")
         if not 0 <= crc <= 0xFFFFFFFF:
             raise SwsFormatError(f"{where(name, field_name)}crc32 {crc} out of range")
         chunk = self.data[off : off + length]
         if self.verify and zlib.crc32(chunk) & 0xFFFFFFFF != crc:
             raise SwsChecksumError(f"{where(name, field_name)}CRC-32 mismatch: section corrupted")
-        end = off + length
-        padded = align(end)
-        if any(self.data[end : min(padded, len(self.data))]):
-            raise SwsFormatError(f"{where(name, field_name)}padding after the section is not zero")
-        self.next = padded
+        self.end = off + length
         return np.frombuffer(chunk, dtype=np.uint8)
 
-    def finish(self, last_end: int) -> None:
-        if len(self.data) != last_end:
+    def finish(self) -> None:
+        if len(self.data) != self.end:
             raise SwsFormatError(
-                f"data area is {len(self.data)} bytes but sections end at {last_end}: trailing or missing bytes"
+                f"data area is {len(self.data)} bytes but sections end at {self.end}: trailing or missing bytes"
             )
 
 
@@ -336,12 +427,13 @@ def _stream(v: Any, name: str, fld: str, alphabet: int, count: int, layout: _Lay
 def parse(buf: Buffer, verify: bool = True) -> Container:
     """Validate and parse a whole file; sections are zero-copy views into ``buf``."""
     mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
-    version, hlen = read_prelude(mv)
-    header = decode_header(mv, hlen)
-    data_start = align(PRELUDE + hlen + 4)
+    prelude = read_prelude(mv)
+    version = prelude.version
+    header = decode_header(mv, prelude)
+    data_start = prelude.data_start
     if len(mv) < data_start:
         raise SwsFormatError(f"file truncated before the data area at offset {data_start}")
-    if any(mv[PRELUDE + hlen + 4 : data_start]):
+    if any(mv[prelude.length + prelude.stored + 4 : data_start]):
         raise SwsFormatError("padding between header CRC and data area is not zero")
     top = _Check(header, None, "header")
     top.keys({"format", "version", "library", "architecture", "metadata", "tensors"})
@@ -362,10 +454,9 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
     tensors_v = header["tensors"]
     if not isinstance(tensors_v, list):
         raise SwsFormatError("'tensors' must be a list")
-    layout = _Layout(mv[data_start:], verify)
+    layout = _Layout(mv[data_start:], verify, version)
     tensors: list[Tensor] = []
     names: set[str] = set()
-    last_end = 0
     for i, tv in enumerate(tensors_v):
         pre = _Check(tv, f"#{i}", "tensor")
         if "name" not in pre.m:
@@ -383,11 +474,10 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
             dtype = c.str("dtype", RAW_DTYPES)
             shape = _shape(c.m["shape"], name)
             numel = int(np.prod(shape, dtype=object)) if shape else 1
-            data = layout.take(c.m["data"], name, "data")
+            data = layout.take(c.m["data"], name, "data", aligned=True)
             if data.size != numel * RAW_DTYPES[dtype].itemsize:
                 raise SwsFormatError(f"{where(name, 'data')}{data.size} bytes for {numel} {dtype} elements")
             tensors.append(RawTensor(name, dtype, shape, data))
-            last_end = int(c.m["data"][0]) + data.size
             continue
         c.keys(
             {"name", "kind", "dtype", "shape", "index_bits", "codebook", "nonzeros", "entries",
@@ -429,6 +519,5 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
         tensors.append(
             SwsTensor(name, dtype, shape, index_bits, codebook, nonzeros, entries, row_bits, row_counts, gaps, values)
         )
-        last_end = int(c.m["values"]["section"][0]) + values.data.size
-    layout.finish(last_end)
-    return Container(tensors, dict(meta), arch, library, version, raw_header=header)
+    layout.finish()
+    return Container(tensors, dict(meta), arch, library, version, raw_header=header, header_bytes=prelude.stored)

@@ -22,7 +22,7 @@ from . import kernels
 from .container import Container, RawTensor, SwsTensor, decode_header, parse, read_prelude
 from .errors import SwsDecodeError, SwsFormatError, where
 from .huffman import decode_table, validate_lengths
-from .spec import PRELUDE, RAW_DTYPES, SWS_DTYPES, matrix_shape
+from .spec import MAX_PRELUDE, RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 PathLike = str | os.PathLike
 
@@ -189,10 +189,10 @@ def read_container(path: PathLike) -> Container:
 def read_header(path: PathLike) -> dict[str, Any]:
     """Read only the prelude and header (no payload), checking the header CRC."""
     with open(path, "rb") as f:
-        prelude = f.read(PRELUDE)
-        _, hlen = read_prelude(prelude)
-        rest = f.read(hlen + 4)
-    return decode_header(prelude + rest, hlen)
+        head = f.read(MAX_PRELUDE)
+        prelude = read_prelude(head)
+        head += f.read(prelude.length + prelude.stored + 4 - len(head))
+    return decode_header(head, prelude)
 
 
 def build_architecture(arch: Mapping[str, Any] | None) -> nn.Module:

@@ -22,7 +22,16 @@ from . import __version__, kernels
 from .container import Container, RawTensor, Stream, SwsTensor, serialize
 from .errors import SwsEncodeError, where
 from .huffman import canonical_codes, code_lengths
-from .spec import MAX_CODEBOOK, MAX_INDEX_BITS, RAW_DTYPES, SWS_DTYPES, default_index_bits, matrix_shape
+from .spec import (
+    FORMAT_VERSION,
+    MAX_CODEBOOK,
+    MAX_INDEX_BITS,
+    RAW_DTYPES,
+    SWS_DTYPES,
+    VERSIONS,
+    default_index_bits,
+    matrix_shape,
+)
 
 IndexBits = int | str | None | Mapping[str, int | str]
 AUTO_RANGE = range(1, 13)
@@ -184,9 +193,10 @@ def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dic
 SMALLEST_CHECK_BYTES = 1 << 20
 
 
-def _entry_bytes(t: RawTensor | SwsTensor) -> int:
-    """Bytes one tensor adds to a file: its header entry, code tables and aligned sections."""
-    return len(serialize(Container([t], {}, None, "")))
+def _entry_bytes(t: RawTensor | SwsTensor, version: int) -> int:
+    """Size of a file that holds ``t`` alone: its header entry (deflated with the rest of the
+    header in version 2), code tables and sections."""
+    return len(serialize(Container([t], {}, None, "", version)))
 
 
 def to_container(
@@ -198,8 +208,11 @@ def to_container(
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
     smallest: bool = False,
+    version: int = FORMAT_VERSION,
 ) -> Container:
     """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
+    if version not in VERSIONS:
+        raise SwsEncodeError(f"cannot write format version {version!r} (versions {list(VERSIONS)})")
     sd = _state_dict(model_or_state_dict)
     keep = set(keep)
     if callable(compress):
@@ -221,7 +234,7 @@ def to_container(
             coded = _sws(name, t, ib)
             if smallest and t.numel() * t.element_size() <= SMALLEST_CHECK_BYTES:
                 raw = _raw(name, t)
-                if _entry_bytes(raw) <= _entry_bytes(coded):
+                if _entry_bytes(raw, version) <= _entry_bytes(coded, version):
                     coded = raw
             tensors.append(coded)
         else:
@@ -230,7 +243,7 @@ def to_container(
     for k, v in meta.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise SwsEncodeError(f"metadata must map strings to strings, got {k!r}: {v!r}")
-    return Container(tensors, meta, _architecture(model_or_state_dict, architecture), f"swsformat {__version__}")
+    return Container(tensors, meta, _architecture(model_or_state_dict, architecture), f"swsformat {__version__}", version)
 
 
 def encode_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **kwargs: Any) -> bytes:
@@ -288,9 +301,11 @@ def encode(
         metadata: free-form ``str -> str`` user metadata.
         architecture: registered architecture name or ``{"name", "kwargs"}``; taken from the
             module's ``sws_architecture`` attribute when not given.
-        smallest: store a selected tensor raw when coding it would not make the file smaller
-            (small tensors such as biases: a codebook and code tables cost ~300 bytes). Both
-            forms decode to the same bit patterns.
+        smallest: store a selected tensor raw when a file holding that tensor alone is not
+            larger that way (small tensors such as biases: a codebook and code tables cost
+            ~150-300 bytes). Both forms decode to the same bit patterns.
+        version: format version to write: 2 (default) or 1, for readers older than
+            swsformat 0.2 (a plain msgpack header, every section aligned).
 
     Example:
         >>> import torch, swsformat

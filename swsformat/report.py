@@ -61,9 +61,12 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
     return r
 
 
-def _header_share(raw_header: dict[str, Any]) -> list[int]:
-    """Bits of each tensor's own header entry (msgpack-encoded alone)."""
-    return [len(msgpack.packb(e, use_bin_type=True)) * 8 for e in raw_header["tensors"]]
+def _header_share(raw_header: dict[str, Any], header_bytes: int) -> list[int]:
+    """Bits of the file's header attributed to each tensor: its entry's msgpack size, scaled
+    by the header's stored/decoded ratio (a deflated header is not split by tensor)."""
+    sizes = [len(msgpack.packb(e, use_bin_type=True)) for e in raw_header["tensors"]]
+    ratio = header_bytes / max(len(msgpack.packb(raw_header, use_bin_type=True)), 1)
+    return [round(n * ratio * 8) for n in sizes]
 
 
 def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[str, Any]:
@@ -75,8 +78,8 @@ def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[s
     """
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else _read(path_or_bytes)
     c = parse(data)
-    hlen = int.from_bytes(data[12:16], "little")
-    shares = _header_share(c.raw_header)
+    hlen = c.header_bytes
+    shares = _header_share(c.raw_header, hlen)
     tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
     sws = [r for r in tensors if r["kind"] == "sws"]
     total_bits = len(data) * 8

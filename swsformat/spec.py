@@ -1,12 +1,19 @@
-"""Constants of the ``.sws`` format, version 1 (see ``SPEC.md`` for the byte layout)."""
+"""Constants of the ``.sws`` format, versions 1 and 2 (see ``SPEC.md`` for the byte layout)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 MAGIC = b"\x89SWS\r\n\x1a\n"
-FORMAT_VERSION = 1
-PRELUDE = 16  # magic (8) + version u16 + reserved u16 + header length u32
+FORMAT_VERSION = 2  # what the writer produces by default
+VERSIONS = (1, 2)  # what the reader reads
+# Prelude length by version. v1: magic (8), version u16, reserved u16, header length u32.
+# v2: magic (8), version u16, header coding u8, reserved u8, stored header length u32,
+# decoded header length u32.
+PRELUDE = {1: 16, 2: 20}
+MAX_PRELUDE = 20
+HEADER_MSGPACK = 0  # v2 header coding: the msgpack bytes as they are
+HEADER_DEFLATE = 1  # v2 header coding: raw deflate (RFC 1951) of the msgpack bytes
 ALIGN = 8
 MAX_HEADER = 16 * 1024 * 1024
 MAX_CODE_LENGTH = 15  # code lengths travel as 4-bit nibbles

@@ -12,16 +12,17 @@ import pytest
 import torch
 
 import swsformat
-from swsformat.container import parse
+from swsformat.container import decode_header, pack_head, parse, read_prelude
 from swsformat.errors import SwsChecksumError, SwsFormatError
 
 from .conftest import DATA, quantized
 
 GOLDEN = (DATA / "golden-v1.sws").read_bytes()
+GOLDENS = {1: GOLDEN, 2: (DATA / "golden-v2.sws").read_bytes()}
 
 
-def small_file() -> bytes:
-    return swsformat.encode_bytes({"a.weight": quantized((6, 20), 0.3, 5), "a.bias": torch.ones(6)})
+def small_file(version: int = 2) -> bytes:
+    return swsformat.encode_bytes({"a.weight": quantized((6, 20), 0.3, 5), "a.bias": torch.ones(6)}, version=version)
 
 
 def rejects(data: bytes, match: str | None = None) -> SwsFormatError:
@@ -30,29 +31,26 @@ def rejects(data: bytes, match: str | None = None) -> SwsFormatError:
     return info.value
 
 
-def rebuild(header: dict, payload: bytes = b"") -> bytes:
+def rebuild(header: dict, payload: bytes = b"", version: int = 2, coding: int | None = None) -> bytes:
     """A file with a hand-made header and a valid header CRC (to reach the deeper checks)."""
-    h = msgpack.packb(header, use_bin_type=True)
-    head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HHI", 1, 0, len(h)) + h
-    head += struct.pack("<I", zlib.crc32(head))
-    head += b"\0" * (-len(head) % 8)
-    return head + payload
+    return pack_head(msgpack.packb(header, use_bin_type=True), version, coding) + payload
 
 
 def split(data: bytes) -> tuple[dict, bytes]:
-    hlen = struct.unpack("<I", data[12:16])[0]
-    header = msgpack.unpackb(data[16 : 16 + hlen], raw=False)
-    start = (20 + hlen + 7) // 8 * 8
-    return header, data[start:]
+    prelude = read_prelude(data)
+    return decode_header(data, prelude), data[prelude.data_start :]
 
 
-def test_truncation_at_every_offset_is_rejected():
-    for n in range(len(GOLDEN)):
-        rejects(GOLDEN[:n])
+@pytest.mark.parametrize("version", [1, 2])
+def test_truncation_at_every_offset_is_rejected(version):
+    golden = GOLDENS[version]
+    for n in range(len(golden)):
+        rejects(golden[:n])
 
 
-def test_every_single_bit_flip_is_detected():
-    data = small_file()
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_single_bit_flip_is_detected(version):
+    data = small_file(version)
     for i in range(len(data)):
         for bit in range(8):
             bad = bytearray(data)
@@ -60,16 +58,19 @@ def test_every_single_bit_flip_is_detected():
             rejects(bytes(bad))
 
 
-def test_trailing_bytes_rejected():
-    rejects(GOLDEN + b"\0", "trailing")
+@pytest.mark.parametrize("version", [1, 2])
+def test_trailing_bytes_rejected(version):
+    rejects(GOLDENS[version] + b"\0", "trailing")
 
 
-def test_random_bytes_and_mutations_only_raise_sws_errors():
-    rng = random.Random(0)
+@pytest.mark.parametrize("version", [1, 2])
+def test_random_bytes_and_mutations_only_raise_sws_errors(version):
+    golden = GOLDENS[version]
+    rng = random.Random(version)
     for _ in range(300):
         rejects(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200))))
     for _ in range(300):
-        bad = bytearray(GOLDEN)
+        bad = bytearray(golden)
         for _ in range(rng.randint(1, 4)):
             op = rng.randrange(3)
             pos = rng.randrange(len(bad))
@@ -79,7 +80,7 @@ def test_random_bytes_and_mutations_only_raise_sws_errors():
                 del bad[pos]
             else:
                 bad.insert(pos, rng.getrandbits(8))
-        if bytes(bad) != GOLDEN:
+        if bytes(bad) != golden:
             rejects(bytes(bad))
 
 
@@ -88,7 +89,7 @@ def test_random_bytes_and_mutations_only_raise_sws_errors():
     [
         (lambda h: h.update(extra=1), "unexpected keys"),
         (lambda h: h.pop("metadata"), "missing keys"),
-        (lambda h: h.update(version=2), "version"),
+        (lambda h: h.update(version=3), "version"),
         (lambda h: h["tensors"][0].update(shape=[2**62, 2**62]), "overflows int64"),
         (lambda h: h["tensors"][0].update(shape=[-1, 20]), "non-negative"),
         (lambda h: h["tensors"][0].update(nonzeros=10**6), "nonzeros"),
@@ -108,10 +109,11 @@ def test_random_bytes_and_mutations_only_raise_sws_errors():
         (lambda h: h.update(metadata={"k": 1}), "metadata"),
     ],
 )
-def test_crafted_headers(mutate, match):
-    header, payload = split(small_file())
+@pytest.mark.parametrize("version", [1, 2])
+def test_crafted_headers(mutate, match, version):
+    header, payload = split(small_file(version))
     mutate(header)
-    rejects(rebuild(header, payload), match)
+    rejects(rebuild(header, payload, version), match)
 
 
 def test_hostile_msgpack():
@@ -125,15 +127,62 @@ def test_hostile_msgpack():
         b"\xdb\xff\xff\xff\xff",
         b"\xdd\xff\xff\xff\xff",
     ]:
-        head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HHI", 1, 0, len(h)) + h
-        head += struct.pack("<I", zlib.crc32(head))
-        rejects(head + b"\0" * (-len(head) % 8))
+        for version, coding in [(1, 0), (2, 0), (2, 1)]:
+            rejects(pack_head(h, version, coding))
 
 
 def test_bad_prelude():
     rejects(b"PK\x03\x04" + GOLDEN[4:], "magic")
+    rejects(GOLDEN[:8] + b"\x03\x00" + GOLDEN[10:], "version 3")
     rejects(GOLDEN[:12] + struct.pack("<I", 2**31), "header length")
     rejects(GOLDEN[:10] + b"\x01\x00" + GOLDEN[12:], "reserved")
+
+
+def _v2_head(coding: int, reserved: int, stored: bytes, size: int) -> bytes:
+    """A version 2 prelude + header + valid CRC with any field values."""
+    head = b"\x89SWS\r\n\x1a\n" + struct.pack("<HBBII", 2, coding, reserved, len(stored), size) + stored
+    head += struct.pack("<I", zlib.crc32(head))
+    return head + bytes(-len(head) % 8)
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def test_bad_v2_prelude_and_deflated_header():
+    header = msgpack.packb({"a": 1})
+    golden = GOLDENS[2]
+    rejects(golden[:10] + b"\x02" + golden[11:], "header coding 2")
+    rejects(golden[:11] + b"\x01" + golden[12:], "reserved prelude field at offset 11")
+    rejects(golden[:16] + struct.pack("<I", 2**30) + golden[20:], "decoded header length")
+    rejects(golden[:16] + struct.pack("<I", 0) + golden[20:], "decoded header length")
+    rejects(_v2_head(0, 0, header, len(header) + 1), "differs from stored length")
+    rejects(_v2_head(1, 0, b"\xff\xff\xff", 10), "not a valid deflate stream")
+    packed = _deflate(header)
+    rejects(_v2_head(1, 0, packed, len(header) - 1), "exactly")  # decodes to more than declared
+    rejects(_v2_head(1, 0, packed, len(header) + 1), "exactly")  # to fewer
+    rejects(_v2_head(1, 0, packed[:-1], len(header)), "exactly|deflate")  # unfinished stream
+    rejects(_v2_head(1, 0, packed + b"\0", len(header)), "exactly")  # bytes after its end
+
+
+def test_deflate_bomb_is_not_inflated():
+    """A 1 KiB deflate stream of 16 MiB of zeros declared as 100 bytes: refused after at most
+    101 bytes of output, quickly."""
+    import time
+
+    bomb = _deflate(bytes(16 << 20))
+    assert len(bomb) < 20000
+    t0 = time.perf_counter()
+    rejects(_v2_head(1, 0, bomb, 100), "exactly")
+    assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("coding", [0, 1])
+def test_both_header_codings_read(coding):
+    header, payload = split(small_file())
+    sd = swsformat.load(rebuild(header, payload, 2, coding))
+    assert torch.equal(sd["a.bias"], torch.ones(6))
 
 
 def _code_table_file(lengths_hex: bytes) -> bytes:

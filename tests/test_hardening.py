@@ -37,19 +37,22 @@ def test_fuzz_runner_detects_a_crash():
 
 
 def _digest_script() -> str:
+    """Digest of both golden files decoded dense and sparse, and of a truncation's error."""
+    goldens = [str(DATA / f"golden-v{v}.sws") for v in (1, 2)]
     return (
         "import hashlib, swsformat, torch\n"
-        f"sd = swsformat.load_state_dict({str(DATA / 'golden-v1.sws')!r})\n"
-        f"sp = swsformat.load_state_dict({str(DATA / 'golden-v1.sws')!r}, sparse=True)\n"
         "h = hashlib.sha256()\n"
-        "for k in sd: h.update(k.encode()); h.update(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())\n"
-        "for k in sp:\n"
-        "    t = sp[k]\n"
-        "    if t.layout == torch.sparse_csr:\n"
-        "        for part in (t.crow_indices(), t.col_indices(), t.values()): h.update(part.contiguous().view(torch.uint8).numpy().tobytes())\n"
-        "try:\n"
-        f"    swsformat.load(open({str(DATA / 'golden-v1.sws')!r}, 'rb').read()[:-5])\n"
-        "except swsformat.SwsError as e: h.update(str(e).encode())\n"
+        f"for path in {goldens!r}:\n"
+        "    sd = swsformat.load_state_dict(path)\n"
+        "    sp = swsformat.load_state_dict(path, sparse=True)\n"
+        "    for k in sd: h.update(k.encode()); h.update(sd[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())\n"
+        "    for k in sp:\n"
+        "        t = sp[k]\n"
+        "        if t.layout == torch.sparse_csr:\n"
+        "            for part in (t.crow_indices(), t.col_indices(), t.values()): h.update(part.contiguous().view(torch.uint8).numpy().tobytes())\n"
+        "    try:\n"
+        "        swsformat.load(open(path, 'rb').read()[:-5])\n"
+        "    except swsformat.SwsError as e: h.update(str(e).encode())\n"
         "print(h.hexdigest())\n"
     )
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import swsformat
+from swsformat.container import read_prelude
 from swsformat.retrain.models import MODELS, build_model, compressible_parameters
 
 from .conftest import quantized, quantized_model
@@ -139,8 +140,8 @@ def test_inspect_reads_only_the_header(tmp_path):
     assert info[0]["nonzeros"] == int(torch.count_nonzero(sd["a.weight"]))
     # Truncating the payload away does not bother a header-only reader.
     raw = path.read_bytes()
-    hlen = int.from_bytes(raw[12:16], "little")
-    (tmp_path / "head.sws").write_bytes(raw[: 16 + hlen + 4])
+    prelude = read_prelude(raw)
+    (tmp_path / "head.sws").write_bytes(raw[: prelude.length + prelude.stored + 4])
     assert swsformat.inspect(tmp_path / "head.sws") == info
     assert swsformat.read_header(path)["metadata"] == {"author": "me"}
 
