@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -52,7 +53,10 @@ def test_snap_keeps_pruned_weights_exactly_zero_and_others_on_nonzero_means():
     assert 1 <= used <= 3
 
 
-def test_quantization_aware_finetune_keeps_zeros_and_beats_a_plain_snap():
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_quantization_aware_finetune_keeps_zeros_and_beats_a_plain_snap(distill):
+    import copy
+
     model, data = _toy()
     # Train the float net first so there is something to lose at the snap.
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -65,7 +69,10 @@ def test_quantization_aware_finetune_keeps_zeros_and_beats_a_plain_snap():
     plain = _toy()[0]
     plain.load_state_dict(model.state_dict())
     quantize_model_(plain, MIX, masks)
-    quantization_aware_finetune_(model, MIX, masks, data, epochs=30, lr=1e-2, batch_size=64, progress=False)
+    teacher = copy.deepcopy(model).eval()
+    quantization_aware_finetune_(
+        model, MIX, masks, data, epochs=30, lr=1e-2, batch_size=64, progress=False, teacher=teacher, distill=distill
+    )
     for (_, p), m in zip(compressible_parameters(model), masks):
         assert torch.all(p[~m] == 0), "a pruned weight moved during fine-tuning"
     quantize_model_(model, MIX, masks)
@@ -75,3 +82,23 @@ def test_quantization_aware_finetune_keeps_zeros_and_beats_a_plain_snap():
             return float(nn.functional.cross_entropy(m(data.x), data.y))
 
     assert loss(model) < loss(plain)
+
+
+def test_adam_is_fused_where_torch_has_the_kernel_and_matches_the_default():
+    from swsformat.retrain.train import adam
+
+    torch.manual_seed(0)
+    a = nn.Linear(20, 5)
+    b = nn.Linear(20, 5)
+    b.load_state_dict(a.state_dict())
+    fused, plain = adam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(64, 20)
+    for _ in range(20):
+        for m, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert not adam([torch.zeros(2, device="meta", requires_grad=True)]).defaults["fused"]

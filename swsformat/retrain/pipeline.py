@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,6 +32,8 @@ class CompressConfig:
     assign: str = "map"
     qat_epochs: int = 20
     qat_lr: float = 5e-4
+    qat_distill: float = 0.0
+    qat_temperature: float = 2.0
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
     bias_clusters: int = 16
@@ -49,6 +52,8 @@ class CompressConfig:
             raise ValueError("finetune_epochs must be >= 0 and finetune_lr > 0")
         if self.qat_epochs < 0 or self.qat_lr <= 0:
             raise ValueError("qat_epochs must be >= 0 and qat_lr > 0")
+        if not 0 <= self.qat_distill <= 1 or self.qat_temperature <= 0:
+            raise ValueError("qat_distill must be in [0, 1] and qat_temperature > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +139,7 @@ def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor
 def quantization_aware_finetune_(
     model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], train: Split, epochs: int, lr: float,
     batch_size: int = 256, seed: int = 0, progress: bool = True,
+    teacher: nn.Module | None = None, distill: float = 0.0, temperature: float = 2.0,
 ) -> None:
     """Train with the pruned weights held at zero and every surviving weight quantized in the
     forward pass (nearest non-zero mean, straight-through gradient to the float weight).
@@ -142,7 +148,10 @@ def quantization_aware_finetune_(
     best *quantized* one for the pruning the prior chose, recovering what the snap costs
     (LeNet-300-100: 3.02% error with a plain snap, under 2% after 40-60 epochs of this; README,
     "Results").
-    Adam with a cosine decay to zero, biases included; the mixture is not changed.
+    Adam with a cosine decay to zero, biases included; the mixture is not changed. With a
+    ``teacher`` (the pretrained network) and ``distill`` > 0 the loss is
+    ``(1 - distill) * CE + distill * T^2 * KL(teacher || student)`` at temperature ``T``
+    (Hinton et al., 2015): the teacher's soft labels carry more than the hard ones.
     """
     if epochs == 0:
         return
@@ -169,7 +178,13 @@ def quantization_aware_finetune_(
                 for p, m, s in zip(params, masks, shadow):
                     s.copy_(p)
                     p.copy_(_nearest(p, values, mids) * m)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None and distill > 0:
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(x) / temperature, dim=1)
+                kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True, reduction="batchmean")
+                loss = (1 - distill) * loss + distill * temperature**2 * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -286,6 +301,7 @@ def compress(
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     pre = evaluate(model, test)
+    teacher = copy.deepcopy(model).eval() if config.qat_distill > 0 and config.qat_epochs > 0 else None
     prior = default_prior(model, config.prior)
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
@@ -295,7 +311,8 @@ def compress(
     mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
     masks = prune_masks(model, mixture, config.assign)
     quantization_aware_finetune_(
-        model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress
+        model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress,
+        teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature,
     )
     frac, used = quantize_model_(model, mixture, masks)
     snapped = evaluate(model, test)

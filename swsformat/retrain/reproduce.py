@@ -28,7 +28,7 @@ from .train import RetrainConfig, evaluate, pick_device, pretrain
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
         "pretrain_epochs": 30, "epochs": 15, "tau": 0.05, "normalization": "standard",
-        "overrides": {"bias_clusters": 0, "qat_epochs": 60},
+        "overrides": {"bias_clusters": 0, "qat_epochs": 60, "qat_distill": 0.5},
     },
     "lenet5-caffe": {
         "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
