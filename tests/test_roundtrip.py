@@ -151,3 +151,18 @@ def test_sparse_csr_layout():
     out = swsformat.load(swsformat.encode_bytes({"c.weight": t}), sparse=True)["c.weight"]
     assert out.layout == torch.sparse_csr and out.shape == (20, 25)
     assert np.array_equal(out.to_dense().numpy(), t.reshape(20, 25).numpy())
+
+
+def test_both_format_versions_round_trip_and_unknown_ones_are_refused():
+    sd = {"a.weight": quantized((30, 40), 0.1, 6), "a.bias": torch.randn(30), "b.weight": quantized((8, 3, 3, 3), 0.3, 4)}
+    sizes = {}
+    for version in (1, 2):
+        data = swsformat.encode_bytes(sd, version=version)
+        assert read_prelude(data).version == version
+        out = swsformat.load(data)
+        for k in sd:
+            assert torch.equal(out[k].view(torch.uint8), sd[k].view(torch.uint8)), (version, k)
+        sizes[version] = len(data)
+    assert sizes[2] < sizes[1]
+    with pytest.raises(swsformat.SwsEncodeError, match="version 3"):
+        swsformat.encode_bytes(sd, version=3)
