@@ -98,10 +98,11 @@ class Container:
     architecture: dict[str, Any] | None = None
     library: str = ""
     version: int = FORMAT_VERSION
-    # The parsed header map and the header's size in the file, kept by parse() so reports
-    # need not decode it a second time.
+    # The parsed header map, the header's size in the file and its decoded msgpack size,
+    # kept by parse() so reports need not decode it a second time.
     raw_header: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     header_bytes: int = field(default=0, repr=False, compare=False)
+    header_size: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -520,4 +521,4 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
             SwsTensor(name, dtype, shape, index_bits, codebook, nonzeros, entries, row_bits, row_counts, gaps, values)
         )
     layout.finish()
-    return Container(tensors, dict(meta), arch, library, version, raw_header=header, header_bytes=prelude.stored)
+    return Container(tensors, dict(meta), arch, library, version, raw_header=header, header_bytes=prelude.stored, header_size=prelude.size)

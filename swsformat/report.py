@@ -61,12 +61,11 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
     return r
 
 
-def _header_share(raw_header: dict[str, Any], header_bytes: int) -> list[int]:
+def _header_share(raw_header: dict[str, Any], header_bytes: int, header_size: int) -> list[int]:
     """Bits of the file's header attributed to each tensor: its entry's msgpack size, scaled
     by the header's stored/decoded ratio (a deflated header is not split by tensor)."""
-    sizes = [len(msgpack.packb(e, use_bin_type=True)) for e in raw_header["tensors"]]
-    ratio = header_bytes / max(len(msgpack.packb(raw_header, use_bin_type=True)), 1)
-    return [round(n * ratio * 8) for n in sizes]
+    ratio = header_bytes / max(header_size, 1)
+    return [round(len(msgpack.packb(e, use_bin_type=True)) * ratio * 8) for e in raw_header["tensors"]]
 
 
 def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[str, Any]:
@@ -79,7 +78,7 @@ def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[s
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else _read(path_or_bytes)
     c = parse(data)
     hlen = c.header_bytes
-    shares = _header_share(c.raw_header, hlen)
+    shares = _header_share(c.raw_header, hlen, c.header_size)
     tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
     sws = [r for r in tensors if r["kind"] == "sws"]
     total_bits = len(data) * 8
