@@ -24,6 +24,10 @@ from .pipeline import CompressConfig, compress
 from .prior import PriorConfig
 from .train import RetrainConfig, evaluate, pick_device, pretrain
 
+# Names how pretrain() trains (optimizer included); part of the pretrained-net cache key.
+# "adamf": fused Adam (session 5); the nets cached before it were trained with foreach Adam.
+PRETRAIN_RECIPE = "adamf"
+
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
@@ -42,16 +46,22 @@ def pretrained_model(
     model_name: str, data_name: str, train, test, epochs: int, seed: int, device: torch.device,
     progress: bool = True, normalization: str = "unit",
 ) -> tuple[torch.nn.Module, list, bool]:
-    """Pretrain ``model_name``, reusing a cached result for the same (model, data, epochs, seed).
+    """Pretrain ``model_name``, reusing a cached result for the same (model, data, epochs, seed)
+    and pretraining recipe.
 
     Pretraining is deterministic given these on one machine, so the cache only saves time;
-    delete ``~/.cache/swsformat/pretrained`` to force a rerun.
+    delete ``~/.cache/swsformat/pretrained`` to force a rerun. The file name carries
+    :data:`PRETRAIN_RECIPE`, so a net pretrained by an older recipe is never reused.
     """
+    import io
+
+    from ..encoder import atomic_write
     from .data import cache_dir
 
     torch.manual_seed(seed)
     model = build_model(model_name).to(device)
-    path = cache_dir() / "pretrained" / f"{model_name}-{data_name}-{normalization}-e{epochs}-s{seed}.pt"
+    name = f"{model_name}-{data_name}-{normalization}-e{epochs}-s{seed}-{PRETRAIN_RECIPE}.pt"
+    path = cache_dir() / "pretrained" / name
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(blob["state_dict"])
@@ -60,7 +70,9 @@ def pretrained_model(
     errors = [round(log.test_error, 3) for log in logs]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "test_errors": errors}, path)
+        buf = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "test_errors": errors}, buf)
+        atomic_write(path, buf.getvalue())
     except OSError:
         pass  # a read-only cache only costs time next run
     return model, errors, False
