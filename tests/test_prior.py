@@ -10,6 +10,7 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
+from swsformat.retrain._prior_kernel import ORDER_CHUNK, nll_and_grads, nll_and_grads_f32, value_order
 from swsformat.retrain.prior import (
     Mixture,
     MixturePrior,
@@ -253,3 +254,80 @@ def test_nan_weight_gives_non_finite_complexity():
     w.requires_grad_()
     assert not math.isfinite(prior.add_complexity_grad_([w], 1.0))
     assert torch.isnan(w.grad[700]) and torch.isfinite(w.grad[:700]).all()
+
+
+def _converged_mixture(j: int = 16, std: float = 0.006, zero_std: float = 0.02):
+    """A mixture like LeNet-300-100's from its fourth retraining epoch on, and weights drawn
+    from it: float32 means, precisions and log-normalisers for the kernels."""
+    rng = np.random.default_rng(5)
+    mu = np.concatenate([[0.0], np.linspace(-0.4, 0.4, j - 1)])
+    lam = np.full(j, std**-2.0)
+    lam[0] = zero_std**-2.0
+    pi = np.full(j, 0.01 / (j - 1))
+    pi[0] = 0.99
+    c = np.log(pi) + 0.5 * np.log(lam) - 0.5 * math.log(2 * math.pi)
+    comp = np.where(rng.random(40_000) < 0.95, 0, rng.integers(1, j, 40_000))
+    w = mu[comp] + rng.normal(0, 1, comp.size) * np.where(comp == 0, zero_std, std)
+    return w.astype(np.float32), [a.astype(np.float32) for a in (mu, lam, c)], (mu, lam, c)
+
+
+def test_value_order_groups_each_chunk_by_value():
+    rng = np.random.default_rng(6)
+    n = 2 * ORDER_CHUNK + 1000  # two whole chunks and a partial one
+    w = (rng.normal(0, 0.05, n)).astype(np.float32)
+    w[[3, ORDER_CHUNK + 7, n - 1]] = [np.nan, np.inf, -np.inf]
+    order = value_order(w)
+    assert order.dtype == np.int32
+    assert np.array_equal(np.sort(order), np.arange(n))
+    for s in range(0, n, ORDER_CHUNK):
+        idx = order[s : s + ORDER_CHUNK]
+        assert idx.min() == s and idx.max() == min(n, s + ORDER_CHUNK) - 1  # never leaves its chunk
+        v = w[idx]
+        finite = np.isfinite(v)
+        assert not finite[np.argmin(finite):].any()  # non-finite values last
+        v = v[finite]
+        width = (v.max() - v.min()) / (len(idx) // 32)
+        assert np.diff(v).min() >= -width * (1 + 1e-6)  # sorted up to one bucket's width
+    assert np.array_equal(value_order(np.full(10, 0.5, np.float32)), np.arange(10))
+    assert value_order(np.zeros(0, np.float32)).size == 0
+
+
+@pytest.mark.parametrize("how", ["natural", "grouped", "random"])
+@pytest.mark.parametrize("std", [0.25, 0.006, 0.002])
+def test_float32_kernel_any_order_matches_float64(how, std):
+    """Skipping out-of-reach components is exact to float32 in any order; a value-grouped
+    order makes it skip most of them once the mixture has converged."""
+    w, p32, p64 = _converged_mixture(std=std)
+    n, j = w.size, p32[0].size
+    order = {"natural": np.empty(0, np.int32), "grouped": value_order(w),
+             "random": np.random.default_rng(7).permutation(n).astype(np.int32)}[how]
+    g32 = np.full(n, 0.5, np.float32)
+    acc32, work = nll_and_grads_f32(w, order, *p32, g32, 2.0, True)
+    g64 = np.zeros(n)
+    acc64 = nll_and_grads(w.astype(np.float64), *p64, g64, 1.0, False)
+    assert acc32[0, 0] == pytest.approx(acc64[0, 0], rel=1e-6)
+    for row in (1, 2, 3):
+        assert np.abs(acc32[row] - acc64[row]).max() <= 1e-4 * np.abs(acc64[row]).max()
+    assert np.abs((g32 - 0.5) / 2 - g64).max() <= 1e-4 * np.abs(g64).max()
+    if how == "grouped" and std < 0.25:
+        assert work < 0.35 * n * j
+    elif how != "grouped" or std == 0.25:
+        assert work > 0.9 * n * j
+
+
+def test_training_path_groups_weights_only_while_it_pays():
+    """The training loop runs the kernel in value order once the mixture is narrow, in
+    natural order while it is wide, and gets the same gradient either way."""
+    w, _, (mu, lam, c) = _converged_mixture()
+    cfg = PriorConfig(components=16, init_std=0.006, init_zero_std=0.02)
+    narrow = MixturePrior(torch.from_numpy(w), cfg)
+    with torch.no_grad():
+        narrow.means.copy_(torch.from_numpy(mu[1:]).float())
+    wide = MixturePrior(torch.from_numpy(w), PriorConfig(components=16))
+    for prior, pays in ((narrow, True), (wide, False)):
+        t = torch.from_numpy(w.copy()).requires_grad_()
+        prior.add_complexity_grad_([t], 1.0)
+        assert prior.grouping == (int(pays), 1)
+        ref = torch.from_numpy(w.copy()).requires_grad_()
+        prior.complexity([ref]).backward()  # natural order, through autograd
+        assert torch.allclose(t.grad, ref.grad, rtol=1e-4, atol=1e-4 * float(ref.grad.abs().max()))

@@ -52,10 +52,11 @@ def mixture_plot(weights: np.ndarray, mix: Mixture, path: str | Path) -> None:
     lim = float(np.abs(weights).max()) or 1.0
     x = np.linspace(-lim, lim, 2000)
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.hist(weights, bins=300, range=(-lim, lim), density=True, log=True, alpha=0.5, label="weights")
+    density, _, _ = ax.hist(weights, bins=300, range=(-lim, lim), density=True, log=True, alpha=0.5, label="weights")
     for m, s, p in zip(mix.means, mix.stds, mix.pi):
         ax.plot(x, p * np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi)), lw=1)
-    ax.set_ylim(1e-2, None)
+    # Up to a decade above the histogram: a collapsed component's peak would stretch the axis.
+    ax.set_ylim(1e-2, 10 * max(float(np.max(density)), 1.0))
     ax.set_title(f"learned mixture: {len(mix.means)} components")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -32,11 +32,11 @@ PRETRAIN_RECIPE = "adamf"
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
         "pretrain_epochs": 30, "epochs": 15, "tau": 0.05, "normalization": "standard",
-        "overrides": {"bias_clusters": 0, "qat_epochs": 60, "qat_distill": 0.5},
+        "overrides": {"bias_clusters": 0, "qat_epochs": 100, "qat_distill": 0.5},
     },
     "lenet5-caffe": {
         "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
-        "overrides": {"qat_epochs": 20},
+        "overrides": {"qat_epochs": 20, "qat_distill": 0.5},
     },
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02},
 }

@@ -92,6 +92,8 @@ def train_epoch(
     weights = [p for _, p in compressible_parameters(model)]
     total = ce_total = complexity = 0.0
     batches = _batches(len(train), batch_size, generator)
+    if prior is not None:
+        prior.reset_grouping()
     for idx in tqdm(batches, desc=desc, leave=False, disable=not progress):
         x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
         ce = F.cross_entropy(model(x), y)
