@@ -25,9 +25,9 @@ CHUNK = 1 << 20
 # The training path re-groups each weight tensor by value every REGROUP_EVERY steps and uses
 # the grouping while it pays, that is while it leaves the kernel less than PAYS_BELOW of the
 # (weight, component) pairs; otherwise (a fresh, wide mixture: every component reaches every
-# weight) it runs in natural order until the next try. In a LeNet-300-100 retraining the
-# pairs left stay at 26% over 16 steps once the mixture has narrowed, so a grouping
-# goes stale slowly, and re-grouping costs about half a kernel call.
+# weight) it runs in natural order until the next try. Once a LeNet-300-100 mixture has
+# narrowed, the share of pairs left (26%) does not grow within 16 steps, so a grouping goes
+# stale slowly; re-grouping costs about one kernel call.
 REGROUP_EVERY = 64
 PAYS_BELOW = 0.5
 _NATURAL = np.empty(0, np.int32)
@@ -354,7 +354,8 @@ class MixturePrior(nn.Module):
     ) -> np.ndarray:
         """The kernel on the ``i``-th weight tensor of the training loop, adding into its
         gradient ``gn``, in the tensor's value-grouped order while that pays (see
-        ``REGROUP_EVERY``). Any order gives the same result; a stale one is only slower."""
+        ``REGROUP_EVERY``). Any order gives the same result up to float32 rounding; a stale
+        one is only slower."""
         if not _takes_f32(wn, gn, params):
             return _cpu_kernel(wn, params, gn, scale, True)[0]
         g = self._groupings.get(i)
