@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from swsformat import __version__
+from swsformat.encoder import atomic_write
 from swsformat.retrain import data as data_mod
 from swsformat.retrain.pipeline import CompressConfig
 from swsformat.retrain.prior import PriorConfig
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         "grouped_tensors: weight tensors whose prior kernel ran in value-grouped order at the epoch's end",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=1) + "\n")
+    atomic_write(args.output, (json.dumps(out, indent=1) + "\n").encode())  # no half-written JSON
     print(f"whole run: retraining {retrain_total:.1f} s vs plain {plain_total:.1f} s, ratio {out['whole_run_ratio']}")
 
 
