@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import compressible_parameters
-from swsformat.retrain.pipeline import prune_masks, quantization_aware_finetune_, quantize_model_
+from swsformat.retrain.pipeline import prune_masks, quantization_aware_finetune_, quantize_model_, round_biases_
 from swsformat.retrain.prior import Mixture
 
 MIX = Mixture(np.array([0.0, -0.5, 0.25, 0.5]), np.array([0.05, 0.05, 0.05, 0.05]), np.array([0.9, 0.03, 0.04, 0.03]))
@@ -102,3 +104,72 @@ def test_adam_is_fused_where_torch_has_the_kernel_and_matches_the_default():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
     assert not adam([torch.zeros(2, device="meta", requires_grad=True)]).defaults["fused"]
+
+
+def test_round_biases_rounds_the_biases_in_place():
+    model, data = _toy()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert round_biases_(model, "float16", data, tolerance=100.0) == ["0.bias", "2.bias"]
+    params = dict(model.named_parameters())
+    for n in ("0.bias", "2.bias"):
+        assert torch.equal(params[n], before[n].half().float())
+        assert not torch.equal(params[n], before[n])  # random biases are not all float16 values
+    for n in ("0.weight", "2.weight"):
+        assert torch.equal(params[n], before[n])
+    assert round_biases_(model, "float32", data, tolerance=100.0) == []
+    assert round_biases_(model, "bfloat16", data, tolerance=100.0) == ["0.bias", "2.bias"]
+    assert torch.equal(params["0.bias"], before["0.bias"].half().float().bfloat16().float())
+
+
+@pytest.mark.parametrize("case", ["costly", "overflow"])
+def test_round_biases_keeps_float32_when_rounding_costs_accuracy_or_overflows(case):
+    model, data = _toy()
+    params = dict(model.named_parameters())
+    tolerance = -1.0 if case == "costly" else 100.0  # "costly": any rounding counts as too costly
+    if case == "overflow":
+        with torch.no_grad():
+            params["2.bias"][0] = 1e6  # beyond float16's 65504
+    before = {n: p.detach().clone() for n, p in params.items()}
+    assert round_biases_(model, "float16", data, tolerance) == []
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("clusters", [0, 4])
+def test_compress_stores_biases_in_float16_and_decodes_them_exactly(tmp_path, clusters):
+    import swsformat
+    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain.pipeline import compress
+
+    model, data = _toy()
+    cfg = CompressConfig(
+        retrain=RetrainConfig(epochs=1, batch_size=128), qat_epochs=1, finetune_epochs=0, bias_clusters=clusters,
+        bias_tolerance=100.0,
+    )
+    path = tmp_path / "toy.sws"
+    result = compress(model, data, data, cfg, path=path, progress=False)
+    entries = {e["name"]: e for e in swsformat.read_header(path)["tensors"]}
+    assert entries["0.bias"]["dtype"] == entries["2.bias"]["dtype"] == "float16"
+    assert entries["0.weight"]["dtype"] == "float32"
+    sd = swsformat.load_state_dict(path)
+    assert sd["0.bias"].dtype == torch.float16
+    if clusters:  # shared values: at most 4 distinct ones per bias, whichever form was smaller
+        assert all(len(torch.unique(sd[n])) <= clusters for n in ("0.bias", "2.bias"))
+    fresh, _ = _toy(seed=1)
+    loaded = swsformat.load_model(path, fresh)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert result.file_bytes == path.stat().st_size
+    # The same run with float32 biases: 2 bytes more for each of the 19 raw biases.
+    f32 = compress(_toy()[0], data, data, replace(cfg, bias_dtype="float32"), path=tmp_path / "f32.sws", progress=False)
+    assert f32.file_bytes > result.file_bytes
+    if not clusters:
+        raw16, raw32 = (swsformat.size_report(p)["raw_bits"] for p in (path, tmp_path / "f32.sws"))
+        assert raw32 - raw16 == 16 * (16 + 3)
+
+
+def test_bias_dtype_is_checked():
+    from swsformat.retrain import CompressConfig
+
+    with pytest.raises(ValueError, match="bias_dtype"):
+        CompressConfig(bias_dtype="int8")

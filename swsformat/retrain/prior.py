@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._prior_kernel import F32_LOGIT_LIMIT, nll_and_grads, nll_and_grads_f32, value_order
+from ._prior_kernel import (
+    F32_LOGIT_LIMIT,
+    mixture_param_grads,
+    mixture_params,
+    nll_and_grads,
+    nll_and_grads_f32,
+    value_order,
+)
 
 LOG_2PI = math.log(2.0 * math.pi)
 CHUNK = 1 << 20
@@ -144,9 +151,14 @@ class _Grouping:
 
 def _flat_numpy(t: torch.Tensor) -> np.ndarray | None:
     """A writable flat numpy view of a contiguous CPU tensor, else None."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float64):
+    if not t.is_cpu or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
         return None
     return t.detach().view(-1).numpy()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A parameter's values as a CPU numpy array (no copy on CPU)."""
+    return t.detach().cpu().numpy()
 
 
 def mixture_nll(w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
@@ -277,7 +289,8 @@ class MixturePrior(nn.Module):
 
         The same as ``(scale * prior.complexity(weights)).backward()`` (tested), but on CPU
         it adds the kernel's closed-form weight gradient into ``.grad`` in place and does the
-        chain rule through the mixture's few small parameters in numpy: no autograd graph,
+        chain rule through the mixture's few small parameters in two small numba functions
+        (bit-identical to the numpy expressions they replaced): no autograd graph,
         no weight-sized temporaries. Through autograd these cost as much as the kernel itself
         in a LeNet-300-100 step. Other devices take the autograd path.
         """
@@ -288,13 +301,12 @@ class MixturePrior(nn.Module):
             return float(value.detach())
         cfg = self.config
         z = float(self.pi_zero_logit.detach())
-        lp = self.log_precisions.detach().cpu().double().numpy()
-        logits = self.mixing_logits.detach().cpu().double().numpy()
-        soft = np.exp(logits - logits.max())
-        soft /= soft.sum()
-        log_pi = np.concatenate([[-np.logaddexp(0.0, -z)], np.log(soft) - np.logaddexp(0.0, z)])
-        mu = np.concatenate([[0.0], self.means.detach().cpu().double().numpy()])
-        params = _kernel_params(mu, np.exp(lp), log_pi + 0.5 * lp - 0.5 * LOG_2PI)
+        mu, lam, c, soft, lp, ok32 = mixture_params(
+            *(_numpy(p) for p in (self.means, self.log_precisions, self.mixing_logits)), z, F32_LOGIT_LIMIT
+        )
+        params = {np.float64: (mu, lam, c)}
+        if ok32:
+            params[np.float32] = (mu.astype(np.float32), lam.astype(np.float32), c.astype(np.float32))
         acc = np.zeros((4, mu.size))
         for i, (w, wn) in enumerate(zip(weights, flat)):
             if w.requires_grad and w.grad is None:
@@ -308,34 +320,32 @@ class MixturePrior(nn.Module):
             if w.requires_grad:
                 w.grad.add_(torch.from_numpy(gw).view(w.shape).to(w.grad.dtype), alpha=scale)
         # Chain rule through all_means, log_mixing and hyper_nll.
-        g_mu, g_prec, g_pi = _param_grads(acc)
-        (a0, b0), (a1, b1) = cfg.gamma_zero, cfg.gamma_other
-        rate = np.full(lp.size, b1)
-        rate[0] = b0
-        shape = np.full(lp.size, a1)
-        shape[0] = a0
-        hyper = float((rate * np.exp(lp) - shape * lp).sum())
-        rest = g_pi[1:]
-        grads = [
-            (self.means, g_mu[1:]),
-            (self.log_precisions, g_prec + rate * np.exp(lp) - shape),
-            (self.mixing_logits, rest - soft * rest.sum()),
-        ]
+        g_means, g_lp, g_logits, g_pi0, rest_sum, hyper = mixture_param_grads(
+            acc, lp, soft, *self._gamma_arrays(lp.size)
+        )
+        grads = [(self.means, g_means), (self.log_precisions, g_lp), (self.mixing_logits, g_logits)]
         if cfg.learn_pi_zero:
             a, b = cfg.pi_zero_beta
             p0 = math.exp(-np.logaddexp(0.0, -z))
             hyper += a * np.logaddexp(0.0, -z) + b * np.logaddexp(0.0, z)
-            d_z = g_pi[0] * (1 - p0) - p0 * rest.sum() - a * (1 - p0) + b * p0
+            d_z = g_pi0 * (1 - p0) - p0 * rest_sum - a * (1 - p0) + b * p0
             grads.append((self.pi_zero_logit, d_z))
         for param, grad in grads:
             if not param.requires_grad:
                 continue
-            g = torch.from_numpy(np.asarray(scale * grad)).to(param.dtype).reshape(param.shape)
+            g = np.asarray(scale * grad).astype(_numpy(param).dtype).reshape(param.shape)
             if param.grad is None:
-                param.grad = g
+                param.grad = torch.from_numpy(g)
             else:
-                param.grad.add_(g)
+                param.grad.add_(torch.from_numpy(g).to(param.grad.device))
         return float(acc[0, 0]) + hyper
+
+    def _gamma_arrays(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shapes and rates of the Gamma hyper-priors per component (zero component first)."""
+        (a0, b0), (a1, b1) = self.config.gamma_zero, self.config.gamma_other
+        shape, rate = np.full(j, a1), np.full(j, b1)
+        shape[0], rate[0] = a0, b0
+        return shape, rate
 
     def reset_grouping(self) -> None:
         """Forget the value-grouped orders. The kernel's float32 rounding depends on the order,
