@@ -51,7 +51,7 @@ class CompressConfig:
         if self.assign not in ("map", "nearest"):
             raise ValueError(f"assign must be 'map' or 'nearest', got {self.assign!r}")
         if not 0 <= self.bias_clusters <= 255:
-            raise ValueError("bias_clusters must be in [0, 255] (0 keeps biases at full precision)")
+            raise ValueError("bias_clusters must be in [0, 255] (0: no shared values for biases)")
         if self.bias_dtype not in BIAS_DTYPES:
             raise ValueError(f"bias_dtype must be one of {sorted(BIAS_DTYPES)}, got {self.bias_dtype!r}")
         if self.finetune_epochs < 0 or self.finetune_lr <= 0:
