@@ -79,4 +79,4 @@ def entropy_bits(counts: np.ndarray) -> float:
     total = c.sum()
     if total == 0:
         return 0.0
-    return float(-(c * np.log2(c / total)).sum())
+    return float((c * np.log2(total / c)).sum())  # a sum of non-negative terms: no "-0" for one symbol

@@ -34,6 +34,7 @@ def test_constant_gap_stream_costs_one_bit_per_symbol():
     w[:, 1::2] = 0.5  # every gap is 1: zero entropy, but a real code spends a bit per symbol
     t = swsformat.size_report(swsformat.encode_bytes({"fc.weight": w}, index_bits=3))["tensors"][0]
     assert t["gap_entropy_bits"] == 0
+    assert f"{t['gap_entropy_bits']:.0f}" == "0"  # not "-0" in `sws info`
     assert t["gap_bits"] == 128  # 128 entries, 1 bit each
 
 
