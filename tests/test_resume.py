@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,36 +17,47 @@ from swsformat.retrain.prior import PriorConfig
 from swsformat.retrain.train import RetrainConfig, default_prior, retrain
 
 SCRIPT = """
-import sys, torch
+import sys, time, torch
 torch.set_num_threads(1)
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import build_model
-from swsformat.retrain.prior import PriorConfig
+from swsformat.retrain.prior import MixturePrior, PriorConfig
 from swsformat.retrain.train import RetrainConfig, default_prior, retrain
+mode = sys.argv[3] if len(sys.argv) > 3 else ""
+if mode.startswith("kill-at-step-"):
+    # Stop at a given training step (32 steps an epoch) and wait there for the parent's
+    # SIGKILL: the kill lands inside an epoch however fast this machine is.
+    stop, steps, original = int(mode.rsplit("-", 1)[1]), [0], MixturePrior.add_complexity_grad_
+    def counted(self, weights, scale):
+        steps[0] += 1
+        if steps[0] == stop:
+            print("stopped", flush=True)
+            time.sleep(600)
+        return original(self, weights, scale)
+    MixturePrior.add_complexity_grad_ = counted
 g = torch.Generator().manual_seed(0)
 data = Split(torch.randn(2048, 1, 28, 28, generator=g), torch.randint(0, 10, (2048,), generator=g))
 torch.manual_seed(0)
 model = build_model("lenet300-100")
 prior = default_prior(model, PriorConfig())
 cfg = RetrainConfig(epochs=3, batch_size=64, train_size=60000)
-def slow(epoch, m, p):
-    print(f"epoch {epoch} done", flush=True)
-retrain(model, prior, data, data.subset(256), cfg, seed=0, progress=False, on_epoch=slow,
-        checkpoint=sys.argv[1], resume=len(sys.argv) > 3)
+retrain(model, prior, data, data.subset(256), cfg, seed=0, progress=False,
+        checkpoint=sys.argv[1], resume=mode == "resume")
 torch.save(model.state_dict(), sys.argv[2])
 """
+STEPS_PER_EPOCH = 2048 // 64
 
 
-def run(ckpt: Path, out: Path, resume: bool = False, kill_after_epoch: int | None = None) -> None:
-    args = [sys.executable, "-c", SCRIPT, str(ckpt), str(out)] + (["resume"] if resume else [])
+def run(ckpt: Path, out: Path, resume: bool = False, kill_at_step: int | None = None) -> None:
+    mode = ["resume"] if resume else [f"kill-at-step-{kill_at_step}"] if kill_at_step else []
+    args = [sys.executable, "-c", SCRIPT, str(ckpt), str(out)] + mode
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if kill_after_epoch is None:
+    if kill_at_step is None:
         subprocess.run(args, check=True, env=env, capture_output=True)
         return
     with subprocess.Popen(args, stdout=subprocess.PIPE, env=env) as proc:
         for line in proc.stdout:
-            if line.startswith(f"epoch {kill_after_epoch} done".encode()):
-                time.sleep(0.2)  # inside the next epoch
+            if line.startswith(b"stopped"):
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait()
@@ -57,8 +67,9 @@ def run(ckpt: Path, out: Path, resume: bool = False, kill_after_epoch: int | Non
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     run(tmp_path / "a.ckpt", tmp_path / "a.pt")
-    run(tmp_path / "b.ckpt", tmp_path / "b.pt", kill_after_epoch=1)
+    run(tmp_path / "b.ckpt", tmp_path / "b.pt", kill_at_step=STEPS_PER_EPOCH + 10)  # 10 steps into epoch 2
     assert (tmp_path / "b.ckpt").exists() and not (tmp_path / "b.pt").exists()
+    assert torch.load(tmp_path / "b.ckpt", weights_only=True)["epoch"] == 1  # killed inside epoch 2
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     run(tmp_path / "b.ckpt", tmp_path / "b.pt", resume=True)
     a = torch.load(tmp_path / "a.pt", weights_only=True)
