@@ -510,7 +510,7 @@ def mixture_param_grads(
         expd[i] = rate[i] * e
         terms[i] = expd[i] - shape[i] * lp[i]
         g_lp[i] = (acc[2, i] + 0.5 * g_pi[i] + expd[i]) - shape[i]
-    rest = g_pi[1:].copy()
+    rest = g_pi[1:]
     rest_sum = _np_sum(rest)
     g_means = -acc[1, 1:]
     g_logits = np.empty(j - 1)

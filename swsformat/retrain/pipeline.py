@@ -255,6 +255,34 @@ def finetune_codebook_(
         p.grad = None
 
 
+def _coded_layer_biases(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The biases of the layers whose weights are coded, by name."""
+    params = dict(model.named_parameters())
+    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
+    return {n: params[n] for n in names if n in params}
+
+
+@torch.no_grad()
+def _change_if_cheap_(
+    model: nn.Module, biases: dict[str, nn.Parameter], change: Callable[[torch.Tensor], torch.Tensor],
+    check: Split, tolerance: float,
+) -> list[str]:
+    """Replace each bias ``b`` by ``change(b)`` in place; undo it all and return [] if the error
+    on ``check`` (training data, never the test set) rises by more than ``tolerance`` points,
+    else return the names."""
+    if not biases:
+        return []
+    before = evaluate(model, check)
+    saved = {n: b.detach().clone() for n, b in biases.items()}
+    for b in biases.values():
+        b.copy_(change(b))
+    if evaluate(model, check) > before + tolerance:
+        for n, b in biases.items():
+            b.copy_(saved[n])
+        return []
+    return list(biases)
+
+
 @torch.no_grad()
 def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: float) -> list[str]:
     """Quantize each layer's bias to ``clusters`` shared values (1-D k-means) if that costs at most
@@ -264,21 +292,11 @@ def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: floa
     """
     from ..quantize import kmeans_1d, snap
 
-    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
-    params = dict(model.named_parameters())
-    biases = {n: params[n] for n in names if n in params}
-    if clusters == 0 or not biases:
-        return []
-    before = evaluate(model, check)
-    saved = {n: b.detach().clone() for n, b in biases.items()}
-    for b in biases.values():
+    def shared(b: torch.Tensor) -> torch.Tensor:
         v = b.detach().cpu().double().numpy()
-        b.copy_(torch.from_numpy(snap(v, kmeans_1d(v, clusters))).to(b))
-    if evaluate(model, check) > before + tolerance:
-        for n, b in biases.items():
-            b.copy_(saved[n])
-        return []
-    return list(biases)
+        return torch.from_numpy(snap(v, kmeans_1d(v, clusters))).to(b)
+
+    return _change_if_cheap_(model, _coded_layer_biases(model) if clusters else {}, shared, check, tolerance)
 
 
 @torch.no_grad()
@@ -290,22 +308,10 @@ def round_biases_(model: nn.Module, dtype: str, check: Split, tolerance: float) 
     in float16 none of the three committed nets changed its test error.
     """
     target = BIAS_DTYPES[dtype]
-    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
-    params = dict(model.named_parameters())
-    biases = {n: params[n] for n in names if n in params and params[n].dtype != target}
-    if target == torch.float32 or not biases:
+    biases = {n: b for n, b in _coded_layer_biases(model).items() if b.dtype != target}
+    if target == torch.float32 or not all(bool(torch.isfinite(b.to(target)).all()) for b in biases.values()):
         return []
-    if not all(bool(torch.isfinite(b.to(target)).all()) for b in biases.values()):
-        return []
-    before = evaluate(model, check)
-    saved = {n: b.detach().clone() for n, b in biases.items()}
-    for b in biases.values():
-        b.copy_(b.to(target))
-    if evaluate(model, check) > before + tolerance:
-        for n, b in biases.items():
-            b.copy_(saved[n])
-        return []
-    return list(biases)
+    return _change_if_cheap_(model, biases, lambda b: b.to(target), check, tolerance)
 
 
 def compress(

@@ -103,11 +103,16 @@ class _MixtureNLLCPU(torch.autograd.Function):
         return (grad * g_mu, grad * g_prec, grad * g_pi, *(g * grad for g in grads))
 
 
-def _kernel_params(mu: np.ndarray, lam: np.ndarray, c: np.ndarray) -> dict[type, tuple[np.ndarray, ...]]:
+def _kernel_params(
+    mu: np.ndarray, lam: np.ndarray, c: np.ndarray, fits_f32: bool | None = None
+) -> dict[type, tuple[np.ndarray, ...]]:
     """Means, precisions and log-normalisers (float64) for the kernels, and a float32 copy
-    when they are finite and well inside float32's range (the float32 kernel needs that)."""
+    when they are finite and well inside float32's range (the float32 kernel needs that;
+    ``fits_f32`` when the caller already checked it)."""
     params = {np.float64: (mu, lam, c)}
-    if all(np.isfinite(a).all() and np.abs(a).max(initial=0.0) < F32_LOGIT_LIMIT for a in (mu, lam, c)):
+    if fits_f32 is None:
+        fits_f32 = all(np.isfinite(a).all() and np.abs(a).max(initial=0.0) < F32_LOGIT_LIMIT for a in (mu, lam, c))
+    if fits_f32:
         params[np.float32] = tuple(a.astype(np.float32) for a in (mu, lam, c))
     return params
 
@@ -301,12 +306,10 @@ class MixturePrior(nn.Module):
             return float(value.detach())
         cfg = self.config
         z = float(self.pi_zero_logit.detach())
-        mu, lam, c, soft, lp, ok32 = mixture_params(
+        mu, lam, c, soft, lp, fits_f32 = mixture_params(
             *(_numpy(p) for p in (self.means, self.log_precisions, self.mixing_logits)), z, F32_LOGIT_LIMIT
         )
-        params = {np.float64: (mu, lam, c)}
-        if ok32:
-            params[np.float32] = (mu.astype(np.float32), lam.astype(np.float32), c.astype(np.float32))
+        params = _kernel_params(mu, lam, c, fits_f32)
         acc = np.zeros((4, mu.size))
         for i, (w, wn) in enumerate(zip(weights, flat)):
             if w.requires_grad and w.grad is None:
