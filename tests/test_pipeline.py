@@ -173,3 +173,24 @@ def test_bias_dtype_is_checked():
 
     with pytest.raises(ValueError, match="bias_dtype"):
         CompressConfig(bias_dtype="int8")
+
+
+def test_compress_on_the_gpu_code_path_matches_the_kernel_path(tmp_path, monkeypatch):
+    """The whole job through the prior's torch expressions (what a CUDA run takes) writes a
+    file that loads and prunes the same weights as the numba kernel path."""
+    import swsformat
+    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain import prior as prior_mod
+    from swsformat.retrain.pipeline import compress
+
+    cfg = CompressConfig(retrain=RetrainConfig(epochs=2, batch_size=64), qat_epochs=1, finetune_epochs=0)
+    results = {}
+    for path, devices in (("kernel", ("cpu",)), ("torch", ())):
+        monkeypatch.setattr(prior_mod, "KERNEL_DEVICES", devices)
+        model, data = _toy()
+        results[path] = compress(model, data, data, cfg, path=tmp_path / f"{path}.sws", progress=False)
+    sd = {k: swsformat.load_state_dict(tmp_path / f"{k}.sws") for k in results}
+    for name, t in sd["kernel"].items():
+        if name.endswith("weight"):
+            assert torch.equal(t == 0, sd["torch"][name] == 0), name
+    assert results["torch"].nonzero_fraction == results["kernel"].nonzero_fraction

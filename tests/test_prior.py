@@ -9,7 +9,9 @@ import pytest
 import torch
 from scipy import stats
 from scipy.special import logsumexp
+from torch import nn
 
+from swsformat.retrain import prior as prior_mod
 from swsformat.retrain._prior_kernel import (
     ORDER_CHUNK,
     _np_sum,
@@ -45,10 +47,13 @@ def random_mixture(j=6, seed=0):
     return mu, log_prec, log_pi
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_nll_and_gradients_match_reference(device):
+@pytest.mark.parametrize("device", ["cpu", "cpu-torch-path", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nll_and_gradients_match_reference(device, request):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if device == "cpu-torch-path":
+        request.getfixturevalue("torch_path")
+        device = "cpu"
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.2, 5000)
     mu, log_prec, log_pi = random_mixture()
@@ -378,3 +383,33 @@ def test_mixture_helpers_are_bit_identical_to_the_numpy_expressions(seed):
     assert np.array_equal(g_logits, rest - soft_ref * rest.sum())
     assert g_pi0 == g_pi[0] and rest_sum == rest.sum()
     assert hyper == float((rate * np.exp(lp_ref) - shape * lp_ref).sum())
+
+
+def test_gpu_training_path_run_on_cpu_matches_the_kernel_path(monkeypatch):
+    """Retraining epochs through the torch expressions and autograd (the path CUDA tensors
+    take) reach the same weights and mixture as through the numba kernels."""
+    from swsformat.retrain.data import Split
+    from swsformat.retrain.train import RetrainConfig, default_prior, make_optimizer, train_epoch
+
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g))
+    cfg = RetrainConfig(batch_size=64)
+
+    def run(kernel: bool) -> tuple[nn.Module, MixturePrior, float]:
+        monkeypatch.setattr(prior_mod, "KERNEL_DEVICES", ("cpu",) if kernel else ())
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+        prior = default_prior(model, PriorConfig(learn_pi_zero=True))
+        opt = make_optimizer(model, prior, cfg)
+        gen = torch.Generator().manual_seed(1)
+        losses = [train_epoch(model, opt, data, cfg.batch_size, gen, prior, 0.5 / len(data), progress=False)[0]
+                  for _ in range(2)]
+        return model, prior, losses[-1]
+
+    km, kp, kloss = run(kernel=True)
+    tm, tp, tloss = run(kernel=False)
+    assert tloss == pytest.approx(kloss, rel=1e-5)
+    for (name, a), b in zip(km.named_parameters(), tm.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=2e-5), name
+    for (name, a), b in zip(kp.named_parameters(), tp.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name

@@ -37,6 +37,9 @@ CHUNK = 1 << 20
 # stale slowly; re-grouping costs about one kernel call.
 REGROUP_EVERY = 64
 PAYS_BELOW = 0.5
+# Devices whose tensors take the numba kernels; others (CUDA) take the chunked torch
+# expressions. Tests empty it to run the GPU code path on CPU tensors.
+KERNEL_DEVICES: tuple[str, ...] = ("cpu",)
 _NATURAL = np.empty(0, np.int32)
 
 
@@ -156,7 +159,7 @@ class _Grouping:
 
 def _flat_numpy(t: torch.Tensor) -> np.ndarray | None:
     """A writable flat numpy view of a contiguous CPU tensor, else None."""
-    if not t.is_cpu or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
+    if t.device.type not in KERNEL_DEVICES or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
         return None
     return t.detach().view(-1).numpy()
 
@@ -175,7 +178,7 @@ def mixture_nll_many(
     weights: list[torch.Tensor], mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor
 ) -> torch.Tensor:
     """Negative log-likelihood of all ``weights`` together under the mixture."""
-    if all(t.device.type == "cpu" for t in weights):
+    if all(t.device.type in KERNEL_DEVICES for t in weights):
         return _MixtureNLLCPU.apply(mu, log_prec, log_pi, *weights)
     w = torch.cat([t.reshape(-1) for t in weights])
     return _MixtureNLL.apply(w, mu, log_prec, log_pi)
