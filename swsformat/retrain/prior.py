@@ -192,7 +192,10 @@ class PriorConfig:
     ``beta`` (mean precision ``alpha/beta``). All components start wide (std 0.25, as in the
     original tutorial) so that the zero component first claims most weights; the non-zero
     components' prior is stiff (``alpha`` = 2500) so none of them turns into a wide
-    catch-all that would absorb and then badly quantize many weights.
+    catch-all that would absorb and then badly quantize many weights. LeNet-300-100's best
+    settings start the non-zero components at std 0.1 (``init_std``): over four seeds 0.06
+    point less error and 3% smaller files than 0.25; std 0.05 and below gave sparser but
+    less accurate nets (README, "Results").
     """
 
     components: int = 16

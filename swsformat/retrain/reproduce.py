@@ -32,7 +32,7 @@ PRETRAIN_RECIPE = "adamf"
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
         "pretrain_epochs": 30, "epochs": 15, "tau": 0.05, "normalization": "standard",
-        "overrides": {"bias_clusters": 0, "qat_epochs": 100, "qat_distill": 0.5},
+        "overrides": {"bias_clusters": 0, "qat_epochs": 100, "qat_distill": 0.5, "prior.init_std": 0.1},
     },
     "lenet5-caffe": {
         "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
