@@ -6,8 +6,7 @@ model's best settings (``BEST``) and its cached pretrained net. Before each retr
 it times one plain Adam epoch of a copy of the pretrained net, so both see the same machine
 state, and it writes the per-epoch ratios and the whole-run ratio as JSON. One-time costs
 are paid before the timing (as in the benchmark) and reported apart: the first prior call of
-a process loads numba's cached machine code (about 0.5 s, once per run, not per epoch).
-
+a process loads numba's cached kernels and starts its threads (about 0.5 s, once per run):
 
     python scripts/retrain_cost.py --model lenet300-100 -o results/retrain_cost/lenet300-100.json
 """

@@ -185,10 +185,10 @@ def test_compress_on_the_gpu_code_path_matches_the_kernel_path(tmp_path, monkeyp
 
     cfg = CompressConfig(retrain=RetrainConfig(epochs=2, batch_size=64), qat_epochs=1, finetune_epochs=0)
     results = {}
-    for path, devices in (("kernel", ("cpu",)), ("torch", ())):
+    for route, devices in (("kernel", ("cpu",)), ("torch", ())):
         monkeypatch.setattr(prior_mod, "KERNEL_DEVICES", devices)
         model, data = _toy()
-        results[path] = compress(model, data, data, cfg, path=tmp_path / f"{path}.sws", progress=False)
+        results[route] = compress(model, data, data, cfg, path=tmp_path / f"{route}.sws", progress=False)
     sd = {k: swsformat.load_state_dict(tmp_path / f"{k}.sws") for k in results}
     for name, t in sd["kernel"].items():
         if name.endswith("weight"):
