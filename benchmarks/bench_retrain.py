@@ -10,9 +10,8 @@ import torch
 
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import MODELS, build_model, compressible_parameters
-from swsformat.retrain.pipeline import CompressConfig
 from swsformat.retrain.prior import MixturePrior, initial_means
-from swsformat.retrain.reproduce import BEST, apply_overrides
+from swsformat.retrain.reproduce import best_config
 from swsformat.retrain.train import RetrainConfig, adam, default_prior, make_optimizer, train_epoch
 
 from .conftest import best_of, record
@@ -46,8 +45,7 @@ def test_retrain_epoch_vs_plain_epoch(benchmark, name, mixture):
     data = Split(torch.randn(N, 1, 28, 28, generator=g), torch.randint(0, 10, (N,), generator=g))
     model = build_model(name)
     # The prior a `sws compress --model NAME` run starts from (its best settings).
-    prior_cfg = apply_overrides(CompressConfig(), BEST[name].get("overrides", {})).prior
-    prior = default_prior(model, prior_cfg)
+    prior = default_prior(model, best_config(name).prior)
     if mixture == "converged":
         converge_(model, prior)
     start = copy.deepcopy((model.state_dict(), prior.state_dict()))

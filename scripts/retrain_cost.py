@@ -27,10 +27,8 @@ from swsformat import __version__
 from swsformat.encoder import atomic_write
 from swsformat.retrain import data as data_mod
 from swsformat.retrain.models import compressible_parameters
-from swsformat.retrain.pipeline import CompressConfig
-from swsformat.retrain.prior import PriorConfig
-from swsformat.retrain.reproduce import BEST, apply_overrides, machine, pretrained_model
-from swsformat.retrain.train import RetrainConfig, adam, default_prior, evaluate, make_optimizer, train_epoch
+from swsformat.retrain.reproduce import BEST, best_config, machine, pretrained_model
+from swsformat.retrain.train import adam, default_prior, evaluate, make_optimizer, train_epoch
 
 
 def warm_up(model, optimizer, train, prior=None) -> float:
@@ -59,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     train, test = data_mod.load("mnist", root=args.data_root, normalization=normalization)
     device = torch.device("cpu")
     model, _, _ = pretrained_model(args.model, "mnist", train, test, best["pretrain_epochs"], args.seed, device, True, normalization)
-    config = apply_overrides(
-        CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=best["epochs"], tau=best["tau"]), seed=args.seed),
-        best.get("overrides", {}),
-    )
+    config = best_config(args.model, args.seed)
     cfg = config.retrain
     plain_model = copy.deepcopy(model)
     plain_opt = adam(plain_model.parameters(), lr=cfg.lr_weights)

@@ -99,6 +99,19 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
 
 
+def best_config(
+    model_name: str, seed: int = 0, epochs: int | None = None, tau: float | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CompressConfig:
+    """The config ``sws compress --model NAME`` runs with: the defaults, ``BEST``'s epochs, tau
+    and overrides, then the caller's (``--epochs``, ``--tau``, ``--set``)."""
+    best = BEST[model_name]
+    retrain = RetrainConfig(epochs=best["epochs"] if epochs is None else epochs, tau=best["tau"] if tau is None else tau)
+    return apply_overrides(
+        CompressConfig(prior=PriorConfig(), retrain=retrain, seed=seed), {**best.get("overrides", {}), **(overrides or {})}
+    )
+
+
 def run(
     model_name: str,
     data_name: str,
@@ -138,10 +151,7 @@ def run(
             model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization
         )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = apply_overrides(
-        CompressConfig(prior=PriorConfig(), retrain=RetrainConfig(epochs=epochs, tau=tau), seed=seed),
-        {**best.get("overrides", {}), **(overrides or {})},
-    )
+    config = best_config(model_name, seed, epochs, tau, overrides)
     recorder = None
     if plots:
         from .plots import MovementRecorder
