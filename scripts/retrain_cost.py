@@ -31,11 +31,11 @@ from swsformat.retrain.reproduce import BEST, best_config, machine, pretrained_m
 from swsformat.retrain.train import adam, default_prior, evaluate, make_optimizer, train_epoch
 
 
-def warm_up(model, optimizer, train, prior=None) -> float:
+def warm_up(model, optimizer, train, batch_size: int, prior=None) -> float:
     """One forward/backward (and prior call) that leaves the training state as it was:
     no optimizer step, gradients dropped. Returns its seconds."""
     t0 = time.perf_counter()
-    x, y = train.x[:256], train.y[:256]
+    x, y = train.x[:batch_size], train.y[:batch_size]
     F.cross_entropy(model(x), y).backward()
     if prior is not None:
         prior.add_complexity_grad_([p for _, p in compressible_parameters(model)], 1.0 / len(train))
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     prior = default_prior(model, config.prior)
     opt = make_optimizer(model, prior, cfg)
     gen, plain_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
-    warm_plain = warm_up(plain_model, plain_opt, train)
-    warm_retrain = warm_up(model, opt, train, prior)
+    warm_plain = warm_up(plain_model, plain_opt, train, cfg.batch_size)
+    warm_retrain = warm_up(model, opt, train, cfg.batch_size, prior)
     rows = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()

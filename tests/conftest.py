@@ -18,15 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.fixture
-def torch_path(monkeypatch):
-    """CPU tensors take the prior's chunked torch expressions and autograd, the path CUDA
-    tensors take, so that CI (which has no GPU) runs the GPU code path."""
-    from swsformat.retrain import prior
-
-    monkeypatch.setattr(prior, "KERNEL_DEVICES", ())
-
-
 def quantized(shape: tuple[int, ...], density: float, k: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     """A random tensor with about ``density`` non-zeros drawn from ``k - 1`` shared values."""
     g = torch.Generator().manual_seed(seed)

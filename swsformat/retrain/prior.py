@@ -158,7 +158,7 @@ class _Grouping:
 
 
 def _flat_numpy(t: torch.Tensor) -> np.ndarray | None:
-    """A writable flat numpy view of a contiguous CPU tensor, else None."""
+    """A writable flat numpy view of a contiguous float tensor on a kernel device, else None."""
     if t.device.type not in KERNEL_DEVICES or t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
         return None
     return t.detach().view(-1).numpy()

@@ -132,9 +132,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file)."""
     best = BEST[model_name]
-    epochs = best["epochs"] if epochs is None else epochs
     pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
-    tau = best["tau"] if tau is None else tau
     normalization = best.get("normalization", "unit") if normalization is None else normalization
     t0 = time.perf_counter()
     device = pick_device()
