@@ -52,6 +52,7 @@ _ONE = _F(1.0)
 _LOG2E = _F(1.4426950408889634)
 _LN2_HI = _F(0.693359375)
 _LN2_LO = _F(-2.12194440e-4)
+_LN2_64 = np.log(2.0)
 # Degree-5 Chebyshev fit of exp on [-ln2/2, ln2/2]: max relative error 2.5e-7 in float32,
 # the same as the degree-6 Taylor polynomial with one FMA less.
 _P0, _P1, _P2, _P3, _P4, _P5 = (
@@ -149,6 +150,43 @@ def _exact_one(wi, mu, lam, c, acc, e):
             acc[2, j] += r * 0.5 * t * d
             acc[3, j] += r
     return g
+
+
+@njit(inline="never", fastmath={"nnan", "ninf", "nsz", "contract"})
+def _reciprocals(total: np.ndarray, m: int) -> None:
+    """``total[k] = 1 / total[k]`` where it is at least ``_TINY``, else 0, for ``k < m``.
+    Compiled without ``arcp``: the vectorised loop divides exactly, as the scalar loop it
+    replaced did, instead of using the approximate reciprocal instruction."""
+    for k in range(m):
+        t = total[k]
+        total[k] = _ONE / t if t >= _TINY else _ZERO
+
+
+@njit(inline="always", fastmath=True)
+def _count_far(total: np.ndarray, m: int) -> int:
+    """How many of ``total[:m]`` are below ``_TINY``: weights the caller redoes in float64."""
+    far = 0
+    for k in range(m):
+        far += np.int64(total[k] < _TINY)
+    return far
+
+
+@njit(inline="always", fastmath=True)
+def _log_product(total: np.ndarray, m: int) -> float:
+    """``sum log total[k]`` over the ``total[k] >= _TINY`` of ``k < m``, with one ``log``:
+    the float32 exponent fields summed as integers and the mantissas (as numbers in [1, 2))
+    multiplied in float64 (256 of them stay below 2**256), so the loop vectorises (the
+    scalar loop it replaced, a chain of dependent float64 products, took a quarter of the
+    kernel on a converged LeNet-300-100 mixture)."""
+    expo = np.int64(0)
+    prod = 1.0
+    for k in range(m):
+        t = total[k]
+        bits = _f32_to_bits(t)
+        ok = t >= _TINY
+        expo += np.int64(((bits >> 23) & 0xFF) - 127) if ok else np.int64(0)
+        prod *= np.float64(_bits_to_f32((bits & 0x007FFFFF) | 0x3F800000)) if ok else 1.0
+    return np.log(prod) + np.float64(expo) * _LN2_64
 
 
 def value_order(w: np.ndarray) -> np.ndarray:
@@ -309,22 +347,10 @@ def nll_and_grads_f32(
                         e32 = _exp_nonpositive(cj - hj * d * d)
                         ex[o + k] = e32
                         total[k] += e32
-                # -log of the totals: one float64 log per run of products, not one per weight.
-                nll = 0.0
-                prod = 1.0
-                far = 0
-                for k in range(m):
-                    t = total[k]
-                    if t >= _TINY:
-                        prod *= np.float64(t)
-                        if not 1e-200 < prod < 1e200:
-                            nll -= np.log(prod)
-                            prod = 1.0
-                        total[k] = _ONE / t
-                    else:
-                        total[k] = _ZERO
-                        far += 1
-                acc[0, 0] = nll - np.log(prod) - top * (m - far)
+                # -log of the totals (one log per block) and their reciprocals: both loops vectorise.
+                far = _count_far(total, m)
+                acc[0, 0] = -_log_product(total, m) - top * (m - far)
+                _reciprocals(total, m)
                 for k in range(m, size):
                     total[k] = _ZERO
                 for i in range(n_active):
