@@ -416,3 +416,45 @@ def test_gpu_training_path_run_on_cpu_matches_the_kernel_path(monkeypatch):
         assert torch.allclose(a, b, rtol=0, atol=2e-5), name
     for (name, a), b in zip(kp.named_parameters(), tp.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+_KERNEL_DIGEST = """
+import hashlib, sys
+import numpy as np
+from swsformat.retrain._prior_kernel import nll_and_grads_f32, value_order
+rng = np.random.default_rng(11)
+j = 16
+mu = np.concatenate([[0.0], np.linspace(-0.3, 0.3, j - 1)]).astype(np.float32)
+lam = np.concatenate([[1e4], np.full(j - 1, 2e3)]).astype(np.float32)
+c = (np.log(np.full(j, 0.01 / (j - 1))) + 0.5 * np.log(lam)).astype(np.float32)
+c[0] = np.log(0.99) + 0.5 * np.log(lam[0])
+w = np.concatenate([rng.normal(0, 0.01, 60_000), rng.uniform(-0.35, 0.35, 20_000)]).astype(np.float32)
+h = hashlib.sha256()
+for order in (np.empty(0, np.int32), value_order(w)):
+    gw = np.zeros_like(w)
+    acc, work = nll_and_grads_f32(w, order, mu, lam, c, gw, 1.0, False)
+    h.update(acc.tobytes() + gw.tobytes())
+stats = nll_and_grads_f32.stats
+print(h.hexdigest(), "hit" if stats.cache_hits else "miss")
+"""
+
+
+def test_float32_kernel_rounds_alike_compiled_or_loaded_from_cache(tmp_path):
+    """numba optimises a kernel it compiles in the process and the same kernel loaded from its
+    cache differently; with fast-math reassociation and contraction the two rounded
+    differently and a first run after an install trained to other weights than later runs.
+    The kernel pins its arithmetic down in the source (``_EXACT``, ``_fma``, ``LANES``)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", _KERNEL_DIGEST], env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    (d1, how1), (d2, how2) = (r.stdout.split() for r in runs)
+    assert (how1, how2) == ("miss", "hit")
+    assert d1 == d2

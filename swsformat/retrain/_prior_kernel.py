@@ -8,13 +8,21 @@ gradient buffer) ``d NLL / d w``:
 * ``nll_and_grads`` (float64 arithmetic): exact, evaluates ``exp`` only for the components
   within ``CUTOFF`` nats of the best one.
 * ``nll_and_grads_f32`` (the training path): blocks of ``BLOCK_F32`` weights laid out
-  component-major so every inner loop is a straight SIMD loop (AVX2: 8 lanes) with a
+  component-major so every inner loop is a straight SIMD loop (8 or 16 float32 lanes) with a
   polynomial ``exp``. The exponents are taken against one constant per block, the largest
   logit any of its weights can reach, instead of each weight's best logit: that drops a
   whole pass (the per-weight max). The few weights whose every logit lies more than 60 nats
   below it, and whole blocks whose logits could leave float32's range, take the exact
   float64 path. Relative error about 1e-6 against the float64 kernel (tested), below
   float32 training noise.
+
+  Its float arithmetic is pinned down in the source, so that every compilation of it
+  rounds alike: no reassociation or contraction flags (``_EXACT``), each fused
+  multiply-add written as one (``_fma``), and every sum over a block kept in ``LANES``
+  fixed partial sums. With ``fastmath=True`` the kernel numba compiled in the process and
+  the same kernel loaded from numba's cache rounded differently (numba optimises the two
+  differently, numba issue #10617): the first run after an install and every later one
+  trained to different weights.
 
   Once the mixture has narrowed, most components cannot reach a block of weights that
   are close in value: the kernel skips them, and the training loop feeds it the weights in
@@ -43,6 +51,9 @@ CUTOFF = 36.0
 SKIP = 24.0
 BLOCK = 16384
 BLOCK_F32 = 256
+# Fixed partial sums per block sum (see _lane_sum); the lane helpers are written for 16.
+LANES = 16
+assert BLOCK_F32 % LANES == 0 and LANES == 16
 ORDER_CHUNK = 64 * BLOCK_F32
 # float32 constants: a Python float in a numba expression would promote it to float64.
 _F = np.float32
@@ -102,15 +113,33 @@ def _fmax(typingctx, a, b):
     return types.float32(types.float32, types.float32), codegen
 
 
-@njit(inline="always", fastmath=True)
+# The float32 kernel's fast-math flags: no NaN/inf/signed-zero care, but no reassociation,
+# contraction or approximate functions, whose use the compiler may decide differently from
+# one compilation to the next.
+_EXACT = {"nnan", "ninf", "nsz"}
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``llvm.fma.f32``: ``a * b + c`` rounded once, whatever the compiler's choices."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()] * 3)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@njit(inline="always", fastmath=_EXACT)
 def _exp_nonpositive(x):
     """``exp(x)`` for ``x <= 0`` (inputs below -87 give ~1e-38, not 0): Cody-Waite reduction,
     a degree-5 polynomial on ``[-ln2/2, ln2/2]`` and the exponent set by bit pattern."""
     x = _fmax(x, _LOWEST)
-    n = np.int32(-x * _LOG2E + _HALF)
+    n = np.int32(_fma(-x, _LOG2E, _HALF))
     nf = np.float32(n)
-    r = x + nf * _LN2_HI + nf * _LN2_LO
-    p = _P0 + r * (_P1 + r * (_P2 + r * (_P3 + r * (_P4 + r * _P5))))
+    r = _fma(nf, _LN2_LO, _fma(nf, _LN2_HI, x))
+    p = _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, _P5, _P4), _P3), _P2), _P1), _P0)
     return p * _bits_to_f32((np.int32(127) - n) << 23)
 
 
@@ -152,17 +181,16 @@ def _exact_one(wi, mu, lam, c, acc, e):
     return g
 
 
-@njit(inline="never", fastmath={"nnan", "ninf", "nsz", "contract"})
+@njit(inline="never", fastmath=_EXACT)
 def _reciprocals(total: np.ndarray, m: int) -> None:
-    """``total[k] = 1 / total[k]`` where it is at least ``_TINY``, else 0, for ``k < m``.
-    Compiled without ``arcp``: the vectorised loop divides exactly, as the scalar loop it
-    replaced did, instead of using the approximate reciprocal instruction."""
+    """``total[k] = 1 / total[k]`` where it is at least ``_TINY``, else 0, for ``k < m``
+    (exact divisions)."""
     for k in range(m):
         t = total[k]
         total[k] = _ONE / t if t >= _TINY else _ZERO
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always", fastmath=_EXACT)
 def _count_far(total: np.ndarray, m: int) -> int:
     """How many of ``total[:m]`` are below ``_TINY``: weights the caller redoes in float64."""
     far = 0
@@ -171,22 +199,38 @@ def _count_far(total: np.ndarray, m: int) -> int:
     return far
 
 
-@njit(inline="always", fastmath=True)
-def _log_product(total: np.ndarray, m: int) -> float:
+@njit(inline="never", fastmath=_EXACT)
+def _log_product(total: np.ndarray, m: int, lanes: np.ndarray) -> float:
     """``sum log total[k]`` over the ``total[k] >= _TINY`` of ``k < m``, with one ``log``:
     the float32 exponent fields summed as integers and the mantissas (as numbers in [1, 2))
-    multiplied in float64 (256 of them stay below 2**256), so the loop vectorises (the
-    scalar loop it replaced, a chain of dependent float64 products, took a quarter of the
-    kernel on a converged LeNet-300-100 mixture)."""
+    multiplied in float64, in LANES fixed partial products, so the loop vectorises without
+    reassociation (the scalar loop it replaced, a chain of dependent float64 products, took
+    a quarter of the kernel on a converged LeNet-300-100 mixture). ``m <= BLOCK_F32``: no
+    partial product exceeds 2**16. ``lanes``: float64 scratch of length LANES."""
     expo = np.int64(0)
-    prod = 1.0
-    for k in range(m):
-        t = total[k]
-        bits = _f32_to_bits(t)
-        ok = t >= _TINY
-        expo += np.int64(((bits >> 23) & 0xFF) - 127) if ok else np.int64(0)
-        prod *= np.float64(_bits_to_f32((bits & 0x007FFFFF) | 0x3F800000)) if ok else 1.0
+    for q in range(LANES):
+        lanes[q] = 1.0
+    for k0 in range(0, m, LANES):
+        for q in range(LANES):
+            k = k0 + q
+            t = total[k] if k < m else _ONE
+            bits = _f32_to_bits(t)
+            ok = t >= _TINY
+            expo += np.int64(((bits >> 23) & 0xFF) - 127) if ok else np.int64(0)
+            lanes[q] *= np.float64(_bits_to_f32((bits & 0x007FFFFF) | 0x3F800000)) if ok else 1.0
+    prod = ((lanes[0] * lanes[1]) * (lanes[2] * lanes[3])) * ((lanes[4] * lanes[5]) * (lanes[6] * lanes[7]))
+    prod *= ((lanes[8] * lanes[9]) * (lanes[10] * lanes[11])) * ((lanes[12] * lanes[13]) * (lanes[14] * lanes[15]))
     return np.log(prod) + np.float64(expo) * _LN2_64
+
+
+@njit(inline="never", fastmath=_EXACT)
+def _lane_sum(lanes: np.ndarray, s: int) -> float:
+    """``lanes[s:s + LANES]`` (float32) added pairwise in a fixed order."""
+    a = (lanes[s] + lanes[s + 1]) + (lanes[s + 2] + lanes[s + 3])
+    b = (lanes[s + 4] + lanes[s + 5]) + (lanes[s + 6] + lanes[s + 7])
+    c = (lanes[s + 8] + lanes[s + 9]) + (lanes[s + 10] + lanes[s + 11])
+    d = (lanes[s + 12] + lanes[s + 13]) + (lanes[s + 14] + lanes[s + 15])
+    return (a + b) + (c + d)
 
 
 def value_order(w: np.ndarray) -> np.ndarray:
@@ -237,7 +281,7 @@ def _value_order(w: np.ndarray, out: np.ndarray, chunk: int) -> None:
             start[b] += 1
 
 
-@njit(parallel=True, fastmath=True, nogil=True)
+@njit(parallel=True, fastmath=_EXACT, nogil=True)
 def nll_and_grads_f32(
     w: np.ndarray, order: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray, gw: np.ndarray,
     scale: float, accumulate: bool,
@@ -279,6 +323,8 @@ def nll_and_grads_f32(
         upper = np.empty(j_count)
         active = np.empty(j_count, np.int64)
         e = np.empty(j_count)
+        lanes = np.empty(3 * LANES, np.float32)
+        lanes64 = np.empty(LANES)
         for b in range(ci * per_chunk, min(blocks, (ci + 1) * per_chunk)):
             s = b * size
             m = min(n, s + size) - s
@@ -344,12 +390,12 @@ def nll_and_grads_f32(
                     o = i * size
                     for k in range(size):
                         d = ww[k] - mj
-                        e32 = _exp_nonpositive(cj - hj * d * d)
+                        e32 = _exp_nonpositive(_fma(-hj * d, d, cj))
                         ex[o + k] = e32
                         total[k] += e32
                 # -log of the totals (one log per block) and their reciprocals: both loops vectorise.
                 far = _count_far(total, m)
-                acc[0, 0] = -_log_product(total, m) - top * (m - far)
+                acc[0, 0] = -_log_product(total, m, lanes64) - top * (m - far)
                 _reciprocals(total, m)
                 for k in range(m, size):
                     total[k] = _ZERO
@@ -358,20 +404,21 @@ def nll_and_grads_f32(
                     mj = mu[j]
                     lj = lam[j]
                     o = i * size
-                    a1 = _ZERO
-                    a2 = _ZERO
-                    a3 = _ZERO
-                    for k in range(size):
-                        r = ex[o + k] * total[k]
-                        d = ww[k] - mj
-                        rt = r * lj * d
-                        g[k] += rt
-                        a1 += rt
-                        a2 += rt * d
-                        a3 += r
-                    acc[1, j] = a1
-                    acc[2, j] = _HALF * a2
-                    acc[3, j] = a3
+                    for q in range(3 * LANES):
+                        lanes[q] = _ZERO
+                    for k0 in range(0, size, LANES):
+                        for q in range(LANES):
+                            k = k0 + q
+                            r = ex[o + k] * total[k]
+                            d = ww[k] - mj
+                            rt = r * lj * d
+                            g[k] += rt
+                            lanes[q] += rt
+                            lanes[LANES + q] = _fma(rt, d, lanes[LANES + q])
+                            lanes[2 * LANES + q] += r
+                    acc[1, j] = _lane_sum(lanes, 0)
+                    acc[2, j] = _HALF * _lane_sum(lanes, LANES)
+                    acc[3, j] = _lane_sum(lanes, 2 * LANES)
                 if far:
                     for k in range(m):
                         if total[k] == _ZERO:
