@@ -31,7 +31,7 @@ PRETRAIN_RECIPE = "adamf"
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
     "lenet300-100": {
-        "pretrain_epochs": 30, "epochs": 15, "tau": 0.05, "normalization": "standard",
+        "pretrain_epochs": 30, "epochs": 15, "tau": 0.03, "normalization": "standard",
         "overrides": {"bias_clusters": 0, "qat_epochs": 100, "qat_distill": 0.5, "prior.init_std": 0.1},
     },
     "lenet5-caffe": {
