@@ -143,9 +143,10 @@ class RetrainConfig:
     """Retraining settings with one learning rate per parameter group.
 
     The original tutorial used tau 0.003-0.005, weights 5e-4 and log-precisions 3e-3 for
-    30+ epochs; on a CPU budget of 10-15 epochs the measured best is a larger tau (0.05) and
-    faster weights (1e-3) and log-precisions (1e-2), which make the mixture converge before
-    the weights are snapped (see README, "Reproducing the paper").
+    30+ epochs; on a CPU budget of 10-15 epochs the measured best is a larger tau (0.03-0.065
+    per model in ``reproduce.BEST``, 0.05 here) and faster weights (1e-3) and log-precisions
+    (1e-2), which make the mixture converge before the weights are snapped (see README,
+    "Reproducing the paper").
     """
 
     epochs: int = 15
