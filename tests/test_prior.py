@@ -419,7 +419,7 @@ def test_gpu_training_path_run_on_cpu_matches_the_kernel_path(monkeypatch):
 
 
 _KERNEL_DIGEST = """
-import hashlib, sys
+import hashlib
 import numpy as np
 from swsformat.retrain._prior_kernel import nll_and_grads_f32, value_order
 rng = np.random.default_rng(11)
