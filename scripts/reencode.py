@@ -20,7 +20,8 @@ import torch
 
 import swsformat
 from swsformat.container import parse, serialize
-from swsformat.encoder import atomic_write, to_container
+from swsformat.encoder import to_container
+from swsformat.files import atomic_write
 from swsformat.spec import FORMAT_VERSION, VERSIONS
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from swsformat import __version__
-from swsformat.encoder import atomic_write
+from swsformat.files import atomic_write
 from swsformat.retrain import data as data_mod
 from swsformat.retrain.models import compressible_parameters
 from swsformat.retrain.reproduce import BEST, best_config, machine, pretrained_model

@@ -4,6 +4,8 @@ Public API, flat in the spirit of ``safetensors.torch``::
 
     swsformat.encode(model_or_state_dict, "model.sws")
     sd = swsformat.load_state_dict("model.sws", device="cuda", sparse=False)
+    with swsformat.open("model.sws") as f:               # lazy: header now, tensors on request
+        w = f.get_tensor("fc1.weight")
     model = swsformat.load_model("model.sws")            # built-in architectures
     model = swsformat.load_model("model.sws", MyNet())  # your own module
     swsformat.size_report("model.sws")
@@ -13,9 +15,18 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from .decoder import load, load_model, load_state_dict, read_header  # noqa: E402
 from .encoder import encode, encode_bytes  # noqa: E402
-from .errors import SwsChecksumError, SwsDecodeError, SwsEncodeError, SwsError, SwsFormatError  # noqa: E402
+from .errors import (  # noqa: E402
+    SwsCheckpointError,
+    SwsChecksumError,
+    SwsDecodeError,
+    SwsEncodeError,
+    SwsError,
+    SwsFormatError,
+    SwsOutputError,
+    SwsTrainingError,
+)
+from .reader import SwsFile, load, load_model, load_state_dict, open, read_header  # noqa: E402
 from .report import inspect, size_report  # noqa: E402
 
 
@@ -30,11 +41,15 @@ def __getattr__(name: str):
 
 __all__ = [
     "CompressConfig",
+    "SwsCheckpointError",
     "SwsChecksumError",
     "SwsDecodeError",
     "SwsEncodeError",
     "SwsError",
+    "SwsFile",
     "SwsFormatError",
+    "SwsOutputError",
+    "SwsTrainingError",
     "__version__",
     "compress",
     "encode",
@@ -43,6 +58,7 @@ __all__ = [
     "load",
     "load_model",
     "load_state_dict",
+    "open",
     "read_header",
     "size_report",
 ]

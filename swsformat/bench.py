@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .decoder import PathLike, load_model, load_state_dict
+from .reader import PathLike, load_model, load_state_dict
 
 
 def best_of(fn: Callable[[], object], repeat: int = 7, sync: bool = False) -> float:
@@ -36,21 +36,25 @@ def best_of(fn: Callable[[], object], repeat: int = 7, sync: bool = False) -> fl
 INPUT_SHAPE = (1, 28, 28)
 
 
-def run(path: PathLike, devices: list[str] | None = None, batches: tuple[int, ...] = (1, 256)) -> dict[str, Any]:
+def run(
+    path: PathLike, devices: list[str] | None = None, batches: tuple[int, ...] = (1, 256),
+    max_output_bytes: int | None = None,
+) -> dict[str, Any]:
     """Measure load and inference timings of a ``.sws`` file of a built-in architecture."""
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     out: dict[str, Any] = {"file": str(path), "load": {}, "inference": {}}
-    sd = load_state_dict(path)
+    lim = max_output_bytes
+    sd = load_state_dict(path, max_output_bytes=lim)
     buf = io.BytesIO()
     torch.save(sd, buf)
     raw = buf.getvalue()
-    out["load"]["sws_dense_s"] = best_of(lambda: load_state_dict(path))
-    out["load"]["sws_sparse_s"] = best_of(lambda: load_state_dict(path, sparse=True))
+    out["load"]["sws_dense_s"] = best_of(lambda: load_state_dict(path, max_output_bytes=lim))
+    out["load"]["sws_sparse_s"] = best_of(lambda: load_state_dict(path, sparse=True, max_output_bytes=lim))
     out["load"]["torch_load_fp32_s"] = best_of(lambda: torch.load(io.BytesIO(raw), weights_only=True))
     for dev in devices:
         sync = dev.startswith("cuda")
-        dense = load_model(path, device=dev)
-        sparse = load_model(path, device=dev, sparse=True)
+        dense = load_model(path, device=dev, max_output_bytes=lim)
+        sparse = load_model(path, device=dev, sparse=True, max_output_bytes=lim)
         for b in batches:
             x = torch.randn(b, *INPUT_SHAPE, device=dev)
             with torch.no_grad():

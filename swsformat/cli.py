@@ -7,15 +7,27 @@ arguments print one line to stderr and exit non-zero, without a traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import __version__
-from .errors import SwsError
+from .errors import SwsError, SwsOutputError
+from .files import atomic_write, check_output
+
+ARCHITECTURES = ("lenet300-100", "lenet5-caffe", "tutorial-net")
+
+
+class UsageError(SwsError):
+    """A command-line argument that cannot work (reported before any work starts)."""
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -23,18 +35,37 @@ def _fail(msg: str, code: int = 1) -> int:
     return code
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that a file cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise SystemExit(_fail("reading .safetensors needs the extra: pip install 'swsformat[safetensors]'")) from None
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors)")
+            raise UsageError("reading .safetensors needs the extra: pip install 'swsformat[safetensors]'") from None
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise UsageError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip, EOF and runtime errors for bad files
+        detail = " ".join(str(exc).split())[:200]
+        raise UsageError(
+            f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {detail})"
+        ) from None
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UsageError(f"{path} does not hold a state_dict (a dict of tensors)")
     return sd
 
 
@@ -49,9 +80,43 @@ def _setting(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _check_compress(a: argparse.Namespace) -> None:
+    """Everything about the arguments that can fail, checked before pretraining starts."""
+    from .retrain import reproduce
+
+    if a.epochs is not None and a.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {a.epochs}")
+    if a.pretrain_epochs is not None and a.pretrain_epochs < 0:
+        raise UsageError(f"--pretrain-epochs must be at least 0, got {a.pretrain_epochs}")
+    if a.tau is not None and not (math.isfinite(a.tau) and a.tau >= 0):
+        raise UsageError(f"--tau must be a finite non-negative number, got {a.tau}")
+    try:
+        reproduce.best_config(a.model, a.seed, a.epochs, a.tau, dict(a.set or []))
+    except (TypeError, ValueError) as exc:
+        keys = ", ".join(k for k, _ in a.set or [])
+        raise UsageError(f"--set {keys}: {exc}") from None
+    check_output(a.output, a.pretrained)
+    for extra in (a.json, a.checkpoint):
+        if extra is not None:
+            check_output(extra, a.pretrained, a.output)
+    if a.pretrained is not None and not os.path.isfile(a.pretrained):
+        raise UsageError(f"--pretrained {a.pretrained}: no such file")
+    if a.plots is not None:
+        try:
+            import matplotlib  # noqa: F401
+            from PIL import Image  # noqa: F401
+        except ImportError:
+            raise UsageError("--plots needs matplotlib and pillow: pip install 'swsformat[plots]'") from None
+        if Path(a.plots).exists() and not Path(a.plots).is_dir():
+            raise UsageError(f"--plots {a.plots} is a file, not a folder")
+    if a.resume and not os.path.exists(a.checkpoint or f"{a.output}.ckpt"):
+        raise UsageError(f"--resume: no checkpoint at {a.checkpoint or f'{a.output}.ckpt'}")
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from .retrain import reproduce
 
+    _check_compress(a)
     reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
                   tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
                   checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization,
@@ -60,48 +125,76 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 
 def cmd_encode(a: argparse.Namespace) -> int:
-    from . import encode, size_report
+    from . import encode_bytes, size_report
     from .quantize import prune_and_cluster
 
+    if a.data and not a.architecture:
+        raise UsageError("--data needs --architecture to build the model it evaluates")
+    if not 0.0 <= a.prune < 1.0:
+        raise UsageError(f"--prune must be in [0, 1), got {a.prune}")
+    if a.prune and not a.clusters:
+        raise UsageError("--prune works with --clusters K (prune, then share K values); add --clusters")
+    if a.clusters < 0:
+        raise UsageError(f"--clusters must be positive, got {a.clusters}")
+    check_output(a.output, a.input)
     original = _load_checkpoint(a.input)
     sd = original
     if a.clusters:
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
     meta = {"source": Path(a.input).name}
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
-    size = encode(sd, a.output, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
-    rep = size_report(a.output, entropy=False)
-    print(f"wrote {a.output}: {size} bytes, compression rate {rep['compression_rate']:.1f}x, "
-          f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
-    if a.data:
-        from .decoder import load_model
-        from .retrain import data as data_mod
-        from .retrain.train import evaluate
-
-        if not a.architecture:
-            return _fail("--data needs --architecture to build the model", 2)
-        _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
+    data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
+    ref = None
+    if a.architecture:  # the tensors must fit the named architecture before the file claims it
         from .retrain.models import build_model
 
         ref = build_model(a.architecture)
-        ref.load_state_dict(original)
+        try:
+            ref.load_state_dict(original)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise UsageError(f"--architecture {a.architecture}: the checkpoint does not fit it ({detail})") from None
+    atomic_write(a.output, data)
+    rep = size_report(data, entropy=False)
+    print(f"wrote {printable(a.output)}: {len(data)} bytes, compression rate {rep['compression_rate']:.1f}x, "
+          f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
+    if a.data:
+        from .reader import load_model
+        from .retrain import data as data_mod
+        from .retrain.train import evaluate
+
+        _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
         before, after = evaluate(ref, test), evaluate(load_model(a.output), test)
         print(f"test error: {before:.2f}% before, {after:.2f}% after ({after - before:+.2f} points)")
     return 0
 
 
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import size_report
 
-    rep = size_report(a.file)
+    rep = size_report(a.file, max_output_bytes=a.max_output_bytes)
     if a.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps(_finite(rep), indent=2, allow_nan=False))
         return 0
-    print(f"{a.file}: {rep['file_bytes']} bytes, fp32 {rep['fp32_bytes']} bytes, "
-          f"compression rate {rep['compression_rate']:.1f}x (paper accounting {rep['paper_compression_rate']:.1f}x)")
+    paper = rep["paper_compression_rate"]
+    paper = f" (paper accounting {paper:.1f}x)" if paper is not None else " (no coded tensors)"
+    print(f"{printable(a.file)}: {rep['file_bytes']} bytes, fp32 {rep['fp32_bytes']} bytes, "
+          f"compression rate {rep['compression_rate']:.1f}x{paper}")
     cols = f"{'tensor':<16}{'shape':<16}{'kind':<5}{'nonzero':>9}{'K':>4}{'b':>3}{'rows':>7}{'gaps':>8}{'(H)':>8}{'values':>8}{'(H)':>8}{'cbook':>6}{'raw':>8}{'CR':>8}"
     print(cols)
     for t in rep["tensors"]:
+        t = {**t, "name": printable(t["name"])}
         shape = "x".join(map(str, t["shape"])) or "scalar"
         if t["kind"] == "raw":
             print(f"{t['name']:<16}{shape:<16}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
@@ -117,56 +210,106 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_decode(a: argparse.Namespace) -> int:
     from . import load_state_dict
 
-    sd = load_state_dict(a.file)
-    if a.output.endswith(".safetensors"):
+    check_output(a.output, a.file)
+    safetensors = a.output.endswith(".safetensors")
+    if safetensors:
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
         except ImportError:
-            return _fail("writing .safetensors needs the extra: pip install 'swsformat[safetensors]'")
-        save_file(sd, a.output)
+            raise UsageError("writing .safetensors needs the extra: pip install 'swsformat[safetensors]'") from None
+    sd = load_state_dict(a.file, max_output_bytes=a.max_output_bytes)
+    if safetensors:
+        data = save(sd)
     else:
-        torch.save(sd, a.output)
-    print(f"wrote {a.output}: {len(sd)} tensors")
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        data = buf.getvalue()
+    atomic_write(a.output, data)
+    print(f"wrote {printable(a.output)}: {len(sd)} tensors")
     return 0
 
 
+def input_normalization(metadata: dict[str, str]) -> str:
+    """How the file's inputs were normalised (files without the record used "standard")."""
+    if "sws.input" not in metadata:
+        return "standard"
+    try:
+        norm = json.loads(metadata["sws.input"])["normalization"]
+    except (ValueError, TypeError, KeyError):
+        norm = None
+    if norm not in ("unit", "standard"):
+        raise UsageError("the file's metadata 'sws.input' does not name a normalization ('unit' or 'standard')")
+    return norm
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .decoder import load_model, read_header
+    from .reader import SwsFile, load_model
     from .retrain import data as data_mod
     from .retrain.train import evaluate
 
-    # The file records how its inputs were normalised; files without the record used "standard".
-    meta = read_header(a.file)["metadata"]
-    norm = json.loads(meta["sws.input"])["normalization"] if "sws.input" in meta else "standard"
+    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
+        if f.architecture is None:
+            raise UsageError(f"{a.file} names no built-in architecture; evaluate it in Python with load_model(path, module)")
+        norm = input_normalization(f.metadata())
+    model = load_model(a.file, max_output_bytes=a.max_output_bytes)
     _, test = data_mod.load(a.data, root=a.data_root, normalization=norm)
-    dense = evaluate(load_model(a.file), test)
-    print(f"{a.file}: test error {dense:.2f}% on {a.data} ({len(test)} images)")
+    dense = evaluate(model, test)
+    print(f"{printable(a.file)}: test error {dense:.2f}% on {a.data} ({len(test)} images)")
     return 0
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from . import bench
 
-    res = bench.run(a.file, devices=a.device or None)
-    print(json.dumps(res, indent=2) if a.json else bench.format_table(res))
+    res = bench.run(a.file, devices=a.device or None, max_output_bytes=a.max_output_bytes)
+    print(json.dumps(_finite(res), indent=2) if a.json else bench.format_table(res))
     return 0
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
     from .plotting import plot_file
 
-    written = plot_file(a.file, a.output)
-    print("wrote " + ", ".join(str(p) for p in written))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("plots need matplotlib: pip install 'swsformat[plots]'") from None
+    prefix = a.output or str(Path(a.file).with_suffix(""))
+    for suffix in ("-histogram.png", "-codebook.png"):
+        check_output(prefix + suffix, a.file)
+    written = plot_file(a.file, prefix, max_output_bytes=a.max_output_bytes)
+    print("wrote " + ", ".join(printable(str(p)) for p in written))
     return 0
 
 
+def _size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of bytes, got {n}")
+    return n
+
+
+def _limit_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-output-bytes", type=_size, default=None, metavar="N",
+                   help="decode files whose tensors take up to N bytes (default: max(64 MiB, 4096 x file size))")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage stays one ``--help`` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sws", description="Soft weight-sharing compression and .sws files.")
+    p = _Parser(prog="sws", description="Soft weight-sharing compression and .sws files.")
     p.add_argument("--version", action="version", version=f"swsformat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="pretrain, retrain with the mixture prior, quantize and write a .sws file")
-    c.add_argument("--model", required=True, choices=["lenet300-100", "lenet5-caffe", "tutorial-net"])
+    c.add_argument("--model", required=True, choices=ARCHITECTURES)
     c.add_argument("--data", default="mnist", choices=["mnist", "fashion-mnist"])
     c.add_argument("--data-root", default=None, help="folder with the IDX .gz files (default: $SWSFORMAT_DATA, cache, download)")
     c.add_argument("-o", "--output", required=True)
@@ -192,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clusters", type=int, default=0, help="quantize weights to this many shared values (k-means)")
     e.add_argument("--per-layer", action="store_true", help="one codebook per layer instead of per model")
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
-    e.add_argument("--architecture", default=None, help="built-in architecture name to record (and to evaluate)")
+    e.add_argument("--architecture", default=None, choices=ARCHITECTURES,
+                   help="built-in architecture name to record (and to evaluate)")
     e.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"], help="report the accuracy cost")
     e.add_argument("--data-root", default=None)
     e.add_argument("--normalization", default="unit", choices=["unit", "standard"],
@@ -202,45 +346,65 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="per-layer sizes, compression rate and entropy bounds")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
+    _limit_flag(i)
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("decode", help="write the dense state_dict as .pt or .safetensors")
     d.add_argument("file")
     d.add_argument("-o", "--output", required=True)
+    _limit_flag(d)
     d.set_defaults(func=cmd_decode)
 
     v = sub.add_parser("eval", help="test error of a file of a built-in architecture")
     v.add_argument("file")
     v.add_argument("--data", default="mnist", choices=["mnist", "fashion-mnist"])
     v.add_argument("--data-root", default=None)
+    _limit_flag(v)
     v.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="load and inference timings on this machine, dense vs sparse, CPU and CUDA")
     b.add_argument("file")
     b.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu and cuda if present)")
     b.add_argument("--json", action="store_true")
+    _limit_flag(b)
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plot", help="weight histogram and codebook picture as PNG")
     pl.add_argument("file")
     pl.add_argument("-o", "--output", default=None, help="output prefix (default: FILE without .sws)")
+    _limit_flag(pl)
     pl.set_defaults(func=cmd_plot)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(printable(f"sws: warning: {' '.join(str(message).split())}"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 still prints
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.func(args)
+    except (UsageError, SwsOutputError) as exc:
+        return _fail(printable(str(exc)), 2)
     except SwsError as exc:
-        return _fail(str(exc))
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        return _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-    except (ValueError, RuntimeError, OSError) as exc:
-        return _fail(f"{type(exc).__name__}: {exc}")
+        return _fail(printable(str(exc)))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        where = f": {os.fsdecode(exc.filename)}" if exc.filename else ""
+        return _fail(printable(f"{exc.strerror or exc}{where}"))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as exc:  # one line, never a traceback; SWS_DEBUG=1 shows it
+        if os.environ.get("SWS_DEBUG"):
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        return _fail(printable(f"{type(exc).__name__}: {detail} (set SWS_DEBUG=1 for the traceback)"))
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ before any payload is touched, so kernels only ever see consistent inputs.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
-from .errors import SwsChecksumError, SwsFormatError, where
+from . import kernels
+from .errors import SwsChecksumError, SwsEncodeError, SwsFormatError, where
 from .spec import (
+    ALIGN,
     CODER_HUFFMAN,
     FORMAT_VERSION,
     HEADER_DEFLATE,
@@ -25,10 +28,15 @@ from .spec import (
     MAX_CODE_LENGTH,
     MAX_CODEBOOK,
     MAX_HEADER,
+    MAX_HEADER_CONTAINERS,
+    MAX_HEADER_DEPTH,
+    MAX_HEADER_RATIO,
     MAX_INDEX_BITS,
+    MAX_INFLATED_FREE,
     MAX_NAME,
     MAX_NDIM,
     MAX_ROW_BITS,
+    MAX_TENSORS,
     PRELUDE,
     RAW_DTYPES,
     SWS_DTYPES,
@@ -41,6 +49,7 @@ from .spec import (
 
 Buffer = bytes | bytearray | memoryview
 INT64_MAX = (1 << 63) - 1
+MAX_SPAN = 1 << 60  # product of a shape's sizes (0 counted as 1): 8-byte strides stay below 2**63
 
 
 @dataclass
@@ -146,7 +155,12 @@ def pack_head(header: bytes, version: int = FORMAT_VERSION, coding: int | None =
         stored = header
         if coding != HEADER_MSGPACK:
             packed = _deflate(header)
-            if coding == HEADER_DEFLATE or len(packed) < len(header):
+            # Readers refuse a header that inflates too far (a bomb looks like that), so such
+            # a header is stored plain.
+            expands = len(header) > max(MAX_INFLATED_FREE, MAX_HEADER_RATIO * len(packed))
+            if coding == HEADER_DEFLATE and expands:
+                raise SwsFormatError(f"a deflated header of {len(packed)} bytes would expand {len(header)} bytes")
+            if coding == HEADER_DEFLATE or (len(packed) < len(header) and not expands):
                 stored = packed
         coding = HEADER_DEFLATE if stored is not header else HEADER_MSGPACK
         head = MAGIC + struct.pack("<HBBII", 2, coding, 0, len(stored), len(header)) + stored
@@ -205,18 +219,25 @@ def serialize(c: Container) -> bytes:
                 values=stream(t.values),
             )
         entries.append(e)
-    header = msgpack.packb(
-        {
-            "format": "sws",
-            "version": c.version,
-            "library": c.library,
-            "architecture": c.architecture,
-            "metadata": dict(c.metadata),
-            "tensors": entries,
-        },
-        use_bin_type=True,
-    )
-    head = pack_head(header, c.version)
+    header_map = {
+        "format": "sws",
+        "version": c.version,
+        "library": c.library,
+        "architecture": c.architecture,
+        "metadata": dict(c.metadata),
+        "tensors": entries,
+    }
+    try:
+        header = msgpack.packb(header_map, use_bin_type=True)
+        # The reader's own checks, so that a file is never written that readers refuse.
+        if len(header) > MAX_HEADER:
+            raise SwsFormatError(f"header of {len(header)} bytes exceeds the {MAX_HEADER}-byte limit")
+        check_header(unpack_header(header), Prelude(c.version, HEADER_MSGPACK, len(header), len(header)))
+        head = pack_head(header, c.version)
+    except SwsFormatError as exc:
+        raise SwsEncodeError(f"the file would not be readable: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # msgpack cannot pack a value
+        raise SwsEncodeError(f"the header cannot be written: {type(exc).__name__}: {exc}") from None
     data_start = len(head)
     out = bytearray(data_start + end)
     out[:data_start] = head
@@ -245,10 +266,10 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict:
 
 def read_prelude(buf: Buffer) -> Prelude:
     """Validate the prelude (16 bytes in version 1, 20 in version 2)."""
+    if len(buf) < 8 or bytes(buf[:8]) != MAGIC:
+        raise SwsFormatError("not a .sws file: bad magic bytes at offset 0")
     if len(buf) < PRELUDE[1]:
         raise SwsFormatError(f"file of {len(buf)} bytes is shorter than the {PRELUDE[1]}-byte prelude")
-    if bytes(buf[:8]) != MAGIC:
-        raise SwsFormatError("not a .sws file: bad magic bytes at offset 0")
     version = struct.unpack("<H", bytes(buf[8:10]))[0]
     if version not in VERSIONS:
         raise SwsFormatError(f"format version {version} is not supported (this reader reads {list(VERSIONS)})")
@@ -269,6 +290,11 @@ def read_prelude(buf: Buffer) -> Prelude:
         raise SwsFormatError(f"decoded header length {size} outside [1, {MAX_HEADER}]")
     if coding == HEADER_MSGPACK and size != stored:
         raise SwsFormatError(f"plain msgpack header: decoded length {size} differs from stored length {stored}")
+    if coding == HEADER_DEFLATE and size > max(MAX_INFLATED_FREE, MAX_HEADER_RATIO * stored):
+        raise SwsFormatError(
+            f"deflated header of {stored} bytes declares {size} decoded bytes, more than "
+            f"{MAX_HEADER_RATIO} times its size (limit for headers over {MAX_INFLATED_FREE} bytes)"
+        )
     return Prelude(version, coding, stored, size)
 
 
@@ -288,21 +314,17 @@ def _inflate(raw: bytes, size: int) -> bytes:
     return out
 
 
-def decode_header(buf: Buffer, prelude: Prelude) -> dict:
-    """Check the header CRC, inflate it if deflated and unpack its msgpack map with
-    hostile-input limits."""
-    start = prelude.length
-    need = start + prelude.stored + 4
-    if len(buf) < need:
-        raise SwsFormatError(f"file truncated inside the header: {len(buf)} bytes, header needs {need}")
-    stored = struct.unpack("<I", bytes(buf[need - 4 : need]))[0]
-    if zlib.crc32(bytes(buf[: need - 4])) & 0xFFFFFFFF != stored:
-        raise SwsChecksumError("header CRC-32 mismatch: the header is corrupted")
-    raw = bytes(buf[start : need - 4])
-    if prelude.coding == HEADER_DEFLATE:
-        raw = _inflate(raw, prelude.size)
+def unpack_header(raw: bytes) -> Any:
+    """msgpack bytes -> Python objects, after a pass that bounds nesting and container count."""
+    status, _, _ = kernels.msgpack_shape(
+        np.frombuffer(raw, dtype=np.uint8), MAX_HEADER_DEPTH, MAX_HEADER_CONTAINERS, MAX_TENSORS
+    )
+    if status != kernels.MSGPACK_OK:
+        limits = (f" (limits: {MAX_HEADER_DEPTH} levels, {MAX_HEADER_CONTAINERS} maps and arrays, "
+                  f"{MAX_TENSORS} items in one)")
+        raise SwsFormatError(f"header msgpack {kernels.MSGPACK_STATUS[status]}{limits if status in (-4, -5, -7) else ''}")
     try:
-        header = msgpack.unpackb(
+        return msgpack.unpackb(
             raw,
             raw=False,
             use_list=True,
@@ -314,9 +336,105 @@ def decode_header(buf: Buffer, prelude: Prelude) -> dict:
         raise
     except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, StackError, ...)
         raise SwsFormatError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def decode_header(buf: Buffer, prelude: Prelude) -> dict:
+    """Check the header CRC, inflate it if deflated and unpack its msgpack map with
+    hostile-input limits."""
+    start = prelude.length
+    need = start + prelude.stored + 4
+    if len(buf) < need:
+        raise SwsFormatError(f"file truncated inside the header: {len(buf)} bytes, header needs {need}")
+    stored = struct.unpack("<I", bytes(buf[need - 4 : need]))[0]
+    if zlib.crc32(buf[: need - 4]) & 0xFFFFFFFF != stored:
+        raise SwsChecksumError("header CRC-32 mismatch: the header is corrupted")
+    raw = bytes(buf[start : need - 4])
+    if prelude.coding == HEADER_DEFLATE:
+        raw = _inflate(raw, prelude.size)
+    header = unpack_header(raw)
     if not isinstance(header, dict):
         raise SwsFormatError("header is not a msgpack map")
     return header
+
+
+class Section(NamedTuple):
+    """A section reference: bytes ``[offset, offset + length)`` of the data area and their CRC-32."""
+
+    offset: int
+    length: int
+    crc: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass
+class Entry:
+    """One tensor's header facts, validated, without its payload (what a lazy reader indexes).
+
+    ``start`` is where the previous tensor's sections end (the padding before this tensor's
+    first section begins there) and ``end`` where its own last section ends.
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    sections: tuple[Section, ...]  # raw: (data,); coded: (row_counts, gaps, values)
+    start: int
+    end: int
+    index_bits: int = 0
+    codebook: np.ndarray | None = None
+    nonzeros: int = 0
+    entries: int = 0
+    row_bits: int = 0
+    gap_lengths: np.ndarray | None = None
+    gap_bits: int = 0
+    value_lengths: np.ndarray | None = None
+    value_bits: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return (SWS_DTYPES if self.kind == "sws" else RAW_DTYPES)[self.dtype].itemsize
+
+    @property
+    def output_bytes(self) -> int:
+        """The most a decoder allocates for this tensor: its dense bytes and, for a coded
+        tensor, a count per row and a column index per non-zero (sparse CSR output)."""
+        dense = self.numel * self.itemsize
+        if self.kind == "raw":
+            return dense
+        rows, _ = matrix_shape(self.shape)
+        return dense + 8 * (rows + 1) + 8 * self.nonzeros
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.length for s in self.sections)
+
+
+@dataclass
+class Header:
+    """A validated header: file facts and the index of tensors, no payload."""
+
+    version: int
+    library: str
+    architecture: dict[str, Any] | None
+    metadata: dict[str, str]
+    entries: list[Entry]
+    data_start: int
+    data_length: int
+    stored: int  # header bytes in the file
+    size: int  # decoded msgpack bytes
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def file_size(self) -> int:
+        return self.data_start + self.data_length
 
 
 class _Check:
@@ -327,9 +445,9 @@ class _Check:
             raise SwsFormatError(f"{where(tensor, ctx)}expected a map, got {type(m).__name__}")
         self.m, self.tensor, self.ctx = m, tensor, ctx
 
-    def keys(self, required: set[str]) -> None:
-        got = set(self.m)
-        if got != required:
+    def keys(self, required: frozenset[str]) -> None:
+        if self.m.keys() != required:
+            got = set(self.m)
             missing, extra = sorted(required - got), sorted(got - required)
             raise SwsFormatError(f"{where(self.tensor, self.ctx)}missing keys {missing}, unexpected keys {extra}")
 
@@ -343,7 +461,8 @@ class _Check:
         v = self.m[key]
         if not isinstance(v, str) or len(v) > max_len or (choices is not None and v not in choices):
             allowed = f" (one of {sorted(choices)})" if choices is not None else ""
-            raise SwsFormatError(f"{where(self.tensor, key)}{v!r} is not a valid string{allowed}")
+            shown = repr(v) if not isinstance(v, str) or len(v) <= 80 else f"a string of {len(v)} characters"
+            raise SwsFormatError(f"{where(self.tensor, key)}{shown} is not a valid string{allowed}")
         return v
 
     def bytes(self, key: str) -> bytes:
@@ -356,96 +475,162 @@ class _Check:
 def _shape(v: Any, name: str) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > MAX_NDIM:
         raise SwsFormatError(f"{where(name, 'shape')}expected a list of at most {MAX_NDIM} sizes")
-    numel = 1
+    span = 1  # the element count with empty dimensions counted as 1: strides must fit in int64
     for s in v:
         if type(s) is not int or s < 0 or s > INT64_MAX:
             raise SwsFormatError(f"{where(name, 'shape')}size {s!r} is not a non-negative integer")
-        numel *= s
-        if numel > INT64_MAX:
-            raise SwsFormatError(f"{where(name, 'shape')}element count overflows int64")
+        span *= max(s, 1)
+        if span > MAX_SPAN:
+            raise SwsFormatError(f"{where(name, 'shape')}sizes {v} overflow int64 strides (product over 2**60)")
     return tuple(v)
 
 
 class _Layout:
-    """Checks that sections follow each other canonically and fit the file."""
+    """Checks that section references follow each other canonically (header only)."""
 
-    def __init__(self, data: memoryview, verify: bool, version: int) -> None:
-        self.data, self.verify, self.version, self.end = data, verify, version, 0
+    def __init__(self, version: int) -> None:
+        self.version, self.end = version, 0
 
-    def take(self, v: Any, name: str, field_name: str, aligned: bool = False) -> np.ndarray:
-        if not isinstance(v, list) or len(v) != 3 or any(type(x) is not int for x in v):
+    def take(self, v: Any, name: str, field_name: str, aligned: bool = False) -> Section:
+        if type(v) is not list or len(v) != 3:
             raise SwsFormatError(f"{where(name, field_name)}section must be [offset, length, crc32]")
         off, length, crc = v
+        if type(off) is not int or type(length) is not int or type(crc) is not int:
+            raise SwsFormatError(f"{where(name, field_name)}section must be [offset, length, crc32]")
         expected = section_start(self.end, self.version, aligned)
         if off != expected:
             raise SwsFormatError(
                 f"{where(name, field_name)}section offset {off} != expected {expected} "
                 "(sections must be in order, aligned as SPEC.md says, without gaps or overlaps)"
             )
-        if length < 0 or off + length > len(self.data):
-            raise SwsFormatError(
-                f"{where(name, field_name)}section [{off}, +{length}) runs past the end of the "
-                f"data area ({len(self.data)} bytes): file truncated?"
-            )
-        if any(self.data[self.end : off]):
-            raise SwsFormatError(f"{where(name, field_name)}padding before the section is not zero")
+        if not 0 <= length <= INT64_MAX - off:
+            raise SwsFormatError(f"{where(name, field_name)}section length {length} out of range")
         if not 0 <= crc <= 0xFFFFFFFF:
             raise SwsFormatError(f"{where(name, field_name)}crc32 {crc} out of range")
-        chunk = self.data[off : off + length]
-        if self.verify and zlib.crc32(chunk) & 0xFFFFFFFF != crc:
-            raise SwsChecksumError(f"{where(name, field_name)}CRC-32 mismatch: section corrupted")
         self.end = off + length
-        return np.frombuffer(chunk, dtype=np.uint8)
-
-    def finish(self) -> None:
-        if len(self.data) != self.end:
-            raise SwsFormatError(
-                f"data area is {len(self.data)} bytes but sections end at {self.end}: trailing or missing bytes"
-            )
+        return Section(off, length, crc)
 
 
-def _stream(v: Any, name: str, fld: str, alphabet: int, count: int, layout: _Layout) -> Stream:
+_STREAM_KEYS = frozenset({"coder", "code", "bits", "section"})
+_TOP_KEYS = frozenset({"format", "version", "library", "architecture", "metadata", "tensors"})
+_RAW_KEYS = frozenset({"name", "kind", "dtype", "shape", "data"})
+_SWS_KEYS = frozenset(
+    {"name", "kind", "dtype", "shape", "index_bits", "codebook", "nonzeros", "entries",
+     "row_bits", "row_counts", "gaps", "values"}
+)
+
+
+def check_code_lengths(lengths: np.ndarray, count: int, tensor: str, fld: str) -> None:
+    """A usable canonical prefix code whatever the stream's symbol count: lengths of at most
+    15 bits that satisfy Kraft's inequality, and at least one code when there are symbols.
+    (Decode tables are built from every table, so an empty stream's table is checked too.)"""
+    loc = where(tensor, fld)
+    if lengths.size and int(lengths.max()) > MAX_CODE_LENGTH:
+        raise SwsFormatError(f"{loc}code length {int(lengths.max())} exceeds {MAX_CODE_LENGTH}")
+    used = lengths[lengths > 0].astype(np.int64)
+    if int((np.int64(1) << (MAX_CODE_LENGTH - used)).sum()) > 1 << MAX_CODE_LENGTH:
+        raise SwsFormatError(f"{loc}code lengths are over-subscribed (Kraft sum > 1)")
+    if count and used.size == 0:
+        raise SwsFormatError(f"{loc}no symbol has a code but the stream holds {count} symbols")
+
+
+def _stream(v: Any, name: str, fld: str, alphabet: int, count: int, layout: _Layout) -> tuple[np.ndarray, int, Section]:
     c = _Check(v, name, fld)
-    c.keys({"coder", "code", "bits", "section"})
-    coder = c.str("coder", {CODER_HUFFMAN})
+    c.keys(_STREAM_KEYS)
+    c.str("coder", {CODER_HUFFMAN})
     raw = c.bytes("code")
     if len(raw) != (alphabet + 1) // 2:
         raise SwsFormatError(f"{where(name, fld)}code table of {len(raw)} bytes, alphabet of {alphabet} symbols needs {(alphabet + 1) // 2}")
     code = unpack_nibbles(raw, alphabet)
     if alphabet % 2 and raw[-1] & 0x0F:
         raise SwsFormatError(f"{where(name, fld)}padding nibble of the code table is not zero")
-    max_bits = count * MAX_CODE_LENGTH
-    bits = c.int("bits", 0, max_bits)
+    check_code_lengths(code, count, name, fld)
+    bits = c.int("bits", 0, count * MAX_CODE_LENGTH)
     used = code[code > 0]
-    if count and used.size and bits < count * int(used.min()):
+    if count and bits < count * int(used.min()):
         raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {count} symbols")
-    data = layout.take(c.m["section"], name, fld)
-    if data.size != (bits + 7) // 8:
-        raise SwsFormatError(f"{where(name, fld)}section of {data.size} bytes for {bits} bits")
-    return Stream(code, bits, data, coder)
+    section = layout.take(c.m["section"], name, fld)
+    if section.length != (bits + 7) // 8:
+        raise SwsFormatError(f"{where(name, fld)}section of {section.length} bytes for {bits} bits")
+    return code, bits, section
 
 
-def parse(buf: Buffer, verify: bool = True) -> Container:
-    """Validate and parse a whole file; sections are zero-copy views into ``buf``."""
-    mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
-    prelude = read_prelude(mv)
-    version = prelude.version
-    header = decode_header(mv, prelude)
-    data_start = prelude.data_start
-    if len(mv) < data_start:
-        raise SwsFormatError(f"file truncated before the data area at offset {data_start}")
-    if any(mv[prelude.length + prelude.stored + 4 : data_start]):
-        raise SwsFormatError("padding between header CRC and data area is not zero")
+def _entry(i: int, tv: Any, layout: _Layout, names: set[str]) -> Entry:
+    pre = _Check(tv, f"#{i}", "tensor")
+    if "name" not in pre.m:
+        raise SwsFormatError(f"tensor #{i}: missing 'name'")
+    name = pre.str("name")
+    if name in names:
+        raise SwsFormatError(f"{where(name, 'name')}duplicate tensor name")
+    names.add(name)
+    c = _Check(tv, name, "tensor")
+    if "kind" not in c.m:
+        raise SwsFormatError(f"{where(name, 'kind')}missing")
+    kind = c.str("kind", {"sws", "raw"})
+    start = layout.end
+    if kind == "raw":
+        c.keys(_RAW_KEYS)
+        dtype = c.str("dtype", RAW_DTYPES)
+        shape = _shape(c.m["shape"], name)
+        data = layout.take(c.m["data"], name, "data", aligned=True)
+        numel = math.prod(shape)
+        if data.length != numel * RAW_DTYPES[dtype].itemsize:
+            raise SwsFormatError(f"{where(name, 'data')}{data.length} bytes for {numel} {dtype} elements")
+        return Entry(name, kind, dtype, shape, (data,), start, layout.end)
+    c.keys(_SWS_KEYS)
+    dtype = c.str("dtype", SWS_DTYPES)
+    shape = _shape(c.m["shape"], name)
+    rows, cols = matrix_shape(shape)
+    numel = rows * cols
+    index_bits = c.int("index_bits", 1, MAX_INDEX_BITS)
+    cb_raw = c.bytes("codebook")
+    itemsize = SWS_DTYPES[dtype].itemsize
+    if len(cb_raw) % itemsize or len(cb_raw) // itemsize > MAX_CODEBOOK:
+        raise SwsFormatError(f"{where(name, 'codebook')}{len(cb_raw)} bytes is not a list of at most {MAX_CODEBOOK} {dtype}")
+    codebook = np.frombuffer(cb_raw, dtype=SWS_DTYPES[dtype])
+    if codebook.size:
+        if np.any(codebook == 0):
+            raise SwsFormatError(f"{where(name, 'codebook')}holds the zero pattern, which is implicit")
+        if np.unique(codebook).size != codebook.size:
+            raise SwsFormatError(f"{where(name, 'codebook')}holds duplicate values")
+        finite = (codebook & 0x7F80) != 0x7F80 if dtype == "bfloat16" else np.isfinite(codebook.view(dtype))
+        if not np.all(finite):
+            raise SwsFormatError(f"{where(name, 'codebook')}holds a non-finite value")
+    nonzeros = c.int("nonzeros", 0, numel)
+    # Every entry either is a non-zero or bridges 2**index_bits zeros, so entries are bounded.
+    entries = c.int("entries", nonzeros, nonzeros + numel // (1 << index_bits) + rows)
+    if nonzeros and codebook.size == 0:
+        raise SwsFormatError(f"{where(name, 'codebook')}is empty but the tensor has {nonzeros} non-zeros")
+    row_bits = c.int("row_bits", 0, MAX_ROW_BITS)
+    if entries and row_bits == 0:
+        raise SwsFormatError(f"{where(name, 'row_bits')}is 0 but the tensor has {entries} entries")
+    row_counts = layout.take(c.m["row_counts"], name, "row_counts")
+    if row_counts.length != (rows * row_bits + 7) // 8:
+        raise SwsFormatError(f"{where(name, 'row_counts')}{row_counts.length} bytes for {rows} counts of {row_bits} bits")
+    glen, gbits, gsec = _stream(c.m["gaps"], name, "gaps", 1 << index_bits, entries, layout)
+    vlen, vbits, vsec = _stream(c.m["values"], name, "values", codebook.size + 1, entries, layout)
+    return Entry(
+        name, kind, dtype, shape, (row_counts, gsec, vsec), start, layout.end,
+        index_bits, codebook, nonzeros, entries, row_bits, glen, gbits, vlen, vbits,
+    )
+
+
+def check_header(header: dict, prelude: Prelude) -> Header:
+    """Validate a decoded header map against the schema, the limits and the canonical layout.
+
+    Needs no payload: the result says how long the data area must be and where every
+    section lies, so a reader can check the file size before reading further.
+    """
     top = _Check(header, None, "header")
-    top.keys({"format", "version", "library", "architecture", "metadata", "tensors"})
+    top.keys(_TOP_KEYS)
     top.str("format", {"sws"})
-    if top.int("version", 0, 65535) != version:
+    if top.int("version", 0, 65535) != prelude.version:
         raise SwsFormatError("header version differs from the prelude version")
     library = top.str("library")
     arch = header["architecture"]
     if arch is not None:
         a = _Check(arch, None, "architecture")
-        a.keys({"name", "kwargs"})
+        a.keys(frozenset({"name", "kwargs"}))
         a.str("name")
         if not isinstance(arch["kwargs"], dict):
             raise SwsFormatError("architecture kwargs must be a map")
@@ -455,70 +640,70 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
     tensors_v = header["tensors"]
     if not isinstance(tensors_v, list):
         raise SwsFormatError("'tensors' must be a list")
-    layout = _Layout(mv[data_start:], verify, version)
-    tensors: list[Tensor] = []
+    if len(tensors_v) > MAX_TENSORS:
+        raise SwsFormatError(f"header lists {len(tensors_v)} tensors, more than the limit of {MAX_TENSORS}")
+    layout = _Layout(prelude.version)
     names: set[str] = set()
-    for i, tv in enumerate(tensors_v):
-        pre = _Check(tv, f"#{i}", "tensor")
-        if "name" not in pre.m:
-            raise SwsFormatError(f"tensor #{i}: missing 'name'")
-        name = pre.str("name")
-        if name in names:
-            raise SwsFormatError(f"{where(name, 'name')}duplicate tensor name")
-        names.add(name)
-        c = _Check(tv, name, "tensor")
-        if "kind" not in c.m:
-            raise SwsFormatError(f"{where(name, 'kind')}missing")
-        kind = c.str("kind", {"sws", "raw"})
-        if kind == "raw":
-            c.keys({"name", "kind", "dtype", "shape", "data"})
-            dtype = c.str("dtype", RAW_DTYPES)
-            shape = _shape(c.m["shape"], name)
-            numel = int(np.prod(shape, dtype=object)) if shape else 1
-            data = layout.take(c.m["data"], name, "data", aligned=True)
-            if data.size != numel * RAW_DTYPES[dtype].itemsize:
-                raise SwsFormatError(f"{where(name, 'data')}{data.size} bytes for {numel} {dtype} elements")
-            tensors.append(RawTensor(name, dtype, shape, data))
-            continue
-        c.keys(
-            {"name", "kind", "dtype", "shape", "index_bits", "codebook", "nonzeros", "entries",
-             "row_bits", "row_counts", "gaps", "values"}
+    entries = [_entry(i, tv, layout, names) for i, tv in enumerate(tensors_v)]
+    return Header(
+        prelude.version, library, arch, dict(meta), entries, prelude.data_start, layout.end,
+        prelude.stored, prelude.size, header,
+    )
+
+
+def read_index(buf: Buffer) -> Header:
+    """Prelude and header of ``buf`` (which may stop after the header), fully validated."""
+    mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+    prelude = read_prelude(mv)
+    return check_header(decode_header(mv, prelude), prelude)
+
+
+def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
+    """The tensor ``e`` from ``chunk``, the data area bytes ``[e.start, e.end)``: checks the
+    zero padding and (with ``verify``) every section's CRC-32; arrays are views of ``chunk``."""
+    mv = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
+    if len(mv) != e.end - e.start:
+        raise SwsFormatError(f"{where(e.name)}file truncated: {len(mv)} of {e.end - e.start} bytes of its sections")
+    names = ("data",) if e.kind == "raw" else ("row_counts", "gaps", "values")
+    arrays = []
+    pos = 0
+    for fld, s in zip(names, e.sections):
+        off = s.offset - e.start
+        if any(mv[pos:off]):
+            raise SwsFormatError(f"{where(e.name, fld)}padding before the section is not zero")
+        part = mv[off : off + s.length]
+        if verify and zlib.crc32(part) & 0xFFFFFFFF != s.crc:
+            raise SwsChecksumError(f"{where(e.name, fld)}CRC-32 mismatch: section corrupted")
+        arrays.append(np.frombuffer(part, dtype=np.uint8))
+        pos = off + s.length
+    if e.kind == "raw":
+        return RawTensor(e.name, e.dtype, e.shape, arrays[0])
+    return SwsTensor(
+        e.name, e.dtype, e.shape, e.index_bits, e.codebook, e.nonzeros, e.entries, e.row_bits, arrays[0],
+        Stream(e.gap_lengths, e.gap_bits, arrays[1]), Stream(e.value_lengths, e.value_bits, arrays[2]),
+    )
+
+
+def check_padding(buf: Buffer, h: Header) -> None:
+    """The zero bytes between the header CRC and the data area."""
+    if any(buf[h.data_start - (-(PRELUDE[h.version] + h.stored + 4) % ALIGN) : h.data_start]):
+        raise SwsFormatError("padding between header CRC and data area is not zero")
+
+
+def parse(buf: Buffer, verify: bool = True) -> Container:
+    """Validate and parse a whole file; sections are zero-copy views into ``buf``."""
+    mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+    h = read_index(mv)
+    if len(mv) < h.data_start:
+        raise SwsFormatError(f"file truncated before the data area at offset {h.data_start}")
+    check_padding(mv, h)
+    data = mv[h.data_start :]
+    if len(data) != h.data_length:
+        raise SwsFormatError(
+            f"data area is {len(data)} bytes but sections end at {h.data_length}: "
+            f"{'file truncated' if len(data) < h.data_length else 'trailing bytes'}"
         )
-        dtype = c.str("dtype", SWS_DTYPES)
-        shape = _shape(c.m["shape"], name)
-        rows, cols = matrix_shape(shape)
-        numel = rows * cols
-        index_bits = c.int("index_bits", 1, MAX_INDEX_BITS)
-        cb_raw = c.bytes("codebook")
-        itemsize = SWS_DTYPES[dtype].itemsize
-        if len(cb_raw) % itemsize or len(cb_raw) // itemsize > MAX_CODEBOOK:
-            raise SwsFormatError(f"{where(name, 'codebook')}{len(cb_raw)} bytes is not a list of at most {MAX_CODEBOOK} {dtype}")
-        codebook = np.frombuffer(cb_raw, dtype=SWS_DTYPES[dtype])
-        if np.any(codebook == 0):
-            raise SwsFormatError(f"{where(name, 'codebook')}holds the zero pattern, which is implicit")
-        if np.unique(codebook).size != codebook.size:
-            raise SwsFormatError(f"{where(name, 'codebook')}holds duplicate values")
-        if dtype != "bfloat16" and not np.all(np.isfinite(codebook.view(dtype))):
-            raise SwsFormatError(f"{where(name, 'codebook')}holds a non-finite value")
-        if dtype == "bfloat16" and np.any((codebook & 0x7F80) == 0x7F80):
-            raise SwsFormatError(f"{where(name, 'codebook')}holds a non-finite value")
-        nonzeros = c.int("nonzeros", 0, numel)
-        maxgap = (1 << index_bits)
-        # Every entry either is a non-zero or bridges maxgap zeros, so entries are bounded.
-        max_entries = nonzeros + numel // maxgap + rows
-        entries = c.int("entries", nonzeros, max_entries)
-        if nonzeros and codebook.size == 0:
-            raise SwsFormatError(f"{where(name, 'codebook')}is empty but the tensor has {nonzeros} non-zeros")
-        row_bits = c.int("row_bits", 0, MAX_ROW_BITS)
-        if entries and row_bits == 0:
-            raise SwsFormatError(f"{where(name, 'row_bits')}is 0 but the tensor has {entries} entries")
-        row_counts = layout.take(c.m["row_counts"], name, "row_counts")
-        if row_counts.size != (rows * row_bits + 7) // 8:
-            raise SwsFormatError(f"{where(name, 'row_counts')}{row_counts.size} bytes for {rows} counts of {row_bits} bits")
-        gaps = _stream(c.m["gaps"], name, "gaps", 1 << index_bits, entries, layout)
-        values = _stream(c.m["values"], name, "values", codebook.size + 1, entries, layout)
-        tensors.append(
-            SwsTensor(name, dtype, shape, index_bits, codebook, nonzeros, entries, row_bits, row_counts, gaps, values)
-        )
-    layout.finish()
-    return Container(tensors, dict(meta), arch, library, version, raw_header=header, header_bytes=prelude.stored, header_size=prelude.size)
+    tensors = [materialize(e, data[e.start : e.end], verify) for e in h.entries]
+    return Container(
+        tensors, h.metadata, h.architecture, h.library, h.version, raw_header=h.raw, header_bytes=h.stored, header_size=h.size
+    )

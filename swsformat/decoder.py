@@ -1,30 +1,23 @@
-"""torch adapter that reads ``.sws`` bytes back into tensors, dense or sparse CSR.
+"""Container tensors -> torch tensors, dense or sparse CSR (no file access: see :mod:`.reader`).
 
-All validation happens in :func:`swsformat.container.parse` and :func:`_prepare` before a
-numba kernel runs; the kernels then check only what depends on the coded bits.
+Every header fact (code tables included) is validated by :mod:`swsformat.container` before
+a tensor gets here; :func:`_prepare` checks the row counts, and the kernels check only what
+depends on the coded bits.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import kernels
-from .container import Container, RawTensor, SwsTensor, decode_header, parse, read_prelude
-from .errors import SwsDecodeError, SwsFormatError, where
-from .huffman import decode_table, validate_lengths
-from .spec import MAX_PRELUDE, RAW_DTYPES, SWS_DTYPES, matrix_shape
-
-PathLike = str | os.PathLike
+from .container import RawTensor, SwsTensor
+from .errors import SwsDecodeError, where
+from .huffman import decode_table
+from .spec import RAW_DTYPES, matrix_shape
 
 TORCH_DTYPES = {
     "float64": torch.float64,
@@ -39,28 +32,6 @@ TORCH_DTYPES = {
     "bool": torch.bool,
 }
 _PATTERN_TORCH = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
-
-# Decoded output may exceed the file by this factor (or MIN_OUTPUT_LIMIT) unless the caller
-# raises the limit: a tiny hostile file cannot make the reader allocate gigabytes.
-MAX_EXPANSION = 4096
-MIN_OUTPUT_LIMIT = 64 * 1024 * 1024
-
-
-def _nbytes(t: SwsTensor | RawTensor) -> int:
-    size = SWS_DTYPES[t.dtype].itemsize if isinstance(t, SwsTensor) else RAW_DTYPES[t.dtype].itemsize
-    return math.prod(t.shape) * size
-
-
-def check_output_size(c: Container, file_size: int, max_output_bytes: int | None) -> None:
-    """Refuse files whose decoded size is out of proportion to their size on disk."""
-    limit = max_output_bytes if max_output_bytes is not None else max(MIN_OUTPUT_LIMIT, MAX_EXPANSION * file_size)
-    total = sum(_nbytes(t) for t in c.tensors)
-    if total > limit:
-        raise SwsFormatError(
-            f"tensors declare {total} decoded bytes, over the limit of {limit} for a {file_size}-byte file; "
-            "pass max_output_bytes= to allow it if you trust the file"
-        )
-
 
 @dataclass
 class _Prepared:
@@ -79,8 +50,6 @@ def _prepare(t: SwsTensor) -> _Prepared:
         raise SwsDecodeError(f"{where(t.name, 'row_counts')}a row holds more entries than its {cols} columns")
     if int(counts.sum()) != t.entries:
         raise SwsDecodeError(f"{where(t.name, 'row_counts')}counts sum to {int(counts.sum())}, header says {t.entries} entries")
-    validate_lengths(t.gaps.code_lengths, t.entries, t.name, "gaps")
-    validate_lengths(t.values.code_lengths, t.entries, t.name, "values")
     gtable, gmax = decode_table(t.gaps.code_lengths)
     vtable, vmax = decode_table(t.values.code_lengths)
     codebook = np.concatenate([np.zeros(1, dtype=t.codebook.dtype), t.codebook])
@@ -96,8 +65,10 @@ def _fail(t: SwsTensor, status: int, row: int) -> None:
 def decode_dense_array(t: SwsTensor) -> np.ndarray:
     """Bit patterns of the dense tensor, shaped like the original."""
     rows, cols = matrix_shape(t.shape)
-    p = _prepare(t)
     out = np.zeros(rows * cols, dtype=t.codebook.dtype)
+    if t.entries == 0:  # nothing coded: no per-row work, whatever the row count
+        return out.reshape(t.shape)
+    p = _prepare(t)
     status, row = kernels.decode_dense(
         p.row_counts, cols, t.gaps.data, t.gaps.bits, p.gtable, p.gmax,
         t.values.data, t.values.bits, p.vtable, p.vmax, p.codebook, t.nonzeros, out,
@@ -109,10 +80,12 @@ def decode_dense_array(t: SwsTensor) -> np.ndarray:
 def decode_csr_arrays(t: SwsTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(crow_indices, col_indices, value patterns)`` of the tensor's 2-D view."""
     rows, cols = matrix_shape(t.shape)
-    p = _prepare(t)
     crow = np.zeros(rows + 1, dtype=np.int64)
     col = np.zeros(t.nonzeros, dtype=np.int64)
     vals = np.zeros(t.nonzeros, dtype=t.codebook.dtype)
+    if t.entries == 0:
+        return crow, col, vals
+    p = _prepare(t)
     status, row = kernels.decode_csr(
         p.row_counts, cols, t.gaps.data, t.gaps.bits, p.gtable, p.gmax,
         t.values.data, t.values.bits, p.vtable, p.vmax, p.codebook, crow, col, vals,
@@ -143,103 +116,3 @@ def tensor_from_entry(t: SwsTensor | RawTensor, device: torch.device | str = "cp
             )
         return out.to(device)
     return _patterns_to_torch(decode_dense_array(t), t.dtype).to(device)
-
-
-def _read(path: PathLike) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except IsADirectoryError:
-        raise SwsFormatError(f"{path}: is a directory, not a .sws file") from None
-
-
-def load(
-    data: bytes, device: torch.device | str = "cpu", sparse: bool = False, max_output_bytes: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Decode ``.sws`` bytes into a state_dict (see :func:`load_state_dict`)."""
-    c = parse(data)
-    check_output_size(c, len(data), max_output_bytes)
-    return {t.name: tensor_from_entry(t, device, sparse) for t in c.tensors}
-
-
-def load_state_dict(
-    path: PathLike, device: torch.device | str = "cpu", sparse: bool = False, max_output_bytes: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Load a ``.sws`` file into a state_dict of tensors on ``device``.
-
-    Args:
-        path: the file.
-        device: torch device for every tensor.
-        sparse: return coded tensors of 2+ dimensions as ``torch.sparse_csr_tensor`` of
-            their 2-D view ``(shape[0], prod(shape[1:]))``.
-        max_output_bytes: refuse files that decode to more bytes (default: the larger of
-            64 MiB and 4096 times the file size).
-
-    Example:
-        >>> import swsformat
-        >>> sd = swsformat.load_state_dict("/tmp/tiny.sws")  # doctest: +SKIP
-    """
-    return load(_read(path), device, sparse, max_output_bytes)
-
-
-def read_container(path: PathLike) -> Container:
-    """Parse and validate a whole file without decoding its payload streams."""
-    return parse(_read(path))
-
-
-def read_header(path: PathLike) -> dict[str, Any]:
-    """Read only the prelude and header (no payload), checking the header CRC."""
-    with open(path, "rb") as f:
-        head = f.read(MAX_PRELUDE)
-        prelude = read_prelude(head)
-        head += f.read(prelude.length + prelude.stored + 4 - len(head))
-    return decode_header(head, prelude)
-
-
-def build_architecture(arch: Mapping[str, Any] | None) -> nn.Module:
-    """Instantiate the architecture a file names (one of the built-in registry)."""
-    from .retrain.models import build_model
-
-    if arch is None:
-        raise SwsFormatError("the file names no architecture: pass the module to load_model(path, module)")
-    return build_model(arch["name"], **arch["kwargs"])
-
-
-def load_model(
-    path: PathLike,
-    module: nn.Module | None = None,
-    device: torch.device | str = "cpu",
-    sparse: bool = False,
-    strict: bool = True,
-) -> nn.Module:
-    """Load a ``.sws`` file into ``module`` (or the file's built-in architecture) in eval mode.
-
-    With ``sparse=True`` linear and conv layers run on CSR weights (see
-    :mod:`swsformat.sparse`). ``strict`` is passed to ``load_state_dict``; missing or
-    unexpected keys raise.
-    """
-    raw = _read(path)
-    c = parse(raw)
-    check_output_size(c, len(raw), None)
-    sd = {t.name: tensor_from_entry(t, "cpu", False) for t in c.tensors}
-    if module is None:
-        # Built on the meta device: no random initialisation of weights that are replaced at once
-        # (a third of the load time of LeNet-5-Caffe); the decoded tensors become the parameters,
-        # in the architecture's own dtypes (a float16 file still gives a float32 model).
-        with torch.device("meta"):
-            module = build_architecture(c.architecture)
-        ref = module.state_dict()
-        sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
-        try:
-            module.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as e:
-            name = c.architecture["name"] if c.architecture else "?"
-            detail = " ".join(str(e).split())
-            raise SwsFormatError(f"the file's tensors do not fit its architecture {name!r}: {detail}") from None
-    else:
-        module.load_state_dict(sd, strict=strict)
-    module = module.to(device).eval()
-    if sparse:
-        from .sparse import sparsify_
-
-        sparsify_(module)
-    return module

@@ -9,9 +9,7 @@ raw. The same input always gives the same bytes.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ from torch import nn
 from . import __version__, kernels
 from .container import Container, RawTensor, Stream, SwsTensor, serialize
 from .errors import SwsEncodeError, where
+from .files import atomic_write
 from .huffman import canonical_codes, code_lengths
 from .spec import (
     FORMAT_VERSION,
@@ -249,38 +248,6 @@ def to_container(
 def encode_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **kwargs: Any) -> bytes:
     """Like :func:`encode` but return the file's bytes."""
     return serialize(to_container(model_or_state_dict, **kwargs))
-
-
-def _file_mode(path: Path) -> int:
-    """The mode a plain ``open(path, "w")`` would give: the old file's, else 0o666 & ~umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename.
-
-    On any failure the temp file is removed and an existing file at ``path`` is untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _file_mode(path))
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def encode(

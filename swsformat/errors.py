@@ -35,3 +35,15 @@ def where(tensor: str | None, field: str | None = None) -> str:
     if field is not None:
         parts.append(f"field {field!r}")
     return ", ".join(parts) + ": " if parts else ""
+
+
+class SwsOutputError(SwsError):
+    """An output path that cannot or must not be written (missing folder, its own input)."""
+
+
+class SwsCheckpointError(SwsError):
+    """A training checkpoint is corrupt, from other settings, or of a finished run."""
+
+
+class SwsTrainingError(SwsError):
+    """Compression produced a model not worth writing (lost its weights, fell to chance)."""

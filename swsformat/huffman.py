@@ -11,7 +11,6 @@ import numpy as np
 from dahuffman import HuffmanCodec
 
 from . import kernels
-from .errors import SwsDecodeError, where
 from .spec import MAX_CODE_LENGTH
 
 
@@ -50,23 +49,11 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return kernels.canonical_codes(np.asarray(lengths, dtype=np.uint8))
 
 
-def validate_lengths(lengths: np.ndarray, count: int, tensor: str, field: str) -> None:
-    """Reject code-length tables that are not a usable prefix code for ``count`` symbols."""
-    loc = where(tensor, field)
-    if lengths.size and int(lengths.max()) > MAX_CODE_LENGTH:
-        raise SwsDecodeError(f"{loc}code length {int(lengths.max())} exceeds {MAX_CODE_LENGTH}")
-    if count == 0:
-        return
-    if not lengths.any():
-        raise SwsDecodeError(f"{loc}no symbol has a code but the stream holds {count} symbols")
-    if kernels.kraft_units(lengths) > 1 << MAX_CODE_LENGTH:
-        raise SwsDecodeError(f"{loc}code lengths are over-subscribed (Kraft sum > 1)")
-
-
 def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, int]:
     """Lookup table of ``2**maxlen`` int32 entries ``symbol << 5 | length`` (-1: no codeword).
 
-    Call :func:`validate_lengths` first.
+    The lengths must have passed :func:`swsformat.container.check_code_lengths` (Kraft's
+    inequality), so that every codeword's range fits the table.
     """
     table, maxlen = kernels.decode_table(np.asarray(lengths, dtype=np.uint8))
     return table, int(maxlen)

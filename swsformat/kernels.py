@@ -241,7 +241,7 @@ def _next_symbol(data, nbytes, table, maxlen, st):
 
 @jit
 def decode_symbols(data, nbits, table, maxlen, count):
-    """Decode ``count`` symbols of one stream (used for reports); returns (symbols, status)."""
+    """Decode ``count`` symbols of one stream; returns (symbols, status)."""
     out = np.zeros(count, dtype=np.int64)
     st = np.zeros(4, dtype=np.int64)
     for i in range(count):
@@ -251,6 +251,23 @@ def decode_symbols(data, nbits, table, maxlen, count):
         if st[3] > nbits:
             return out, ERR_OVERRUN
         out[i] = s
+    if st[3] != nbits:
+        return out, ERR_TRAILING
+    return out, OK
+
+
+@jit
+def symbol_counts(data, nbits, table, maxlen, count, alphabet):
+    """Histogram of the ``count`` symbols of one stream (for reports); returns (counts, status)."""
+    out = np.zeros(alphabet, dtype=np.int64)
+    st = np.zeros(4, dtype=np.int64)
+    for _ in range(count):
+        s = _next_symbol(data, data.shape[0], table, maxlen, st)
+        if s < 0:
+            return out, s
+        if st[3] > nbits:
+            return out, ERR_OVERRUN
+        out[s] += 1
     if st[3] != nbits:
         return out, ERR_TRAILING
     return out, OK
@@ -330,3 +347,116 @@ def decode_csr(row_counts, cols, gdata, gbits, gtable, gmax, vdata, vbits, vtabl
     if k != nnz:
         return ERR_NONZEROS, -1
     return OK, -1
+
+
+MSGPACK_OK = 0
+MSGPACK_TRUNCATED = -1
+MSGPACK_BAD_TYPE = -2
+MSGPACK_EXTENSION = -3
+MSGPACK_TOO_DEEP = -4
+MSGPACK_TOO_MANY = -5
+MSGPACK_TRAILING = -6
+MSGPACK_TOO_LONG = -7
+
+MSGPACK_STATUS = {
+    MSGPACK_TRUNCATED: "ends inside an object",
+    MSGPACK_BAD_TYPE: "holds the reserved type byte 0xc1",
+    MSGPACK_EXTENSION: "holds an extension type, which is not allowed",
+    MSGPACK_TOO_DEEP: "nests containers too deeply",
+    MSGPACK_TOO_MANY: "holds too many maps and arrays",
+    MSGPACK_TRAILING: "has bytes after its first object",
+    MSGPACK_TOO_LONG: "holds an array or map with too many items",
+}
+
+
+@jit
+def _be(data, pos, n):
+    v = np.int64(0)
+    for i in range(n):
+        v = (v << 8) | np.int64(data[pos + i])
+    return v
+
+
+@jit
+def msgpack_shape(data: np.ndarray, max_depth: int, max_containers: int, max_items: int):
+    """Walk one msgpack object without building it: returns (status, containers, depth).
+
+    The unpacker builds a Python object per map and array, so a 16 MiB header of empty maps
+    would cost gigabytes; this pass bounds nesting and container count first, reading only
+    inside ``data`` (every length is checked against the bytes left before it is used).
+    """
+    n = data.shape[0]
+    stack = np.zeros(max_depth + 1, dtype=np.int64)  # objects still expected at each level
+    depth = 0
+    deepest = 0
+    containers = 0
+    pos = 0
+    stack[0] = 1
+    while True:
+        while depth >= 0 and stack[depth] == 0:
+            depth -= 1
+        if depth < 0:
+            break
+        stack[depth] -= 1
+        if pos >= n:
+            return MSGPACK_TRUNCATED, containers, deepest
+        b = np.int64(data[pos])
+        pos += 1
+        skip = np.int64(0)
+        items = np.int64(-1)
+        if b <= 0x7F or b >= 0xE0 or b == 0xC0 or b == 0xC2 or b == 0xC3:
+            skip = 0
+        elif b <= 0x8F:
+            items = 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            items = b & 0x0F
+        elif b <= 0xBF:
+            skip = b & 0x1F
+        elif b == 0xC1:
+            return MSGPACK_BAD_TYPE, containers, deepest
+        elif b >= 0xC7 and b <= 0xC9 or b >= 0xD4 and b <= 0xD8:
+            return MSGPACK_EXTENSION, containers, deepest
+        elif b >= 0xC4 and b <= 0xC6 or b >= 0xD9 and b <= 0xDB:
+            w = 1 << ((b - 0xC4) if b <= 0xC6 else (b - 0xD9))
+            if pos + w > n:
+                return MSGPACK_TRUNCATED, containers, deepest
+            skip = _be(data, pos, w)
+            pos += w
+        elif b == 0xCA:
+            skip = 4
+        elif b == 0xCB:
+            skip = 8
+        elif b >= 0xCC and b <= 0xCF:
+            skip = 1 << (b - 0xCC)
+        elif b >= 0xD0 and b <= 0xD3:
+            skip = 1 << (b - 0xD0)
+        else:  # 0xDC..0xDF: array16/32, map16/32
+            w = 2 if b == 0xDC or b == 0xDE else 4
+            if pos + w > n:
+                return MSGPACK_TRUNCATED, containers, deepest
+            items = _be(data, pos, w)
+            pos += w
+            if items > max_items:  # entries of an array, pairs of a map
+                return MSGPACK_TOO_LONG, containers + 1, deepest
+            if b >= 0xDE:
+                items *= 2
+        if items >= 0:
+            containers += 1
+            if containers > max_containers:
+                return MSGPACK_TOO_MANY, containers, deepest
+            if items > n - pos:  # every item takes at least one byte
+                return MSGPACK_TRUNCATED, containers, deepest
+            if items > 0:
+                if depth + 1 > max_depth:
+                    return MSGPACK_TOO_DEEP, containers, depth + 1
+                depth += 1
+                stack[depth] = items
+                if depth > deepest:
+                    deepest = depth
+        else:
+            if skip > n - pos:
+                return MSGPACK_TRUNCATED, containers, deepest
+            pos += skip
+    if pos != n:
+        return MSGPACK_TRAILING, containers, deepest
+    return MSGPACK_OK, containers, deepest

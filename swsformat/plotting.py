@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from .container import SwsTensor
-from .decoder import PathLike, decode_dense_array, read_container
+from .decoder import decode_dense_array
+from .reader import PathLike, read_container
 
 
-def plot_file(path: PathLike, prefix: str | None = None) -> list[Path]:
+def plot_file(path: PathLike, prefix: str | None = None, max_output_bytes: int | None = None) -> list[Path]:
     """Write ``PREFIX-histogram.png`` (non-zero weights, log counts) and ``PREFIX-codebook.png``."""
     try:
         import matplotlib
@@ -19,7 +20,7 @@ def plot_file(path: PathLike, prefix: str | None = None) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError("plots need matplotlib: pip install 'swsformat[plots]'") from exc
-    c = read_container(path)
+    c = read_container(path, max_output_bytes)
     prefix = prefix or str(Path(path).with_suffix(""))
     coded = [t for t in c.tensors if isinstance(t, SwsTensor)]
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -6,13 +6,12 @@ import math
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from . import kernels
-from .container import RawTensor, SwsTensor, parse
-from .decoder import PathLike, _read, read_header
+from .container import RawTensor, SwsTensor
 from .errors import SwsDecodeError
-from .huffman import decode_table, entropy_bits, validate_lengths
+from .huffman import decode_table, entropy_bits
+from .reader import PathLike, SwsFile
 from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 FP32_BITS = 32
@@ -20,12 +19,11 @@ FP32_BITS = 32
 
 def _stream_entropy(t: SwsTensor, which: str) -> float:
     s = getattr(t, which)
-    validate_lengths(s.code_lengths, t.entries, t.name, which)
     table, maxlen = decode_table(s.code_lengths)
-    symbols, status = kernels.decode_symbols(s.data, s.bits, table, maxlen, t.entries)
+    counts, status = kernels.symbol_counts(s.data, s.bits, table, maxlen, t.entries, s.code_lengths.size)
     if status != kernels.OK:
         raise SwsDecodeError(f"tensor {t.name!r}, field {which!r}: {kernels.STATUS[status]}")
-    return entropy_bits(np.bincount(symbols, minlength=s.code_lengths.size))
+    return entropy_bits(counts)
 
 
 def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) -> dict[str, Any]:
@@ -68,32 +66,36 @@ def _header_share(raw_header: dict[str, Any], header_bytes: int, header_size: in
     return [round(len(msgpack.packb(e, use_bin_type=True)) * ratio * 8) for e in raw_header["tensors"]]
 
 
-def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[str, Any]:
+def size_report(
+    path_or_bytes: PathLike | bytes, entropy: bool = True, max_output_bytes: int | None = None
+) -> dict[str, Any]:
     """Per-tensor and total bits of every part of the real file, with entropy bounds.
 
     ``compression_rate`` is fp32 bits of every tensor over the whole file's bits;
     ``paper_compression_rate`` follows the paper (coded weights only: fp32 bits of the
-    coded tensors over their row counts, gaps, values and codebooks).
+    coded tensors over their row counts, gaps, values and codebooks); it is None for a file
+    without coded tensors.
     """
-    data = path_or_bytes if isinstance(path_or_bytes, bytes) else _read(path_or_bytes)
-    c = parse(data)
+    with SwsFile(path_or_bytes, max_output_bytes=max_output_bytes) as f:
+        c = f.container()
+        file_bytes = f.header.file_size
     hlen = c.header_bytes
     shares = _header_share(c.raw_header, hlen, c.header_size)
     tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
     sws = [r for r in tensors if r["kind"] == "sws"]
-    total_bits = len(data) * 8
+    total_bits = file_bytes * 8
     fp32_bits = sum(r["fp32_bits"] for r in tensors)
     coded_fp32 = sum(r["fp32_bits"] for r in sws)
     coded_bits = sum(r["payload_bits"] for r in sws)
     sections = sum(r.get("raw_bits", 0) + r.get("payload_bits", 0) for r in tensors) // 8
     out = {
-        "file_bytes": len(data),
+        "file_bytes": file_bytes,
         "header_bytes": hlen,
         # Prelude, header (less the codebooks, counted with their tensors), CRC and padding.
-        "overhead_bytes": len(data) - sections,
+        "overhead_bytes": file_bytes - sections,
         "fp32_bytes": fp32_bits // 8,
         "compression_rate": fp32_bits / total_bits,
-        "paper_compression_rate": coded_fp32 / coded_bits if coded_bits else float("nan"),
+        "paper_compression_rate": coded_fp32 / coded_bits if coded_bits else None,
         "coded_weights": sum(r["numel"] for r in sws),
         "nonzeros": sum(r["nonzeros"] for r in sws),
         "raw_bits": sum(r.get("raw_bits", 0) for r in tensors),
@@ -109,20 +111,20 @@ def size_report(path_or_bytes: PathLike | bytes, entropy: bool = True) -> dict[s
 
 
 def inspect(path: PathLike) -> list[dict[str, Any]]:
-    """Per-tensor facts from the header alone (nothing past the header is read).
+    """Per-tensor facts from the validated header alone (nothing past the header is read).
 
     Example:
         >>> for t in swsformat.inspect("model.sws"): print(t["name"], t["bytes"])  # doctest: +SKIP
     """
-    header = read_header(path)
+    with SwsFile(path) as f:
+        entries = f.header.entries
     out = []
-    for e in header.get("tensors", []):
-        info = {k: e.get(k) for k in ("name", "kind", "dtype", "shape")}
-        if e.get("kind") == "raw":
-            info["bytes"] = e["data"][1]
+    for e in entries:
+        info: dict[str, Any] = {"name": e.name, "kind": e.kind, "dtype": e.dtype, "shape": list(e.shape)}
+        if e.kind == "sws":
+            info.update(nonzeros=e.nonzeros, entries=e.entries, index_bits=e.index_bits, codebook_size=int(e.codebook.size))
+            info["bytes"] = e.stored_bytes + e.codebook.nbytes
         else:
-            info.update(nonzeros=e["nonzeros"], entries=e["entries"], index_bits=e["index_bits"])
-            info["codebook_size"] = len(e["codebook"]) // SWS_DTYPES[e["dtype"]].itemsize
-            info["bytes"] = e["row_counts"][1] + e["gaps"]["section"][1] + e["values"]["section"][1] + len(e["codebook"])
+            info["bytes"] = e.stored_bytes
         out.append(info)
     return out

@@ -22,6 +22,15 @@ MAX_ROW_BITS = 40
 MAX_CODEBOOK = 255  # non-zero values per tensor, so a value symbol fits in one byte
 MAX_NDIM = 16
 MAX_NAME = 1024
+# Header structure: a header is unpacked into Python objects, so their number is bounded
+# before unpacking (a 16 MiB header of empty maps would otherwise take gigabytes).
+MAX_TENSORS = 100_000
+MAX_HEADER_DEPTH = 16  # nesting of maps and arrays; the schema needs 5 plus architecture kwargs
+MAX_HEADER_CONTAINERS = 8 * MAX_TENSORS + 65_536  # a tensor entry holds at most 7 maps and arrays
+# A deflated header may decode to at most this many times its stored size once it is over
+# MAX_INFLATED_FREE decoded bytes (real headers deflate 2-4x; a bomb of empty maps ~1000x).
+MAX_HEADER_RATIO = 32
+MAX_INFLATED_FREE = 1 << 20
 
 CODER_HUFFMAN = "huffman"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -114,3 +115,143 @@ def test_safetensors_in_and_out(checkpoint, tmp_path):
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert float((got["fc1.weight"] == 0).float().mean()) >= 0.79
+
+
+def _bad_files(tmp_path):
+    """A zoo of files no command may crash on."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04not a pickle at all" * 10)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\xff" * 64)
+    corrupt = tmp_path / "corrupt.sws"
+    raw = bytearray((DATA / "golden-v2.sws").read_bytes())
+    raw[-3] ^= 0xFF
+    corrupt.write_bytes(bytes(raw))
+    noarch = tmp_path / "noarch.sws"
+    swsformat.encode({"a.weight": torch.tensor([[0.0, 1.0]])}, noarch)
+    badmeta = tmp_path / "badmeta.sws"
+    model = build_model("lenet300-100")
+    from swsformat.quantize import prune_and_cluster
+
+    swsformat.encode(prune_and_cluster(model.state_dict(), 0.9, 4), badmeta, metadata={"sws.input": "{not json"})
+    weird = tmp_path / os.fsdecode(b"\xff\xfe.sws")
+    weird.write_bytes(b"junk")
+    return {"garbage": garbage, "empty": empty, "bad_st": bad_st, "corrupt": corrupt, "noarch": noarch,
+            "badmeta": badmeta, "weird": weird, "dir": tmp_path, "missing": tmp_path / "missing.sws"}
+
+
+def _cases(f, tmp_path):
+    out = str(tmp_path / "out.sws")
+    nodir = str(tmp_path / "nodir" / "x.sws")
+    ckpt = str(f["garbage"])
+    return [
+        ["compress", "--model", "bogus", "-o", out],
+        ["compress", "--model", "lenet300-100", "-o", out, "--set", "bogus=1"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--set", "retrain.bogus=1"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--set", "a.b.c=1"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--set", "novalue"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--epochs", "0"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--tau", "nan"],
+        ["compress", "--model", "lenet300-100", "-o", nodir],
+        ["compress", "--model", "lenet300-100", "-o", out, "--resume"],
+        ["compress", "--model", "lenet300-100", "-o", out, "--pretrained", str(f["missing"])],
+        ["compress", "--model", "lenet300-100", "-o", out, "--epochs", "x"],
+        ["encode", str(f["missing"]), "-o", out],
+        ["encode", ckpt, "-o", out],
+        ["encode", str(f["empty"]), "-o", out],
+        ["encode", str(f["bad_st"]), "-o", out],
+        ["encode", str(f["dir"]), "-o", out],
+        ["encode", ckpt, "-o", ckpt],
+        ["encode", ckpt, "-o", nodir],
+        ["encode", ckpt, "-o", out, "--data", "mnist"],
+        ["encode", ckpt, "-o", out, "--prune", "0.5"],
+        ["encode", ckpt, "-o", out, "--prune", "2", "--clusters", "4"],
+        ["encode", ckpt, "-o", out, "--architecture", "gpt2"],
+        ["encode", ckpt, "-o", out, "--index-bits", "many"],
+        ["encode", str(f["weird"]), "-o", out],
+        ["info", str(f["missing"])],
+        ["info", str(f["dir"])],
+        ["info", ckpt],
+        ["info", str(f["corrupt"])],
+        ["info", str(f["weird"])],
+        ["info", str(f["corrupt"]), "--json"],
+        ["info", str(f["noarch"]), "--max-output-bytes", "-1"],
+        ["info", str(f["noarch"]), "--max-output-bytes", "10"],
+        ["decode", str(f["corrupt"]), "-o", str(tmp_path / "d.pt")],
+        ["decode", str(f["noarch"]), "-o", str(f["noarch"])],
+        ["decode", str(f["noarch"]), "-o", nodir],
+        ["decode", str(f["noarch"]), "-o", str(f["dir"])],
+        ["eval", str(f["noarch"])],
+        ["eval", str(f["badmeta"])],
+        ["eval", str(f["corrupt"])],
+        ["eval", str(f["missing"])],
+        ["bench", str(f["noarch"])],
+        ["bench", str(f["corrupt"])],
+        ["plot", str(f["corrupt"])],
+        ["plot", str(f["missing"])],
+        ["plot", str(f["noarch"]), "-o", str(tmp_path / "nodir" / "p")],
+        ["frobnicate"],
+        [],
+    ]
+
+
+def test_every_subcommand_fails_in_one_line(tmp_path, capsys):
+    """Bad arguments and bad files: a non-zero exit, one line on stderr, no traceback, and
+    nothing written (checked before any work: compress would otherwise pretrain first)."""
+    files = _bad_files(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in _cases(files, tmp_path):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code not in (0, None), argv
+        assert len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], (argv, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, argv
+
+
+def test_garbage_checkpoint_names_the_file(tmp_path, capsys):
+    files = _bad_files(tmp_path)
+    assert main(["encode", str(files["garbage"]), "-o", str(tmp_path / "o.sws")]) == 2
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_info_json_is_strict_json_and_names_are_escaped(tmp_path, capsys):
+    path = tmp_path / "raw.sws"
+    swsformat.encode({"\x1b[31mred": torch.ones(2)}, path)  # no coded tensor: no paper rate
+    assert main(["info", str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert rep["paper_compression_rate"] is None
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[31mred" in out
+
+
+def test_decode_is_atomic_and_refuses_its_input(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "m.sws"
+    swsformat.encode({"a.weight": torch.tensor([[0.0, 1.0]])}, src)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"old")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("swsformat.files.os.fsync", full)
+    assert main(["decode", str(src), "-o", str(out)]) == 1
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.sws"]
+    monkeypatch.undo()
+    link = tmp_path / "link.sws"
+    link.symlink_to(src)
+    assert main(["decode", str(link), "-o", str(src)]) == 2
+    assert "is the input file" in capsys.readouterr().err
+
+
+def test_max_output_bytes_flag_lets_a_trusted_file_through(tmp_path, capsys):
+    path = tmp_path / "zeros.sws"
+    swsformat.encode({"a.weight": torch.zeros(5000, 5000)}, path)  # 100 MB of zeros
+    assert main(["decode", str(path), "-o", str(tmp_path / "z.pt")]) == 1
+    assert "--max-output-bytes" in capsys.readouterr().err
+    assert main(["info", str(path), "--max-output-bytes", str(300 << 20)]) == 0

@@ -21,14 +21,14 @@ import fuzz  # noqa: E402
 
 def test_fuzz_slice_in_worker_processes():
     """A bounded slice of the campaign: crashes, hangs and foreign exceptions fail the test."""
-    summary = fuzz.campaign(inputs=int(os.environ.get("SWS_FUZZ_INPUTS", "4000")), seed=1, timeout=20.0,
-                            mem_limit=3 << 30, out_dir=None)
+    summary = fuzz.campaign(inputs=int(os.environ.get("SWS_FUZZ_INPUTS", "3000")), seed=1, timeout=30.0,
+                            mem_budget=1 << 30, out_dir=None, slow_every=50)
     assert summary["crashes"] == 0 and summary["hangs"] == 0 and summary["other_exceptions"] == 0, summary
 
 
 def test_fuzz_runner_detects_a_crash():
     """The harness itself must see a segfault: feed it a worker that crashes."""
-    runner = fuzz.Runner(timeout=20.0, mem_limit=3 << 30)
+    runner = fuzz.Runner(timeout=20.0, mem_budget=1 << 30)
     runner.proc = subprocess.Popen(
         [sys.executable, "-c", "import ctypes, sys; sys.stdin.buffer.read(4); ctypes.string_at(0)"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -63,6 +63,19 @@ def test_same_results_without_jit_and_with_boundscheck(env):
     other = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, check=True,
                            env={**os.environ, **env})
     assert base.stdout == other.stdout and len(base.stdout.strip()) == 64
+
+
+@pytest.mark.slow
+def test_format_and_reader_tests_pass_with_numba_bounds_checks(tmp_path):
+    """The bad-file, reader, round-trip and golden tests again with every kernel compiled with
+    bounds checks (in a cache of its own): an out-of-bounds access raises IndexError there."""
+    if os.environ.get("NUMBA_BOUNDSCHECK"):
+        pytest.skip("already running with bounds checks")
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    tests = [str(ROOT / "tests" / f) for f in ("test_bad_files.py", "test_reader.py", "test_roundtrip.py", "test_golden.py")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
 def test_load_never_unpickles(monkeypatch):

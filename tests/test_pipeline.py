@@ -138,11 +138,13 @@ def test_round_biases_keeps_float32_when_rounding_costs_accuracy_or_overflows(ca
 @pytest.mark.parametrize("clusters", [0, 4])
 def test_compress_stores_biases_in_float16_and_decodes_them_exactly(tmp_path, clusters):
     import swsformat
-    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain import CompressConfig, PriorConfig, RetrainConfig
     from swsformat.retrain.pipeline import compress
 
     model, data = _toy()
+    # pi_zero 0.9: the untrained toy keeps weights in every layer (0.99 empties its last layer).
     cfg = CompressConfig(
+        prior=PriorConfig(pi_zero=0.9),
         retrain=RetrainConfig(epochs=1, batch_size=128), qat_epochs=1, finetune_epochs=0, bias_clusters=clusters,
         bias_tolerance=100.0,
     )
@@ -179,11 +181,12 @@ def test_compress_on_the_gpu_code_path_matches_the_kernel_path(tmp_path, monkeyp
     """The whole job through the prior's torch expressions (what a CUDA run takes) writes a
     file that loads and prunes the same weights as the numba kernel path."""
     import swsformat
-    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain import CompressConfig, PriorConfig, RetrainConfig
     from swsformat.retrain import prior as prior_mod
     from swsformat.retrain.pipeline import compress
 
-    cfg = CompressConfig(retrain=RetrainConfig(epochs=2, batch_size=64), qat_epochs=1, finetune_epochs=0)
+    cfg = CompressConfig(prior=PriorConfig(pi_zero=0.9), retrain=RetrainConfig(epochs=2, batch_size=64), qat_epochs=1,
+                         finetune_epochs=0)
     results = {}
     for route, devices in (("kernel", ("cpu",)), ("torch", ())):
         monkeypatch.setattr(prior_mod, "KERNEL_DEVICES", devices)
@@ -194,3 +197,17 @@ def test_compress_on_the_gpu_code_path_matches_the_kernel_path(tmp_path, monkeyp
         if name.endswith("weight"):
             assert torch.equal(t == 0, sd["torch"][name] == 0), name
     assert results["torch"].nonzero_fraction == results["kernel"].nonzero_fraction
+
+
+def test_compress_refuses_a_collapsed_model_and_writes_nothing(tmp_path):
+    """The untrained toy under the default prior loses its whole last layer: an error with the
+    numbers and what to change, and no file."""
+    import swsformat
+    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain.pipeline import compress
+
+    model, data = _toy()
+    cfg = CompressConfig(retrain=RetrainConfig(epochs=1, batch_size=128), qat_epochs=1, finetune_epochs=0)
+    with pytest.raises(swsformat.SwsTrainingError, match=r"layers \['2.weight'\] lost every weight.*tau"):
+        compress(model, data, data, cfg, path=tmp_path / "toy.sws", progress=False)
+    assert list(tmp_path.iterdir()) == []

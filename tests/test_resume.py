@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import swsformat
+from swsformat.retrain import checkpoint as checkpoint_io
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import build_model
 from swsformat.retrain.prior import PriorConfig
@@ -19,6 +21,8 @@ from swsformat.retrain.train import RetrainConfig, default_prior, retrain
 SCRIPT = """
 import sys, time, torch
 torch.set_num_threads(1)
+import swsformat
+from swsformat.retrain import checkpoint as checkpoint_io
 from swsformat.retrain.data import Split
 from swsformat.retrain.models import build_model
 from swsformat.retrain.prior import MixturePrior, PriorConfig
@@ -69,8 +73,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     run(tmp_path / "a.ckpt", tmp_path / "a.pt")
     run(tmp_path / "b.ckpt", tmp_path / "b.pt", kill_at_step=STEPS_PER_EPOCH + 10)  # 10 steps into epoch 2
     assert (tmp_path / "b.ckpt").exists() and not (tmp_path / "b.pt").exists()
-    assert torch.load(tmp_path / "b.ckpt", weights_only=True)["epoch"] == 1  # killed inside epoch 2
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert checkpoint_io.load(tmp_path / "b.ckpt", None)["epoch"] == 1  # killed inside epoch 2
+    assert [p.name for p in tmp_path.iterdir() if "sws-tmp" in p.name] == []
     run(tmp_path / "b.ckpt", tmp_path / "b.pt", resume=True)
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
@@ -95,5 +99,49 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="diverged in epoch 2"):
         retrain(model, prior, data, data, RetrainConfig(epochs=3, batch_size=128), progress=False,
                 on_epoch=poison, checkpoint=ckpt)
-    state = torch.load(ckpt, weights_only=True)
+    state = checkpoint_io.load(ckpt, None)
     assert state["epoch"] == 1 and torch.isfinite(state["model"]["fc1.weight"]).all()
+
+
+def _one_epoch_checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g))
+    torch.manual_seed(0)
+    model = build_model("lenet300-100")
+    prior = default_prior(model, PriorConfig())
+    ckpt = tmp_path / "run.ckpt"
+    retrain(model, prior, data, data, RetrainConfig(epochs=1, batch_size=128), progress=False, checkpoint=ckpt)
+    return data, ckpt
+
+
+def _resume(data, ckpt, epochs=2, seed=0, tau=None):
+    torch.manual_seed(0)
+    model = build_model("lenet300-100")
+    prior = default_prior(model, PriorConfig())
+    cfg = RetrainConfig(epochs=epochs, batch_size=128) if tau is None else RetrainConfig(epochs=epochs, batch_size=128, tau=tau)
+    return retrain(model, prior, data, data, cfg, seed=seed, progress=False, checkpoint=ckpt, resume=True)
+
+
+def test_resume_refuses_corrupt_foreign_and_other_settings_checkpoints(tmp_path):
+    data, ckpt = _one_epoch_checkpoint(tmp_path)
+    good = ckpt.read_bytes()
+    # Settings differ (epochs are part of them): refused, file kept.
+    with pytest.raises(swsformat.SwsCheckpointError, match="other settings"):
+        _resume(data, ckpt, epochs=2)
+    with pytest.raises(swsformat.SwsCheckpointError, match="other settings"):
+        _resume(data, ckpt, epochs=1, seed=1)
+    assert ckpt.read_bytes() == good
+    # One flipped bit anywhere in the payload: the digest catches it.
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x10
+    ckpt.write_bytes(bytes(bad))
+    with pytest.raises(swsformat.SwsCheckpointError, match="corrupt"):
+        _resume(data, ckpt, epochs=1)
+    assert ckpt.read_bytes() == bytes(bad)
+    for junk in (b"", b"garbage", good[:100]):
+        ckpt.write_bytes(junk)
+        with pytest.raises(swsformat.SwsCheckpointError):
+            _resume(data, ckpt, epochs=1)
+    # The same settings resume; a finished retraining resumes to the later steps with no epoch run.
+    ckpt.write_bytes(good)
+    assert [log.epoch for log in _resume(data, ckpt, epochs=1)] == [1]

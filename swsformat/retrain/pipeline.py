@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..encoder import encode
+from ..errors import SwsTrainingError
 from .data import Split
 from .models import compressible_parameters
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
@@ -314,6 +315,27 @@ def round_biases_(model: nn.Module, dtype: str, check: Split, tolerance: float) 
     return _change_if_cheap_(model, biases, lambda b: b.to(target), check, tolerance)
 
 
+def check_not_collapsed(model: nn.Module, test: Split, before: float, after: float) -> None:
+    """Refuse a result that lost a whole layer or fell to chance level (nothing is written)."""
+    layers = compressible_parameters(model)
+    empty = [n for n, p in layers if not bool(p.detach().any())]
+    classes = max(int(test.y.unique().numel()), 2)
+    chance = 100.0 * (1 - 1 / classes)
+    # Chance level is 90% error for 10 classes; "near" it means most of the way from the
+    # model's own error there.
+    near_chance = after >= before + 0.8 * (chance - before)
+    if not empty and not near_chance:
+        return
+    kept = sum(int(p.detach().count_nonzero()) for _, p in layers)
+    total = sum(p.numel() for _, p in layers)
+    what = f"layers {empty} lost every weight" if empty else f"test error {after:.2f}% is near chance ({chance:.0f}%)"
+    raise SwsTrainingError(
+        f"compression collapsed the model: {what}; {kept} of {total} weights non-zero ({100 * kept / max(total, 1):.3f}%), "
+        f"test error {before:.2f}% before and {after:.2f}% after. Nothing was written. Lower the prior's pull "
+        "(smaller retrain.tau), keep more weights (lower prior.pi_zero) or retrain longer (more epochs)"
+    )
+
+
 def compress(
     model: nn.Module,
     train: Split,
@@ -344,7 +366,7 @@ def compress(
     prior = default_prior(model, config.prior)
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
-        checkpoint=checkpoint, resume=resume,
+        checkpoint=checkpoint, resume=resume, settings=config.to_dict(),
     )
     retrained = evaluate(model, test)
     mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
@@ -361,6 +383,7 @@ def compress(
     shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance)
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance)
     quant = evaluate(model, test)
+    check_not_collapsed(model, test, pre, quant)
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0
     )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import size_report
-from ..encoder import atomic_write
+from ..files import atomic_write
 from . import data as data_mod
 from .models import build_model
 from .pipeline import CompressConfig, compress
@@ -53,9 +53,10 @@ def pretrained_model(
     delete ``~/.cache/swsformat/pretrained`` to force a rerun. The file name carries
     :data:`PRETRAIN_RECIPE`, so a net pretrained by an older recipe is never reused.
     """
-    import io
+    import warnings
 
-    from ..encoder import atomic_write
+    from ..errors import SwsCheckpointError
+    from . import checkpoint as checkpoint_io
     from .data import cache_dir
 
     torch.manual_seed(seed)
@@ -63,16 +64,17 @@ def pretrained_model(
     name = f"{model_name}-{data_name}-{normalization}-e{epochs}-s{seed}-{PRETRAIN_RECIPE}.pt"
     path = cache_dir() / "pretrained" / name
     if path.exists():
-        blob = torch.load(path, map_location=device, weights_only=True)
-        model.load_state_dict(blob["state_dict"])
-        return model, blob["test_errors"], True
+        try:
+            blob = checkpoint_io.load(path, name, map_location=device)
+            model.load_state_dict(blob["state_dict"])
+            return model, blob["test_errors"], True
+        except (SwsCheckpointError, KeyError, RuntimeError) as exc:
+            warnings.warn(f"ignoring the cached pretrained net ({exc}); pretraining again", stacklevel=2)
     logs = pretrain(model, train, test, epochs=epochs, seed=seed, progress=progress)
     errors = [round(log.test_error, 3) for log in logs]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save({"state_dict": model.state_dict(), "test_errors": errors}, buf)
-        atomic_write(path, buf.getvalue())
+        checkpoint_io.save(path, {"state_dict": model.state_dict(), "test_errors": errors}, name)
     except OSError:
         pass  # a read-only cache only costs time next run
     return model, errors, False
@@ -188,7 +190,7 @@ def run(
         "decoded_test_error": None,
     }
     # Evaluate the file as a user would: decode it into a fresh module.
-    from ..decoder import load_model
+    from ..reader import load_model
 
     out["decoded_test_error"] = evaluate(load_model(output, device=device), test)
     json_path = json_path or str(Path(output).with_suffix(".json"))

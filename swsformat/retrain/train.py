@@ -6,7 +6,6 @@ index slices of a shuffled permutation: no per-sample Python on two cores.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -19,6 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..errors import SwsCheckpointError
+from . import checkpoint as checkpoint_io
 from .data import Split
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
@@ -196,27 +197,30 @@ def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) ->
 def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, prior: MixturePrior, opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, epoch: int, logs: list[EpochLog],
+    settings: str,
 ) -> None:
-    """Everything needed to continue a run, written atomically (temp file, fsync, rename)."""
+    """Everything needed to continue a run, written atomically with a digest (see :mod:`.checkpoint`)."""
     from dataclasses import asdict
 
-    from ..encoder import atomic_write
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "prior": prior.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "logs": [asdict(log) for log in logs],
+    }
+    checkpoint_io.save(path, state, settings)
 
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "prior": prior.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "logs": [asdict(log) for log in logs],
-        },
-        buf,
-    )
-    atomic_write(path, buf.getvalue())
+
+def run_fingerprint(model: nn.Module, cfg: RetrainConfig, seed: int, extra: object = None) -> str:
+    """Settings a checkpoint must share with the run that resumes it."""
+    from dataclasses import asdict
+
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return checkpoint_io.fingerprint({"retrain": asdict(cfg), "seed": seed, "shapes": shapes, "extra": extra})
 
 
 def retrain(
@@ -230,14 +234,18 @@ def retrain(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    settings: object = None,
 ) -> list[EpochLog]:
     """Retrain ``model`` with ``loss = CE + tau/N * complexity`` (PART 2 of the tutorial).
 
     ``on_epoch`` is called after every epoch (plots). With ``checkpoint``, the full state is
     saved atomically after every epoch; ``resume=True`` continues from it, reaching the same
-    weights as an uninterrupted run. Raises ``FloatingPointError`` when the loss stops being
-    finite; the checkpoint then still holds the last good epoch.
+    weights as an uninterrupted run. ``settings`` (JSON-able) joins the fingerprint that a
+    checkpoint must match. Raises ``FloatingPointError`` when the loss stops being finite; the
+    checkpoint then still holds the last good epoch. A corrupt checkpoint, one of other
+    settings or one of a finished run raises :class:`SwsCheckpointError` and is kept.
     """
+    fp = run_fingerprint(model, cfg, seed, settings)
     n = cfg.train_size or len(train)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, prior, cfg)
@@ -248,7 +256,14 @@ def retrain(
     logs: list[EpochLog] = []
     start_epoch = 1
     if resume and checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=next(model.parameters()).device, weights_only=True)
+        state = checkpoint_io.load(checkpoint, fp, map_location=next(model.parameters()).device)
+        # Epoch == epochs: retraining had finished and a later step was interrupted, which
+        # resumes from here. More epochs than the run has cannot come from the same settings.
+        if not 0 <= state["epoch"] <= cfg.epochs:
+            raise SwsCheckpointError(
+                f"checkpoint {os.fsdecode(checkpoint)} holds epoch {state['epoch']} of a run of {cfg.epochs} epochs; "
+                "it was kept. Resume with the settings that wrote it, or move it away to start afresh"
+            )
         model.load_state_dict(state["model"])
         prior.load_state_dict(state["prior"])
         opt.load_state_dict(state["optimizer"])
@@ -268,7 +283,7 @@ def retrain(
         sched.step()
         logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs)
+            save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs, fp)
         if on_epoch is not None:
             on_epoch(epoch, model, prior)
     return logs

@@ -1,0 +1,365 @@
+"""The one way into a ``.sws`` file: a lazy reader that validates before it allocates.
+
+Every read entry point (``load``, ``load_state_dict``, ``load_model``, ``inspect``,
+``read_header``, ``size_report``, the plots and the CLI) goes through :class:`SwsFile`:
+
+1. the prelude is read first and the magic checked before anything else is read;
+2. the header is read (at most its declared, bounded size), its structure bounded, its
+   schema, limits and section layout validated;
+3. the file size must equal what the header declares before any payload is read;
+4. before a tensor is decoded its declared output is counted against ``max_output_bytes``,
+   and its sections' padding and CRCs are checked; only then do kernels run.
+
+Example:
+    >>> with swsformat.open("model.sws") as f:  # doctest: +SKIP
+    ...     print(f.keys(), f.metadata())
+    ...     w = f.get_tensor("fc1.weight")
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import stat
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .container import Container, Entry, Header, Tensor, check_padding, decode_header, materialize, read_prelude
+from .container import check_header as _check_header
+from .decoder import tensor_from_entry
+from .errors import SwsFormatError
+from .spec import MAX_PRELUDE
+
+PathLike = str | os.PathLike
+Source = PathLike | bytes | bytearray | memoryview
+
+# Decoded output may exceed the file by this factor (or MIN_OUTPUT_LIMIT) unless the caller
+# raises the limit: a tiny hostile file cannot make the reader allocate gigabytes.
+MAX_EXPANSION = 4096
+MIN_OUTPUT_LIMIT = 64 * 1024 * 1024
+
+
+def output_limit(file_size: int, max_output_bytes: int | None) -> int:
+    """The default limit on decoded bytes: the larger of 64 MiB and 4096 x the file size."""
+    return max_output_bytes if max_output_bytes is not None else max(MIN_OUTPUT_LIMIT, MAX_EXPANSION * file_size)
+
+
+def _read_upto(f: Any, n: int) -> bytes:
+    """Up to ``n`` bytes (fewer only at end of file), however the file returns them."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, 1 << 24))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class SwsFile:
+    """A validated ``.sws`` file whose tensors are decoded one at a time, on request.
+
+    Opening costs the prelude and the header (nothing past them is read); use it as a
+    context manager or call :meth:`close` to release the file.
+    """
+
+    def __init__(self, source: Source, *, max_output_bytes: int | None = None) -> None:
+        self._fd: int | None = None
+        self._data: memoryview | None = None  # the data area, when it is in memory
+        self._decoded = 0
+        self.name = "<bytes>" if isinstance(source, bytes | bytearray | memoryview) else os.fsdecode(source)
+        if isinstance(source, bytes | bytearray | memoryview):
+            self._open_bytes(memoryview(source).cast("B"))
+        else:
+            self._open_path(source)
+        self.limit = output_limit(self.header.file_size, max_output_bytes)
+        self._by_name = {e.name: e for e in self.header.entries}
+
+    def _open_bytes(self, mv: memoryview) -> None:
+        self.header = h = _index(mv)
+        if len(mv) < h.data_start:
+            raise SwsFormatError(f"file truncated before the data area at offset {h.data_start}")
+        check_padding(mv, h)
+        self._check_size(len(mv))
+        self._data = mv[h.data_start :]
+
+    def _open_path(self, path: PathLike) -> None:
+        try:
+            f = builtins.open(path, "rb")
+        except IsADirectoryError:
+            raise SwsFormatError(f"{os.fsdecode(path)}: is a directory, not a .sws file") from None
+        try:
+            st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise SwsFormatError(f"{os.fsdecode(path)}: is a directory, not a .sws file")
+            head = _read_upto(f, MAX_PRELUDE)
+            prelude = read_prelude(head)  # the magic, before reading any further
+            head += _read_upto(f, prelude.data_start - len(head))
+            header = _check_header(decode_header(head, prelude), prelude)
+            if len(head) < header.data_start:
+                raise SwsFormatError(f"file truncated before the data area at offset {header.data_start}")
+            check_padding(head, header)
+            self.header = header
+            if stat.S_ISREG(st.st_mode):
+                self._check_size(st.st_size)
+                self._fd = os.dup(f.fileno())
+            else:  # a pipe or device: read the declared data area (and one byte to see the end)
+                data = _read_upto(f, header.data_length + 1)
+                self._check_size(header.data_start + len(data))
+                self._data = memoryview(data)
+        finally:
+            f.close()
+
+    def _check_size(self, size: int) -> None:
+        want = self.header.file_size
+        if size < want:
+            raise SwsFormatError(f"file truncated: {size} bytes, its sections end at {want}")
+        if size > want:
+            raise SwsFormatError(f"{size - want} trailing bytes after the last section (file of {size}, expected {want})")
+
+    # -------------------------------------------------------------------- facts (header only)
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def architecture(self) -> dict[str, Any] | None:
+        """``{"name", "kwargs"}`` of the registered model the file fills, or None."""
+        return self.header.architecture
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    def keys(self) -> list[str]:
+        return [e.name for e in self.header.entries]
+
+    def entry(self, name: str) -> Entry:
+        """Header facts of one tensor (shape, dtype, kind, sizes), without decoding it."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self.name} holds no tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.header.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    # ------------------------------------------------------------------------- payload
+
+    def _reserve(self, entries: list[Entry]) -> None:
+        total = self._decoded + sum(e.output_bytes for e in entries)
+        if total > self.limit:
+            raise SwsFormatError(
+                f"tensors declare {total} decoded bytes, over the limit of {self.limit} for a "
+                f"{self.header.file_size}-byte file; pass max_output_bytes= (CLI: --max-output-bytes) "
+                "to allow it if you trust the file"
+            )
+        self._decoded = total
+
+    def _chunk(self, e: Entry) -> bytes | memoryview:
+        if self._data is not None:
+            return self._data[e.start : e.end]
+        if self._fd is None:
+            raise ValueError(f"{self.name} is closed")
+        return _pread(self._fd, e.end - e.start, self.header.data_start + e.start)
+
+    def _load_all(self) -> None:
+        if self._data is None and self._fd is not None:
+            data = _pread(self._fd, self.header.data_length, self.header.data_start)
+            if len(data) != self.header.data_length:
+                raise SwsFormatError(f"file truncated while reading: {len(data)} of {self.header.data_length} data bytes")
+            self._data = memoryview(data)
+
+    def tensor(self, name: str) -> Tensor:
+        """The validated container tensor (codebook, streams, raw bytes), counted against the
+        output limit: what reports and plots work from."""
+        e = self.entry(name)
+        self._reserve([e])
+        return materialize(e, self._chunk(e))
+
+    def get_tensor(self, name: str, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+        """Decode one tensor; with ``sparse`` a coded tensor of 2+ dimensions comes back as
+        ``torch.sparse_csr_tensor`` of its 2-D view ``(shape[0], prod(shape[1:]))``."""
+        return tensor_from_entry(self.tensor(name), device, sparse)
+
+    def state_dict(self, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor, decoded (the whole output is checked against the limit first)."""
+        self._reserve(self.header.entries)
+        self._load_all()
+        return {e.name: tensor_from_entry(materialize(e, self._chunk(e)), device, sparse) for e in self.header.entries}
+
+    def container(self) -> Container:
+        """The whole file as a :class:`Container` (all sections read and checked)."""
+        self._reserve(self.header.entries)
+        self._load_all()
+        h = self.header
+        tensors = [materialize(e, self._chunk(e)) for e in h.entries]
+        return Container(tensors, h.metadata, h.architecture, h.library, h.version, raw_header=h.raw,
+                         header_bytes=h.stored, header_size=h.size)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SwsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _index(mv: memoryview) -> Header:
+    prelude = read_prelude(mv)
+    return _check_header(decode_header(mv, prelude), prelude)
+
+
+def open(source: Source, *, max_output_bytes: int | None = None) -> SwsFile:  # noqa: A001 - like safetensors' safe_open
+    """Open a ``.sws`` file (a path, or its bytes) lazily: O(header) now, tensors on request.
+
+    ``max_output_bytes`` bounds the bytes decoded through this reader (default: the larger
+    of 64 MiB and 4096 times the file size); raise it for files you trust.
+    """
+    return SwsFile(source, max_output_bytes=max_output_bytes)
+
+
+def load(
+    data: bytes, device: torch.device | str = "cpu", sparse: bool = False, max_output_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode ``.sws`` bytes into a state_dict (see :func:`load_state_dict`)."""
+    return SwsFile(data, max_output_bytes=max_output_bytes).state_dict(device, sparse)
+
+
+def load_state_dict(
+    path: PathLike, device: torch.device | str = "cpu", sparse: bool = False, max_output_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a ``.sws`` file into a state_dict of tensors on ``device``.
+
+    Args:
+        path: the file.
+        device: torch device for every tensor.
+        sparse: return coded tensors of 2+ dimensions as ``torch.sparse_csr_tensor`` of
+            their 2-D view ``(shape[0], prod(shape[1:]))``.
+        max_output_bytes: refuse files that decode to more bytes (default: the larger of
+            64 MiB and 4096 times the file size).
+
+    Example:
+        >>> import swsformat
+        >>> sd = swsformat.load_state_dict("/tmp/tiny.sws")  # doctest: +SKIP
+    """
+    with SwsFile(path, max_output_bytes=max_output_bytes) as f:
+        return f.state_dict(device, sparse)
+
+
+def read_container(path: PathLike, max_output_bytes: int | None = None) -> Container:
+    """Parse and validate a whole file without decoding its payload streams."""
+    with SwsFile(path, max_output_bytes=max_output_bytes) as f:
+        return f.container()
+
+
+def read_header(path: PathLike) -> dict[str, Any]:
+    """The validated header map (prelude and header only; nothing past them is read)."""
+    with SwsFile(path) as f:
+        return f.header.raw
+
+
+def _short(obj: Any, limit: int = 200) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def build_architecture(arch: Mapping[str, Any] | None) -> nn.Module:
+    """Instantiate the architecture a file names (one of the built-in registry)."""
+    from .retrain.models import MODELS
+
+    if arch is None:
+        raise SwsFormatError("the file names no architecture: pass your module, load_model(path, module)")
+    name, kwargs = arch["name"], arch["kwargs"]
+    if name not in MODELS:
+        raise SwsFormatError(f"the file's architecture {_short(name)} is not registered; known: {sorted(MODELS)}")
+    try:
+        with warnings.catch_warnings():  # e.g. torch's notes on zero-element parameters
+            warnings.simplefilter("ignore")
+            return MODELS[name](**kwargs)
+    except Exception as exc:  # a constructor given hostile kwargs may raise anything
+        raise SwsFormatError(
+            f"cannot build the file's architecture {name!r} with kwargs {_short(kwargs)}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def load_model(
+    path: PathLike,
+    module: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    sparse: bool = False,
+    strict: bool = True,
+    max_output_bytes: int | None = None,
+) -> nn.Module:
+    """Load a ``.sws`` file into ``module`` (or the file's built-in architecture) in eval mode.
+
+    With ``sparse=True`` linear and conv layers run on CSR weights (see
+    :mod:`swsformat.sparse`). ``strict`` is passed to ``load_state_dict``; missing or
+    unexpected keys raise.
+    """
+    with SwsFile(path, max_output_bytes=max_output_bytes) as f:
+        arch = f.architecture
+        if module is None:
+            # Built on the meta device: no random initialisation of weights that are replaced
+            # at once; the decoded tensors become the parameters, in the architecture's own
+            # dtypes (a float16 file still gives a float32 model).
+            with torch.device("meta"):
+                built = build_architecture(arch)
+            sd = f.state_dict()
+            ref = built.state_dict()
+            sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
+            try:
+                built.load_state_dict(sd, strict=True, assign=True)
+            except RuntimeError as e:
+                detail = " ".join(str(e).split())
+                raise SwsFormatError(f"the file's tensors do not fit its architecture {arch['name']!r}: {detail}") from None
+            module = built
+        else:
+            module.load_state_dict(f.state_dict(), strict=strict)
+    module = module.to(device).eval()
+    if sparse:
+        from .sparse import sparsify_
+
+        sparsify_(module)
+    return module
+
+
+__all__ = [
+    "SwsFile",
+    "build_architecture",
+    "load",
+    "load_model",
+    "load_state_dict",
+    "open",
+    "output_limit",
+    "read_container",
+    "read_header",
+]

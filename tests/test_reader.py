@@ -1,0 +1,268 @@
+"""The one reader: lazy access, and hostile headers with valid checksums refused by every
+read entry point before any allocation or kernel (the reproductions of the hardening issue)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+import zlib
+
+import msgpack
+import pytest
+import torch
+
+import swsformat
+from swsformat.cli import main
+from swsformat.spec import MAX_TENSORS
+
+from .conftest import DATA, ROOT, quantized
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fuzz  # noqa: E402
+
+
+def edited(edit, version: int = 2, relayout: bool = True, sd=None) -> bytes:
+    """A valid file whose decoded header ``edit`` changes; sections re-laid, CRCs recomputed."""
+    sd = sd or {"a.weight": torch.zeros(4, 8), "b.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "c": torch.ones(3)}
+    v, header, payload = fuzz._split(swsformat.encode_bytes(sd, version=version))
+    edit(header)
+    payload = fuzz.relayout(header, payload, v) if relayout else payload
+    return fuzz._pack(header, v, None) + payload
+
+
+def every_reader(data: bytes, tmp_path, header_only: bool = True) -> list[str]:
+    """Feed ``data`` to every public read entry point (those that decode, and with
+    ``header_only`` those that read the header alone); return the messages of their
+    SwsErrors (anything else propagates and fails the test)."""
+    path = tmp_path / "in.sws"
+    path.write_bytes(data)
+    calls = [
+        lambda: swsformat.load(data), lambda: swsformat.load(data, sparse=True), lambda: swsformat.size_report(data),
+        lambda: swsformat.load_state_dict(path), lambda: swsformat.load_state_dict(path, sparse=True),
+        lambda: swsformat.load_model(path), lambda: swsformat.size_report(path), lambda: swsformat.open(path).state_dict(),
+    ]
+    if header_only:
+        calls += [lambda: swsformat.inspect(path), lambda: swsformat.read_header(path)]
+    messages = []
+    for call in calls:
+        with pytest.raises(swsformat.SwsError) as info:
+            call()
+        messages.append(str(info.value))
+    return messages
+
+
+def test_lazy_reader_reads_one_tensor_and_knows_the_header(tmp_path):
+    sd = {"a.weight": quantized((50, 60), 0.1, 8), "a.bias": torch.randn(50), "n": torch.tensor(3)}
+    path = tmp_path / "m.sws"
+    swsformat.encode(sd, path, metadata={"who": "me"}, architecture={"name": "x", "kwargs": {"k": 1}})
+    with swsformat.open(path) as f:
+        assert f.keys() == list(sd) and len(f) == 3 and "a.bias" in f and list(f) == list(sd)
+        assert f.metadata() == {"who": "me"} and f.architecture == {"name": "x", "kwargs": {"k": 1}}
+        assert f.entry("a.weight").nonzeros == int(sd["a.weight"].count_nonzero())
+        assert torch.equal(f.get_tensor("a.bias"), sd["a.bias"])
+        dense = f.get_tensor("a.weight")
+        csr = f.get_tensor("a.weight", sparse=True)
+        assert torch.equal(dense, sd["a.weight"]) and torch.equal(csr.to_dense(), sd["a.weight"])
+        with pytest.raises(KeyError, match="no tensor 'nope'"):
+            f.get_tensor("nope")
+    assert f._fd is None  # closed by the context manager
+    with swsformat.open(path.read_bytes()) as f:
+        assert torch.equal(f.state_dict()["n"], sd["n"])
+
+
+def test_open_reads_only_prelude_and_header(tmp_path, monkeypatch):
+    """A tensor's bytes are read when it is asked for, not before."""
+    path = tmp_path / "m.sws"
+    swsformat.encode({"a.weight": quantized((300, 400), 0.1, 8)}, path)
+    reads = []
+    original = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or original(fd, n, off))
+    f = swsformat.open(path)
+    assert reads == []
+    f.get_tensor("a.weight")
+    assert sum(reads) == f.entry("a.weight").end - f.entry("a.weight").start
+    f.close()
+
+
+def test_output_limit_counts_what_the_reader_decodes(tmp_path):
+    path = tmp_path / "m.sws"
+    swsformat.encode({"a.weight": torch.zeros(3000, 3000)}, path)  # 36 MB of zeros in a tiny file
+    with swsformat.open(path, max_output_bytes=10_000_000) as f:
+        with pytest.raises(swsformat.SwsFormatError, match="max_output_bytes"):
+            f.get_tensor("a.weight")
+    assert swsformat.load_state_dict(path)["a.weight"].shape == (3000, 3000)  # under the default 64 MiB
+
+
+# ----------------------------------------------------------------- the issue's reproductions
+
+
+@pytest.mark.parametrize("code", [bytes([0x11] * 16), bytes([0x22] * 16), bytes([0x12, 0x34] * 8),
+                                  bytes([0x10] + [0] * 15), bytes([0xFF] * 16)])
+@pytest.mark.parametrize("version", [1, 2])
+def test_empty_coded_tensor_with_any_code_table(code, version, tmp_path):
+    """entries = 0 with an over-subscribed or over-long code table: refused at the header
+    (the decode table builder used to write past its array)."""
+
+    def edit(h):
+        h["tensors"][0]["gaps"]["code"] = code
+
+    data = edited(edit, version)
+    if code in (bytes([0x10] + [0] * 15), bytes([0xFF] * 16)):  # valid (incomplete, unused) codes
+        assert swsformat.load(data)["a.weight"].count_nonzero() == 0
+        assert swsformat.size_report(data)["tensors"][0]["gap_entropy_bits"] == 0
+        return
+    for msg in every_reader(data, tmp_path):
+        assert "tensor 'a.weight', field 'gaps'" in msg and "Kraft" in msg
+
+
+@pytest.mark.parametrize("rows", [2**22, 2**29, 2**40, 2**62])
+def test_many_rows_over_zero_columns_count_against_the_limit(rows, tmp_path):
+    data = edited(lambda h: h["tensors"][0].update(shape=[rows, 0]))
+    t0 = time.perf_counter()
+    if rows == 2**22:  # 32 MiB of row pointers: within the default limit, decoded at once
+        assert swsformat.load(data, sparse=True)["a.weight"].shape == (rows, 0)
+        assert swsformat.load(data)["a.weight"].shape == (rows, 0)
+    else:
+        for msg in every_reader(data, tmp_path, header_only=False):
+            # load_model checks the architecture first; 2**62 rows overflow 8-byte strides
+            assert any(m in msg for m in ("max_output_bytes", "names no architecture", "overflow int64 strides")), msg
+    assert time.perf_counter() - t0 < 60  # a generous bound: the old reader took 51 s and 4.5 GB
+
+
+def test_plot_obeys_the_output_limit(tmp_path):
+    pytest.importorskip("matplotlib")
+    from swsformat.plotting import plot_file
+
+    path = tmp_path / "big.sws"
+    path.write_bytes(edited(lambda h: h["tensors"][1].update(shape=[2, 2**40])))
+    with pytest.raises(swsformat.SwsFormatError):
+        plot_file(path, str(tmp_path / "p"))
+    assert main(["plot", str(path), "-o", str(tmp_path / "p")]) == 1
+
+
+def _raw_deflated(header: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    stored = c.compress(header) + c.flush()
+    head = swsformat.spec.MAGIC + struct.pack("<HBBII", 2, 1, 0, len(stored), len(header)) + stored
+    head += struct.pack("<I", zlib.crc32(head))
+    return head + bytes(-len(head) % 8)
+
+
+def test_header_bombs_are_refused_before_unpacking(tmp_path):
+    empty_maps = b"\xdd" + struct.pack(">I", 16_000_000) + b"\x80" * 16_000_000
+    t0 = time.perf_counter()
+    with pytest.raises(swsformat.SwsFormatError, match="more than 32 times"):
+        swsformat.load(_raw_deflated(empty_maps))
+    with pytest.raises(swsformat.SwsFormatError, match="an array or map with too many items"):
+        swsformat.load(swsformat.container.pack_head(empty_maps, 2, 0))
+    block = b"\xdc" + struct.pack(">H", 65_535) + b"\x80" * 65_535
+    assert len(swsformat.container.unpack_header(b"\x9a" + block * 10)) == 10  # 655,361 containers: allowed
+    with pytest.raises(swsformat.SwsFormatError, match="too many maps and arrays"):
+        swsformat.load(swsformat.container.pack_head(b"\x9f" + block * 15, 2, 0))  # 983,041
+    deep = b"\x91" * 100_000 + b"\x90"
+    with pytest.raises(swsformat.SwsFormatError, match="nests containers too deeply"):
+        swsformat.load(swsformat.container.pack_head(deep, 2, 0))
+    assert time.perf_counter() - t0 < 20
+
+
+def test_tensor_count_is_bounded(tmp_path):
+    empty = {"name": "", "kind": "raw", "dtype": "float32", "shape": [0], "data": [0, 0, 0]}
+    header = {"format": "sws", "version": 2, "library": "", "architecture": None, "metadata": {},
+              "tensors": [dict(empty, name=f"t{i}") for i in range(MAX_TENSORS + 1)]}
+    raw = msgpack.packb(header, use_bin_type=True)
+    for data in (_raw_deflated(raw), swsformat.container.pack_head(raw, 2, 0)):
+        with pytest.raises(swsformat.SwsFormatError, match="more than 32 times|too many items"):
+            swsformat.load(data)
+    with pytest.raises(swsformat.SwsEncodeError, match="would not be readable.*too many items"):
+        swsformat.encode_bytes({f"t{i}": torch.zeros(0) for i in range(MAX_TENSORS + 1)})
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["tensors"][0].pop("nonzeros"), "missing keys \\['nonzeros'\\]"),
+        (lambda h: h["tensors"][0].update(shape="x"), "shape"),
+        (lambda h: h["tensors"].append(5), "expected a map"),
+        (lambda h: h.update(metadata=[]), "metadata"),
+        (lambda h: h.update(architecture={"name": "x"}), "architecture"),
+        (lambda h: h["tensors"][0]["gaps"].update(code=5), "expected bytes"),
+    ],
+)
+def test_header_only_readers_validate_the_schema(edit, match, tmp_path):
+    path = tmp_path / "m.sws"
+    path.write_bytes(edited(edit))
+    for reader in (swsformat.inspect, swsformat.read_header, swsformat.open):
+        with pytest.raises(swsformat.SwsFormatError, match=match):
+            reader(path)
+
+
+@pytest.mark.parametrize(
+    "arch, match",
+    [
+        ({"name": "lenet300-100", "kwargs": {"num_classes": "x"}}, "cannot build the file's architecture 'lenet300-100'"),
+        ({"name": "lenet300-100", "kwargs": {"bogus": 1}}, "unexpected keyword"),
+        ({"name": "lenet300-100", "kwargs": {"num_classes": -5}}, "cannot build"),
+        ({"name": "nope", "kwargs": {}}, "not registered"),
+        ({"name": "lenet5-caffe", "kwargs": {}}, "do not fit its architecture"),
+    ],
+)
+def test_hostile_architecture_is_a_format_error(arch, match, tmp_path):
+    path = tmp_path / "m.sws"
+    path.write_bytes(edited(lambda h: h.update(architecture=arch)))
+    with pytest.raises(swsformat.SwsFormatError, match=match):
+        swsformat.load_model(path)
+    assert main(["eval", str(path)]) in (1, 2)
+
+
+def test_readers_check_the_magic_before_reading_more(tmp_path):
+    for source in ("/dev/zero", "/dev/urandom"):
+        if os.path.exists(source):
+            with pytest.raises(swsformat.SwsFormatError, match="bad magic"):
+                swsformat.load_state_dict(source)
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:  # a sparse 3 GB file that is no .sws file
+        f.truncate(3 << 30)
+    for reader in (swsformat.load_state_dict, swsformat.inspect, swsformat.size_report, swsformat.load_model):
+        with pytest.raises(swsformat.SwsFormatError, match="bad magic"):
+            reader(big)
+
+
+def test_size_is_checked_against_the_header_before_the_payload(tmp_path):
+    data = swsformat.encode_bytes({"a.weight": quantized((20, 30), 0.2, 4)})
+    path = tmp_path / "m.sws"
+    path.write_bytes(data + b"\0" * 8)
+    with pytest.raises(swsformat.SwsFormatError, match="trailing bytes"):
+        swsformat.open(path)
+    path.write_bytes(data[:-1])
+    with pytest.raises(swsformat.SwsFormatError, match="truncated"):
+        swsformat.open(path)
+
+
+@pytest.mark.parametrize(
+    "sd, kwargs, match",
+    [
+        ({"x" * 1025: torch.zeros(1)}, {}, "name"),
+        ({"x": torch.zeros([1] * 17)}, {}, "at most 16 sizes"),
+        ({"x": torch.zeros(1)}, {"architecture": "a" * 1025}, "name"),
+        ({"x": torch.zeros(1)}, {"architecture": {"name": "a", "kwargs": {1: 2}}}, "map key"),
+        ({"x": torch.zeros(1)}, {"architecture": {"name": "a", "kwargs": {"a": object()}}}, "cannot be written"),
+        ({"x": torch.zeros(1)}, {"architecture": {"name": "a", "kwargs": {"a": fuzz._nested(20)}}}, "too deeply"),
+    ],
+)
+def test_writer_refuses_what_the_reader_would_refuse(sd, kwargs, match, tmp_path):
+    path = tmp_path / "m.sws"
+    with pytest.raises(swsformat.SwsEncodeError, match=match):
+        swsformat.encode(sd, path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_golden_files_still_read_through_every_entry_point(tmp_path):
+    for version in (1, 2):
+        path = DATA / f"golden-v{version}.sws"
+        with swsformat.open(path) as f:
+            assert f.version == version
+            sd = f.state_dict()
+        assert sd.keys() == swsformat.load_state_dict(path).keys()
+        assert [t["name"] for t in swsformat.inspect(path)] == list(sd)
