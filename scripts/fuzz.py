@@ -213,7 +213,8 @@ def _section_refs(tensor: dict) -> list[tuple[Any, str]]:
     """(holder, key) of every section reference of one tensor entry, in file order."""
     kind = tensor.get("kind")
     refs = []
-    for name in _SECTION_ORDER.get(kind, ("data", "row_counts", "gaps", "values")):
+    order = _SECTION_ORDER.get(kind, ()) if isinstance(kind, str) else ()
+    for name in order or ("data", "row_counts", "gaps", "values"):
         v = tensor.get(name)
         if isinstance(v, dict):
             if "section" in v:
@@ -632,7 +633,10 @@ def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: P
         if done < len(cases):
             data, kind = cases[done], "truncation"
         elif rng.random() < structure:
-            data, kind = mutate_structure(rng.choice(pool), rng), "structure"
+            try:
+                data, kind = mutate_structure(rng.choice(pool), rng), "structure"
+            except Exception:  # a generator bug must not end the campaign; counted, never hidden
+                data, kind = mutate(rng.choice(pool), rng), "bytes_after_generator_error"
             if len(data) > 64 << 20:  # the worker's pipe and the campaign's pace: keep inputs small
                 continue
         else:

@@ -31,7 +31,7 @@ TORCH_DTYPES = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_PATTERN_TORCH = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
+
 
 @dataclass
 class _Prepared:

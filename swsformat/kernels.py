@@ -241,7 +241,7 @@ def _next_symbol(data, nbytes, table, maxlen, st):
 
 @jit
 def decode_symbols(data, nbits, table, maxlen, count):
-    """Decode ``count`` symbols of one stream; returns (symbols, status)."""
+    """Decode ``count`` symbols of one stream (reports, benchmarks); returns (symbols, status)."""
     out = np.zeros(count, dtype=np.int64)
     st = np.zeros(4, dtype=np.int64)
     for i in range(count):
@@ -251,23 +251,6 @@ def decode_symbols(data, nbits, table, maxlen, count):
         if st[3] > nbits:
             return out, ERR_OVERRUN
         out[i] = s
-    if st[3] != nbits:
-        return out, ERR_TRAILING
-    return out, OK
-
-
-@jit
-def symbol_counts(data, nbits, table, maxlen, count, alphabet):
-    """Histogram of the ``count`` symbols of one stream (for reports); returns (counts, status)."""
-    out = np.zeros(alphabet, dtype=np.int64)
-    st = np.zeros(4, dtype=np.int64)
-    for _ in range(count):
-        s = _next_symbol(data, data.shape[0], table, maxlen, st)
-        if s < 0:
-            return out, s
-        if st[3] > nbits:
-            return out, ERR_OVERRUN
-        out[s] += 1
     if st[3] != nbits:
         return out, ERR_TRAILING
     return out, OK

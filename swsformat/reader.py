@@ -315,16 +315,21 @@ def load_model(
     path: PathLike,
     module: nn.Module | None = None,
     device: torch.device | str = "cpu",
-    sparse: bool = False,
+    sparse: bool | str = False,
     strict: bool = True,
     max_output_bytes: int | None = None,
+    batch_size: int = 1,
 ) -> nn.Module:
     """Load a ``.sws`` file into ``module`` (or the file's built-in architecture) in eval mode.
 
-    With ``sparse=True`` linear and conv layers run on CSR weights (see
-    :mod:`swsformat.sparse`). ``strict`` is passed to ``load_state_dict``; missing or
-    unexpected keys raise.
+    ``sparse=True`` runs every linear and conv layer that has a correct CSR kernel on the
+    device on CSR weights (the others stay dense, named in a warning); ``sparse="auto"`` only
+    those where CSR was measured faster for their density, the device and ``batch_size``
+    (see :mod:`swsformat.sparse`). The choice per layer is in ``module.sws_layouts``.
+    ``strict`` is passed to ``load_state_dict``; missing or unexpected keys raise.
     """
+    if sparse not in (False, True, "auto"):
+        raise ValueError(f"sparse must be False, True or 'auto', got {sparse!r}")
     with SwsFile(path, max_output_bytes=max_output_bytes) as f:
         arch = f.architecture
         if module is None:
@@ -348,7 +353,11 @@ def load_model(
     if sparse:
         from .sparse import sparsify_
 
-        sparsify_(module)
+        layouts = sparsify_(module, sparse, batch_size)
+        module.sws_layouts = layouts
+        dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and sparse is True)
+        if dense:
+            warnings.warn(f"layers kept dense (no CSR kernel for them here): {', '.join(dense)}", stacklevel=2)
     return module
 
 

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from . import kernels
 from .container import RawTensor, SwsTensor
@@ -20,10 +21,10 @@ FP32_BITS = 32
 def _stream_entropy(t: SwsTensor, which: str) -> float:
     s = getattr(t, which)
     table, maxlen = decode_table(s.code_lengths)
-    counts, status = kernels.symbol_counts(s.data, s.bits, table, maxlen, t.entries, s.code_lengths.size)
+    symbols, status = kernels.decode_symbols(s.data, s.bits, table, maxlen, t.entries)
     if status != kernels.OK:
         raise SwsDecodeError(f"tensor {t.name!r}, field {which!r}: {kernels.STATUS[status]}")
-    return entropy_bits(counts)
+    return entropy_bits(np.bincount(symbols, minlength=s.code_lengths.size))
 
 
 def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) -> dict[str, Any]:

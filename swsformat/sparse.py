@@ -64,13 +64,61 @@ class SparseConv2d(nn.Module):
         return y.reshape(b, self.out_channels, oh, ow)
 
 
-def sparsify_(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` and supported ``nn.Conv2d`` in place by its CSR version."""
+# torch's CSR matmul exists for these dtypes on each device type (on CPU the MKL kernel has
+# no float16/bfloat16: such layers fail at their first forward).
+CSR_DTYPES = {
+    "cpu": {torch.float32, torch.float64},
+    "cuda": {torch.float16, torch.bfloat16, torch.float32, torch.float64},
+}
+
+# Largest weight density (non-zeros / elements) at which CSR beat dense for every measured
+# layer shape, by device type and batch size: benchmarks/sparse_crossover.json, made by
+# ``python benchmarks/sparse_crossover.py --threads 1 2`` (the stricter of 1 and 2 threads).
+# A device type or batch that was never measured keeps dense layers under ``sparse="auto"``.
+CROSSOVER: dict[str, dict[int, float]] = {
+    "cpu": {1: 0.0, 16: 0.0, 64: 0.0, 256: 0.0},
+}
+
+
+def crossover_density(device_type: str, batch_size: int) -> float:
+    """The measured crossover for the nearest measured batch size not above ``batch_size``."""
+    table = CROSSOVER.get(device_type, {})
+    sizes = sorted(b for b in table if b <= max(batch_size, 1))
+    return table[sizes[-1]] if sizes else 0.0
+
+
+def unsupported(layer: nn.Module, device_type: str) -> str | None:
+    """Why ``layer`` cannot run on CSR weights on this device type (None: it can)."""
+    if layer.weight.dtype not in CSR_DTYPES.get(device_type, set()):
+        return f"no CSR matmul for {layer.weight.dtype} on {device_type}"
+    if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return "conv with groups, non-zero padding mode or string padding"
+    return None
+
+
+def sparsify_(module: nn.Module, mode: bool | str = True, batch_size: int = 1, prefix: str = "") -> dict[str, str]:
+    """Replace ``nn.Linear`` and ``nn.Conv2d`` layers in place by their CSR versions.
+
+    ``mode=True`` converts every layer that has a correct CSR kernel on its device;
+    ``mode="auto"`` only those whose weight density is at most the measured crossover for the
+    device and ``batch_size`` (see :data:`CROSSOVER`). Returns ``{layer: "csr" or why dense}``.
+    """
+    report: dict[str, str] = {}
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, SparseLinear(child))
-        elif isinstance(child, nn.Conv2d) and child.groups == 1 and not isinstance(child.padding, str):
-            setattr(module, name, SparseConv2d(child))
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.Linear | nn.Conv2d) and type(child) in (nn.Linear, nn.Conv2d):
+            device_type = child.weight.device.type
+            why = unsupported(child, device_type)
+            if why is None and mode == "auto":
+                density = float(child.weight.count_nonzero()) / max(child.weight.numel(), 1)
+                limit = crossover_density(device_type, batch_size)
+                if density > limit:
+                    why = f"density {density:.3f} above the measured crossover {limit:.3f} ({device_type}, batch {batch_size})"
+            if why is None:
+                setattr(module, name, SparseLinear(child) if isinstance(child, nn.Linear) else SparseConv2d(child))
+                report[full] = "csr"
+            else:
+                report[full] = f"dense: {why}"
         else:
-            sparsify_(child)
-    return module
+            report.update(sparsify_(child, mode, batch_size, prefix=f"{full}."))
+    return report

@@ -36,3 +36,66 @@ def test_sparse_conv_with_padding_and_dilation():
         conv.weight.mul_((torch.rand_like(conv.weight) < 0.3).float())
     x = torch.randn(2, 3, 11, 9)
     torch.testing.assert_close(SparseConv2d(conv)(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+def _two_layer_file(tmp_path, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.where(torch.rand(32, 64, generator=g) < 0.02, 0.5, 0.0))  # 2% dense
+        model[2].weight.copy_(torch.where(torch.rand(8, 32, generator=g) < 0.6, -0.25, 0.0))  # 60% dense
+    model = model.to(dtype)
+    path = tmp_path / "two.sws"
+    swsformat.encode(model, path)
+    return model, path
+
+
+def test_auto_uses_csr_only_where_measured_faster(tmp_path, monkeypatch):
+    from swsformat import sparse as sparse_mod
+
+    monkeypatch.setitem(sparse_mod.CROSSOVER, "cpu", {1: 0.1, 64: 0.0})
+    model, path = _two_layer_file(tmp_path)
+    fresh = lambda: torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))  # noqa: E731
+    auto = swsformat.load_model(path, fresh(), sparse="auto")
+    assert auto.sws_layouts["0"] == "csr" and auto.sws_layouts["2"].startswith("dense: density 0.6")
+    big_batch = swsformat.load_model(path, fresh(), sparse="auto", batch_size=256)
+    assert all(v.startswith("dense") for v in big_batch.sws_layouts.values())
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x), model(x), rtol=1e-5, atol=1e-6)
+    monkeypatch.setitem(sparse_mod.CROSSOVER, "cpu", {})
+    assert sparse_mod.crossover_density("cpu", 1) == 0.0 and sparse_mod.crossover_density("cuda", 1) == 0.0
+
+
+def test_sparse_true_keeps_half_precision_layers_dense_on_cpu(tmp_path):
+    model, path = _two_layer_file(tmp_path, torch.float16)
+    fresh = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).half()
+    with pytest.warns(UserWarning, match="kept dense.*0, 2"):
+        loaded = swsformat.load_model(path, fresh, sparse=True)
+    assert set(loaded.sws_layouts.values()) == {"dense: no CSR matmul for torch.float16 on cpu"}
+    x = torch.randn(3, 64, dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="sparse must be"):
+        swsformat.load_model(path, fresh, sparse="yes")
+
+
+def test_gpu_benchmark_script_runs_at_toy_size(tmp_path):
+    """benchmarks/gpu_sparse.py is prepared for a lent GPU; here it runs at toy sizes on CPU."""
+    pytest.importorskip("safetensors")
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_sparse.py"), "--smoke", "--device", "cpu",
+                        "--json", str(out), "--table", str(tmp_path / "gpu.md")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["kernels"] and all(row["dense_s"] > 0 and row["csr_s"] > 0 for row in res["kernels"])
+    assert all(v["state_dict_bit_exact"] and v["csr_bit_exact"] for k, v in res["correctness"].items() if k.endswith(".sws"))
+    assert res["correctness"]["gpt2-shaped"]["max_abs_diff_dense"] == 0.0
+    assert set(next(iter(res["first_output"].values()))) >= {"warm_sws_s", "fresh_safetensors_s"}
