@@ -259,7 +259,9 @@ def encode(
 
     Args:
         model_or_state_dict: an ``nn.Module`` or a state_dict of tensors.
-        path: target file; replaced atomically.
+        path: target file; replaced atomically (a temp file in its folder, fsynced, then
+            renamed over it: readers never see a partial file). A symlink at ``path`` is
+            replaced by the file, as ``mv`` does; its old target is left untouched.
         compress: names (or a ``(name, tensor) -> bool`` predicate) of the tensors to code;
             default: floating tensors of 2+ dimensions named ``*weight``.
         keep: names to store raw even if selected.

@@ -20,9 +20,11 @@ import fuzz  # noqa: E402
 
 
 def test_fuzz_slice_in_worker_processes():
-    """A bounded slice of the campaign: crashes, hangs and foreign exceptions fail the test."""
-    summary = fuzz.campaign(inputs=int(os.environ.get("SWS_FUZZ_INPUTS", "3000")), seed=1, timeout=30.0,
-                            mem_budget=1 << 30, out_dir=None, slow_every=50)
+    """A bounded slice of the campaign (structure and byte mutations through every read entry
+    point and CLI command): crashes, hangs and foreign exceptions fail the test."""
+    summary = fuzz.campaign(inputs=int(os.environ.get("SWS_FUZZ_INPUTS", "1500")), seed=1, timeout=30.0,
+                            mem_budget=1 << 30, out_dir=None, slow_every=50, truncations=False)
+    assert summary["inputs_by_mutation"]["structure"] > 1000
     assert summary["crashes"] == 0 and summary["hangs"] == 0 and summary["other_exceptions"] == 0, summary
 
 
