@@ -59,7 +59,7 @@ def seeds() -> list[bytes]:
         vals = torch.linspace(-1, 1, k)
         w = torch.where(torch.rand(shape, generator=g) < density, vals[torch.randint(0, k, shape, generator=g)], torch.zeros(()))
         sd = {"a.weight": w, "a.bias": torch.ones(shape[0])}
-        out.append(swsformat.encode_bytes(sd, index_bits=bits, version=1 if i == 3 else 2))
+        out.append(swsformat.encode_bytes(sd, index_bits=bits, smallest=False, version=1 if i == 3 else 2))
     odd = {
         "z.weight": torch.zeros(5, 7),
         "h.weight": torch.tensor([[0.0, 0.5], [0.25, 0.0]], dtype=torch.float16),
@@ -68,7 +68,7 @@ def seeds() -> list[bytes]:
         "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "flag": torch.tensor([True, False]),
     }
-    out.append(swsformat.encode_bytes(odd, compress=["z.weight", "h.weight", "b.weight"], metadata={"k": "v"}))
+    out.append(swsformat.encode_bytes(odd, compress=["z.weight", "h.weight", "b.weight"], metadata={"k": "v"}, smallest=False))
     out.append((ROOT / "results" / "paper" / "lenet300-100.sws").read_bytes())  # names its architecture
     return out
 

@@ -134,8 +134,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
         raise UsageError(f"--prune must be in [0, 1), got {a.prune}")
     if a.prune and not a.clusters:
         raise UsageError("--prune works with --clusters K (prune, then share K values); add --clusters")
-    if a.clusters < 0:
-        raise UsageError(f"--clusters must be positive, got {a.clusters}")
+    if not 0 <= a.clusters <= 255:
+        raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
     check_output(a.output, a.input)
     original = _load_checkpoint(a.input)
     sd = original
@@ -154,10 +154,17 @@ def cmd_encode(a: argparse.Namespace) -> int:
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise UsageError(f"--architecture {a.architecture}: the checkpoint does not fit it ({detail})") from None
+    from .reader import SwsFile, output_limit
+
+    with SwsFile(data, max_output_bytes=1 << 62) as f:  # our own bytes: no limit needed to report them
+        needed = sum(e.output_bytes for e in f.header.entries)
+    rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
-    rep = size_report(data, entropy=False)
     print(f"wrote {printable(a.output)}: {len(data)} bytes, compression rate {rep['compression_rate']:.1f}x, "
           f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
+    if needed > output_limit(len(data), None):
+        print(f"note: it decodes to {needed} bytes, more than readers allow by default for its size; "
+              f"read it with max_output_bytes={needed} (CLI: --max-output-bytes {needed})")
     if a.data:
         from .reader import load_model
         from .retrain import data as data_mod
@@ -242,6 +249,13 @@ def input_normalization(metadata: dict[str, str]) -> str:
     return norm
 
 
+def eval_batch(model: torch.nn.Module, budget: int = 1 << 24) -> int:
+    """A batch size whose largest layer output stays within ``budget`` numbers (a file may
+    name a model with huge layers; activations are not counted by the output limit)."""
+    widest = max((m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=1)
+    return max(1, min(2000, budget // max(widest, 1)))
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from .reader import SwsFile, load_model
     from .retrain import data as data_mod
@@ -253,7 +267,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         norm = input_normalization(f.metadata())
     model = load_model(a.file, max_output_bytes=a.max_output_bytes)
     _, test = data_mod.load(a.data, root=a.data_root, normalization=norm)
-    dense = evaluate(model, test)
+    dense = evaluate(model, test, batch_size=eval_batch(model))
     print(f"{printable(a.file)}: test error {dense:.2f}% on {a.data} ({len(test)} images)")
     return 0
 

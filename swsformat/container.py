@@ -7,6 +7,7 @@ before any payload is touched, so kernels only ever see consistent inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import zlib
@@ -369,6 +370,16 @@ class Section(NamedTuple):
         return self.offset + self.length
 
 
+def output_bytes(kind: str, dtype: str, shape: tuple[int, ...], nonzeros: int) -> int:
+    """The most a decoder allocates for a tensor: its dense bytes and, for a coded tensor, a
+    count per row and a column index per non-zero (its sparse CSR form)."""
+    dense = math.prod(shape) * (SWS_DTYPES if kind == "sws" else RAW_DTYPES)[dtype].itemsize
+    if kind == "raw":
+        return dense
+    rows, _ = matrix_shape(shape)
+    return dense + 8 * (rows + 1) + 8 * nonzeros
+
+
 @dataclass
 class Entry:
     """One tensor's header facts, validated, without its payload (what a lazy reader indexes).
@@ -404,13 +415,7 @@ class Entry:
 
     @property
     def output_bytes(self) -> int:
-        """The most a decoder allocates for this tensor: its dense bytes and, for a coded
-        tensor, a count per row and a column index per non-zero (sparse CSR output)."""
-        dense = self.numel * self.itemsize
-        if self.kind == "raw":
-            return dense
-        rows, _ = matrix_shape(self.shape)
-        return dense + 8 * (rows + 1) + 8 * self.nonzeros
+        return output_bytes(self.kind, self.dtype, self.shape, self.nonzeros)
 
     @property
     def stored_bytes(self) -> int:
@@ -520,7 +525,7 @@ _SWS_KEYS = frozenset(
 )
 
 
-def check_code_lengths(lengths: np.ndarray, count: int, tensor: str, fld: str) -> None:
+def check_code_lengths(lengths: np.ndarray, count: int, tensor: str | None, fld: str | None) -> None:
     """A usable canonical prefix code whatever the stream's symbol count: lengths of at most
     15 bits that satisfy Kraft's inequality, and at least one code when there are symbols.
     (Decode tables are built from every table, so an empty stream's table is checked too.)"""
@@ -534,20 +539,33 @@ def check_code_lengths(lengths: np.ndarray, count: int, tensor: str, fld: str) -
         raise SwsFormatError(f"{loc}no symbol has a code but the stream holds {count} symbols")
 
 
+@functools.lru_cache(maxsize=4096)
+def _code_table(raw: bytes, alphabet: int, has_symbols: bool) -> tuple[np.ndarray, int, str | None]:
+    """(lengths, shortest code length, what is wrong or None) of a stored code table; cached,
+    since the tensors of one file often share tables and a hostile header may repeat one."""
+    if len(raw) != (alphabet + 1) // 2:
+        return np.zeros(0, np.uint8), 0, f"code table of {len(raw)} bytes, alphabet of {alphabet} symbols needs {(alphabet + 1) // 2}"
+    code = unpack_nibbles(raw, alphabet)
+    code.setflags(write=False)
+    if alphabet % 2 and raw[-1] & 0x0F:
+        return code, 0, "padding nibble of the code table is not zero"
+    try:
+        check_code_lengths(code, int(has_symbols), None, None)
+    except SwsFormatError as exc:
+        return code, 0, str(exc)
+    used = code[code > 0]
+    return code, int(used.min()) if used.size else 0, None
+
+
 def _stream(v: Any, name: str, fld: str, alphabet: int, count: int, layout: _Layout) -> tuple[np.ndarray, int, Section]:
     c = _Check(v, name, fld)
     c.keys(_STREAM_KEYS)
     c.str("coder", {CODER_HUFFMAN})
-    raw = c.bytes("code")
-    if len(raw) != (alphabet + 1) // 2:
-        raise SwsFormatError(f"{where(name, fld)}code table of {len(raw)} bytes, alphabet of {alphabet} symbols needs {(alphabet + 1) // 2}")
-    code = unpack_nibbles(raw, alphabet)
-    if alphabet % 2 and raw[-1] & 0x0F:
-        raise SwsFormatError(f"{where(name, fld)}padding nibble of the code table is not zero")
-    check_code_lengths(code, count, name, fld)
+    code, shortest, wrong = _code_table(c.bytes("code"), alphabet, count > 0)
+    if wrong is not None:
+        raise SwsFormatError(f"{where(name, fld)}{wrong}")
     bits = c.int("bits", 0, count * MAX_CODE_LENGTH)
-    used = code[code > 0]
-    if count and bits < count * int(used.min()):
+    if count and bits < count * shortest:
         raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {count} symbols")
     section = layout.take(c.m["section"], name, fld)
     if section.length != (bits + 7) // 8:
@@ -677,7 +695,14 @@ def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
         arrays.append(np.frombuffer(part, dtype=np.uint8))
         pos = off + s.length
     if e.kind == "raw":
+        if e.dtype == "bool" and arrays[0].size and int(arrays[0].max()) > 1:
+            raise SwsFormatError(f"{where(e.name, 'data')}a bool byte is not 0 or 1")
         return RawTensor(e.name, e.dtype, e.shape, arrays[0])
+    rows, _ = matrix_shape(e.shape)
+    for fld, arr, bits in (("row_counts", arrays[0], rows * e.row_bits), ("gaps", arrays[1], e.gap_bits),
+                           ("values", arrays[2], e.value_bits)):
+        if bits % 8 and int(arr[-1]) & ((1 << (8 - bits % 8)) - 1):
+            raise SwsFormatError(f"{where(e.name, fld)}padding bits after the last code are not zero")
     return SwsTensor(
         e.name, e.dtype, e.shape, e.index_bits, e.codebook, e.nonzeros, e.entries, e.row_bits, arrays[0],
         Stream(e.gap_lengths, e.gap_bits, arrays[1]), Stream(e.value_lengths, e.value_bits, arrays[2]),

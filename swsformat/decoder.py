@@ -116,3 +116,20 @@ def tensor_from_entry(t: SwsTensor | RawTensor, device: torch.device | str = "cp
             )
         return out.to(device)
     return _patterns_to_torch(decode_dense_array(t), t.dtype).to(device)
+
+
+def codebook_values(t: SwsTensor) -> np.ndarray:
+    """The tensor's shared non-zero values as float64 (bfloat16 patterns included)."""
+    torch_dtype = TORCH_DTYPES[t.dtype]
+    bits = torch.from_numpy(t.codebook.view(t.codebook.dtype.str.replace("u", "i")).copy())
+    return bits.view(torch_dtype).to(torch.float64).numpy()
+
+
+def value_counts(t: SwsTensor) -> np.ndarray:
+    """How many weights take each codebook value (from the values stream, nothing dense)."""
+    if t.entries == 0:
+        return np.zeros(t.codebook.size, dtype=np.int64)
+    p = _prepare(t)
+    symbols, status = kernels.decode_symbols(t.values.data, t.values.bits, p.vtable, p.vmax, t.entries)
+    _fail(t, status, -1)
+    return np.bincount(symbols, minlength=t.codebook.size + 1)[1:]

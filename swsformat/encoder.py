@@ -9,6 +9,7 @@ raw. The same input always gives the same bytes.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -17,14 +18,16 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
-from .container import Container, RawTensor, Stream, SwsTensor, serialize
+from .container import Container, RawTensor, Stream, SwsTensor, output_bytes, serialize
 from .errors import SwsEncodeError, where
 from .files import atomic_write
 from .huffman import canonical_codes, code_lengths
 from .spec import (
     FORMAT_VERSION,
     MAX_CODEBOOK,
+    MAX_EXPANSION,
     MAX_INDEX_BITS,
+    MIN_OUTPUT_LIMIT,
     RAW_DTYPES,
     SWS_DTYPES,
     VERSIONS,
@@ -65,14 +68,17 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 def _patterns(t: torch.Tensor, dtype: str) -> np.ndarray:
     """The tensor's bit patterns as unsigned integers (bit-exact, sign of zero kept)."""
-    return t.detach().cpu().contiguous().view(_PATTERN[dtype]).numpy().view(SWS_DTYPES[dtype]).reshape(-1)
+    t = t.detach().cpu().resolve_neg().resolve_conj().contiguous()
+    return t.view(_PATTERN[dtype]).numpy().view(SWS_DTYPES[dtype]).reshape(-1)
 
 
 def _raw(name: str, t: torch.Tensor) -> RawTensor:
     dtype = _TORCH_DTYPES.get(t.dtype)
     if dtype is None:
         raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be stored; supported: {sorted(RAW_DTYPES)}")
-    t = t.detach().cpu().contiguous()
+    t = t.detach().cpu().resolve_neg().resolve_conj().contiguous()
+    if dtype == "bool":  # a bool tensor viewed from other bytes may hold 2..255: store 0/1
+        t = t.view(torch.uint8).ne(0)
     arr = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
     data = np.ascontiguousarray(arr).astype(RAW_DTYPES[dtype], copy=False).reshape(-1).view(np.uint8)
     return RawTensor(name, dtype, tuple(t.shape), data)
@@ -203,10 +209,10 @@ def to_container(
     *,
     compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
     keep: Iterable[str] = (),
-    index_bits: IndexBits = None,
+    index_bits: IndexBits = "auto",
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
-    smallest: bool = False,
+    smallest: bool = True,
     version: int = FORMAT_VERSION,
 ) -> Container:
     """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
@@ -245,15 +251,44 @@ def to_container(
     return Container(tensors, meta, _architecture(model_or_state_dict, architecture), f"swsformat {__version__}", version)
 
 
-def encode_bytes(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **kwargs: Any) -> bytes:
+def encode_bytes(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    keep: Iterable[str] = (),
+    index_bits: IndexBits = "auto",
+    metadata: Mapping[str, str] | None = None,
+    architecture: str | Mapping[str, Any] | None = None,
+    smallest: bool = True,
+    version: int = FORMAT_VERSION,
+) -> bytes:
     """Like :func:`encode` but return the file's bytes."""
-    return serialize(to_container(model_or_state_dict, **kwargs))
+    c = to_container(
+        model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
+        architecture=architecture, smallest=smallest, version=version,
+    )
+    data = serialize(c)
+    needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0)) for t in c.tensors)
+    if needed > max(MIN_OUTPUT_LIMIT, MAX_EXPANSION * len(data)):
+        warnings.warn(
+            f"the file decodes to {needed} bytes, more than readers allow by default for a {len(data)}-byte file: "
+            f"read it with max_output_bytes={needed} (CLI: --max-output-bytes {needed})",
+            stacklevel=2,
+        )
+    return data
 
 
 def encode(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
-    **kwargs: Any,
+    *,
+    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    keep: Iterable[str] = (),
+    index_bits: IndexBits = "auto",
+    metadata: Mapping[str, str] | None = None,
+    architecture: str | Mapping[str, Any] | None = None,
+    smallest: bool = True,
+    version: int = FORMAT_VERSION,
 ) -> int:
     """Write a quantized model to a ``.sws`` file atomically; return the file size in bytes.
 
@@ -265,14 +300,15 @@ def encode(
         compress: names (or a ``(name, tensor) -> bool`` predicate) of the tensors to code;
             default: floating tensors of 2+ dimensions named ``*weight``.
         keep: names to store raw even if selected.
-        index_bits: gap width in bits: ``None`` (5 for linear, 8 for conv), an int,
-            ``"auto"`` (smallest file), or a per-name mapping of those.
+        index_bits: gap width in bits: ``"auto"`` (default: the width that gives the
+            smallest tensor), ``None`` (Deep Compression's 5 for linear, 8 for conv), an int,
+            or a per-name mapping of those.
         metadata: free-form ``str -> str`` user metadata.
         architecture: registered architecture name or ``{"name", "kwargs"}``; taken from the
             module's ``sws_architecture`` attribute when not given.
         smallest: store a selected tensor raw when a file holding that tensor alone is not
-            larger that way (small tensors such as biases: a codebook and code tables cost
-            ~150-300 bytes). Both forms decode to the same bit patterns.
+            larger that way (default; small tensors such as biases: a codebook and code
+            tables cost ~150-300 bytes). Both forms decode to the same bit patterns.
         version: format version to write: 2 (default) or 1, for readers older than
             swsformat 0.2 (a plain msgpack header, every section aligned).
 
@@ -282,6 +318,9 @@ def encode(
         >>> swsformat.encode({"fc.weight": w}, "/tmp/tiny.sws") > 0
         True
     """
-    data = encode_bytes(model_or_state_dict, **kwargs)
+    data = encode_bytes(
+        model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
+        architecture=architecture, smallest=smallest, version=version,
+    )
     atomic_write(path, data)
     return len(data)

@@ -20,7 +20,7 @@ from .errors import SwsOutputError
 TEMP_TAG = ".sws-tmp-"
 # A temp file of a writer on another machine (shared folder) is judged by age alone.
 STALE_AFTER_S = 24 * 3600
-_TEMP = re.compile(r"^\..+\.sws-tmp-(?P<host>[^-]*)-(?P<pid>\d+)-[^/]*$")
+_TEMP = re.compile(r"^\..+\.sws-tmp-(?P<host>[^-]*)-(?P<pid>\d{1,10})-[^/]*$")
 
 
 def _host() -> str:
@@ -28,9 +28,11 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 22:  # above Linux's largest pid_max: no such process
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True
@@ -63,8 +65,11 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 def _file_mode(path: Path) -> int:
-    """The mode a plain ``open(path, "w")`` would give: the old file's, else 0o666 & ~umask."""
+    """The mode a plain ``open(path, "w")`` would give: the old file's (not a symlink's
+    target's: the link is replaced), else 0o666 & ~umask."""
     try:
+        if path.is_symlink():
+            raise FileNotFoundError
         return path.stat().st_mode & 0o777
     except FileNotFoundError:
         mask = os.umask(0)

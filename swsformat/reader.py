@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import builtins
 import os
 import stat
 import warnings
@@ -32,15 +31,11 @@ from .container import Container, Entry, Header, Tensor, check_padding, decode_h
 from .container import check_header as _check_header
 from .decoder import tensor_from_entry
 from .errors import SwsFormatError
-from .spec import MAX_PRELUDE
+from .spec import MAX_EXPANSION, MAX_PRELUDE, MIN_OUTPUT_LIMIT
 
 PathLike = str | os.PathLike
 Source = PathLike | bytes | bytearray | memoryview
 
-# Decoded output may exceed the file by this factor (or MIN_OUTPUT_LIMIT) unless the caller
-# raises the limit: a tiny hostile file cannot make the reader allocate gigabytes.
-MAX_EXPANSION = 4096
-MIN_OUTPUT_LIMIT = 64 * 1024 * 1024
 
 
 def output_limit(file_size: int, max_output_bytes: int | None) -> int:
@@ -80,6 +75,7 @@ class SwsFile:
 
     def __init__(self, source: Source, *, max_output_bytes: int | None = None) -> None:
         self._fd: int | None = None
+        self._stream: Any = None  # a pipe or device, read once when the payload is needed
         self._data: memoryview | None = None  # the data area, when it is in memory
         self._decoded = 0
         self.name = "<bytes>" if isinstance(source, bytes | bytearray | memoryview) else os.fsdecode(source)
@@ -87,7 +83,9 @@ class SwsFile:
             self._open_bytes(memoryview(source).cast("B"))
         else:
             self._open_path(source)
-        self.limit = output_limit(self.header.file_size, max_output_bytes)
+        # A stream's size is what its header claims, so it gets no expansion allowance.
+        size = 0 if self._stream is not None else self.header.file_size
+        self.limit = output_limit(size, max_output_bytes)
         self._by_name = {e.name: e for e in self.header.entries}
 
     def _open_bytes(self, mv: memoryview) -> None:
@@ -99,14 +97,20 @@ class SwsFile:
         self._data = mv[h.data_start :]
 
     def _open_path(self, path: PathLike) -> None:
+        name = os.fsdecode(path)
         try:
-            f = builtins.open(path, "rb")
+            # Non-blocking open: a FIFO without a writer must not block here (reads then see EOF).
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except IsADirectoryError:
-            raise SwsFormatError(f"{os.fsdecode(path)}: is a directory, not a .sws file") from None
+            raise SwsFormatError(f"{name}: is a directory, not a .sws file") from None
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise SwsFormatError(f"{name}: is a directory, not a .sws file")
+        f = os.fdopen(fd, "rb", buffering=0)
         try:
-            st = os.fstat(f.fileno())
-            if stat.S_ISDIR(st.st_mode):
-                raise SwsFormatError(f"{os.fsdecode(path)}: is a directory, not a .sws file")
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)
             head = _read_upto(f, MAX_PRELUDE)
             prelude = read_prelude(head)  # the magic, before reading any further
             head += _read_upto(f, prelude.data_start - len(head))
@@ -117,13 +121,13 @@ class SwsFile:
             self.header = header
             if stat.S_ISREG(st.st_mode):
                 self._check_size(st.st_size)
-                self._fd = os.dup(f.fileno())
-            else:  # a pipe or device: read the declared data area (and one byte to see the end)
-                data = _read_upto(f, header.data_length + 1)
-                self._check_size(header.data_start + len(data))
-                self._data = memoryview(data)
+            else:  # a pipe or device: its payload is read when it is asked for (see _load_all)
+                self._stream, f = f, None
+                return
+            self._fd = os.dup(fd)
         finally:
-            f.close()
+            if f is not None:
+                f.close()
 
     def _check_size(self, size: int) -> None:
         want = self.header.file_size
@@ -167,8 +171,8 @@ class SwsFile:
 
     # ------------------------------------------------------------------------- payload
 
-    def _reserve(self, entries: list[Entry]) -> None:
-        total = self._decoded + sum(e.output_bytes for e in entries)
+    def _reserve(self, entries: list[Entry], extra: int = 0) -> None:
+        total = self._decoded + sum(e.output_bytes for e in entries) + extra
         if total > self.limit:
             raise SwsFormatError(
                 f"tensors declare {total} decoded bytes, over the limit of {self.limit} for a "
@@ -178,6 +182,8 @@ class SwsFile:
         self._decoded = total
 
     def _chunk(self, e: Entry) -> bytes | memoryview:
+        if self._stream is not None:
+            self._load_all()
         if self._data is not None:
             return self._data[e.start : e.end]
         if self._fd is None:
@@ -185,10 +191,27 @@ class SwsFile:
         return _pread(self._fd, e.end - e.start, self.header.data_start + e.start)
 
     def _load_all(self) -> None:
-        if self._data is None and self._fd is not None:
-            data = _pread(self._fd, self.header.data_length, self.header.data_start)
-            if len(data) != self.header.data_length:
-                raise SwsFormatError(f"file truncated while reading: {len(data)} of {self.header.data_length} data bytes")
+        length = self.header.data_length
+        if self._stream is not None:
+            # A stream has no size to check against the header first, so the declared data
+            # area must fit the output limit (stored bytes never exceed a few times the
+            # decoded ones for a valid file) before it is read.
+            if length > self.limit:
+                raise SwsFormatError(
+                    f"{self.name}: declares {length} data bytes, over the limit of {self.limit} for a stream; "
+                    "pass max_output_bytes= (CLI: --max-output-bytes) to allow it"
+                )
+            stream, self._stream = self._stream, None
+            try:
+                data = _read_upto(stream, length + 1)
+            finally:
+                stream.close()
+            self._check_size(self.header.data_start + len(data))
+            self._data = memoryview(data)
+        elif self._data is None and self._fd is not None:
+            data = _pread(self._fd, length, self.header.data_start)
+            if len(data) != length:
+                raise SwsFormatError(f"file truncated while reading: {len(data)} of {length} data bytes")
             self._data = memoryview(data)
 
     def tensor(self, name: str) -> Tensor:
@@ -222,6 +245,9 @@ class SwsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     def __enter__(self) -> SwsFile:
         return self
@@ -335,27 +361,29 @@ def load_model(
         if module is None:
             # Built on the meta device: no random initialisation of weights that are replaced
             # at once; the decoded tensors become the parameters, in the architecture's own
-            # dtypes (a float16 file still gives a float32 model).
+            # dtypes (a float16 file still gives a float32 model, whose bytes count too).
             with torch.device("meta"):
                 built = build_architecture(arch)
-            sd = f.state_dict()
             ref = built.state_dict()
+            f._reserve([], extra=sum(t.numel() * t.element_size() for t in ref.values()))
+            sd = f.state_dict()
             sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
-            try:
-                built.load_state_dict(sd, strict=True, assign=True)
-            except RuntimeError as e:
-                detail = " ".join(str(e).split())
-                raise SwsFormatError(f"the file's tensors do not fit its architecture {arch['name']!r}: {detail}") from None
-            module = built
+            target, name = built, f"its architecture {arch['name']!r}"
         else:
-            module.load_state_dict(f.state_dict(), strict=strict)
+            sd, target, name = f.state_dict(), module, f"the module ({type(module).__name__})"
+        try:
+            target.load_state_dict(sd, strict=True if module is None else strict, assign=module is None)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:1000]
+            raise SwsFormatError(f"the file's tensors do not fit {name}: {detail}") from None
+        module = target
     module = module.to(device).eval()
     if sparse:
         from .sparse import sparsify_
 
         layouts = sparsify_(module, sparse, batch_size)
         module.sws_layouts = layouts
-        dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and sparse is True)
+        dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and v != "dense: empty weight" and sparse is True)
         if dense:
             warnings.warn(f"layers kept dense (no CSR kernel for them here): {', '.join(dense)}", stacklevel=2)
     return module

@@ -6,6 +6,7 @@ unfolded input (im2col), so both layer types use the same CSR kernels of torch.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ def to_csr(weight: torch.Tensor) -> torch.Tensor:
     """The 2-D CSR view ``(shape[0], prod(shape[1:]))`` of a dense weight."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
+        return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:])).to_sparse_csr()
 
 
 class SparseLinear(nn.Module):
@@ -89,6 +90,8 @@ def crossover_density(device_type: str, batch_size: int) -> float:
 
 def unsupported(layer: nn.Module, device_type: str) -> str | None:
     """Why ``layer`` cannot run on CSR weights on this device type (None: it can)."""
+    if layer.weight.numel() == 0:
+        return "empty weight"
     if layer.weight.dtype not in CSR_DTYPES.get(device_type, set()):
         return f"no CSR matmul for {layer.weight.dtype} on {device_type}"
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str)):

@@ -29,7 +29,12 @@ MAX_HEADER_DEPTH = 16  # nesting of maps and arrays; the schema needs 5 plus arc
 MAX_HEADER_CONTAINERS = 8 * MAX_TENSORS + 65_536  # a tensor entry holds at most 7 maps and arrays
 # A deflated header may decode to at most this many times its stored size once it is over
 # MAX_INFLATED_FREE decoded bytes (real headers deflate 2-4x; a bomb of empty maps ~1000x).
-MAX_HEADER_RATIO = 32
+# Validating a header costs time per decoded byte, so this bounds that cost per file byte.
+MAX_HEADER_RATIO = 8
+# Decoded output may exceed the file by MAX_EXPANSION (or reach MIN_OUTPUT_LIMIT) unless the
+# caller raises the limit: a tiny hostile file cannot make a reader allocate gigabytes.
+MAX_EXPANSION = 4096
+MIN_OUTPUT_LIMIT = 64 * 1024 * 1024
 MAX_INFLATED_FREE = 1 << 20
 
 CODER_HUFFMAN = "huffman"

@@ -63,3 +63,10 @@ def test_check_output_refuses_its_input_and_missing_folders(tmp_path):
     with pytest.raises(swsformat.SwsOutputError, match="is a directory"):
         check_output(tmp_path)
     assert check_output(tmp_path / "new.sws", src, None) == tmp_path / "new.sws"
+
+
+def test_a_planted_temp_name_with_a_huge_pid_does_not_break_writes(tmp_path):
+    for pid in ("2147483648", "99999999999999999999"):
+        (tmp_path / f".x.sws.sws-tmp-{_host()}-{pid}-a").write_bytes(b"")
+    atomic_write(tmp_path / "x.sws", b"data")
+    assert (tmp_path / "x.sws").read_bytes() == b"data"

@@ -19,6 +19,8 @@ from swsformat.spec import FORMAT_VERSION, VERSIONS
 from .conftest import DATA, quantized
 
 GOLDEN = DATA / f"golden-v{FORMAT_VERSION}.sws"
+# The settings the golden files were written with (the encoder's defaults were these before 0.3).
+GOLDEN_SETTINGS = {"index_bits": None, "smallest": False}
 
 
 def golden_state_dict() -> dict[str, torch.Tensor]:
@@ -39,7 +41,7 @@ def golden_state_dict() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_golden_file_decodes_to_the_same_tensors(version):
     if os.environ.get("SWSFORMAT_REGEN_GOLDEN") and version == FORMAT_VERSION:
-        swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"})
+        swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"}, **GOLDEN_SETTINGS)
     path = DATA / f"golden-v{version}.sws"
     assert parse(path.read_bytes()).version == version
     sd = swsformat.load_state_dict(path)
@@ -53,7 +55,7 @@ def _rewrite(version: int) -> tuple[bytes, bytes]:
     """Today's writer on the golden tensors at ``version``, with the golden file's library
     string (the only field allowed to differ between releases), and the golden file."""
     golden = (DATA / f"golden-v{version}.sws").read_bytes()
-    c = to_container(golden_state_dict(), metadata={"purpose": "golden"}, version=version)
+    c = to_container(golden_state_dict(), metadata={"purpose": "golden"}, version=version, **GOLDEN_SETTINGS)
     c.library = parse(golden).library
     return serialize(c), golden
 
@@ -76,7 +78,7 @@ def test_writer_still_produces_the_current_golden_file():
 def test_exact_bytes_of_a_tiny_layer():
     """One layer small enough to check by hand against SPEC.md."""
     w = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, -0.5]])
-    c = swsformat.encode_bytes({"w.weight": w}, index_bits=2, metadata={})
+    c = swsformat.encode_bytes({"w.weight": w}, index_bits=2, metadata={}, smallest=False)
     from swsformat.container import parse
 
     t = parse(c).tensors[0]

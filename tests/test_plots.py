@@ -25,3 +25,28 @@ def test_mixture_plot_axis_follows_the_histogram(tmp_path, monkeypatch):
     density_max = np.histogram(w, bins=300, range=(-np.abs(w).max(), np.abs(w).max()), density=True)[0].max()
     assert (tmp_path / "mixture.png").stat().st_size > 0
     assert limits[0][1] == pytest.approx(10 * density_max)
+
+
+def test_file_plots_come_from_codebooks_and_value_counts(tmp_path):
+    """bfloat16 values read as bfloat16, huge float64 values scaled, counts as in the tensor."""
+    import torch
+
+    import swsformat
+    from swsformat.decoder import codebook_values, value_counts
+    from swsformat.plotting import plot_file
+
+    sd = {
+        "b.weight": torch.tensor([[1.0, 0.0, -3e38], [1.0, 1.0, 0.0]], dtype=torch.bfloat16),
+        "d.weight": torch.tensor([[1.7e308, 0.0, -1.7e308]], dtype=torch.float64),
+        "z.weight": torch.zeros(3, 3),
+    }
+    path = tmp_path / "odd.sws"
+    swsformat.encode(sd, path, smallest=False)
+    c = swsformat.open(path).container()
+    for t in c.tensors:
+        dense = sd[t.name].double().flatten()
+        got = dict(zip(codebook_values(t).tolist(), value_counts(t).tolist()))
+        want = {v: int((dense == v).sum()) for v in dense[dense != 0].unique().tolist()}
+        assert got == want, t.name
+    written = plot_file(path, str(tmp_path / "p"))
+    assert all(p.stat().st_size > 1000 for p in written)

@@ -26,7 +26,7 @@ import fuzz  # noqa: E402
 def edited(edit, version: int = 2, relayout: bool = True, sd=None) -> bytes:
     """A valid file whose decoded header ``edit`` changes; sections re-laid, CRCs recomputed."""
     sd = sd or {"a.weight": torch.zeros(4, 8), "b.weight": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "c": torch.ones(3)}
-    v, header, payload = fuzz._split(swsformat.encode_bytes(sd, version=version))
+    v, header, payload = fuzz._split(swsformat.encode_bytes(sd, version=version, smallest=False, index_bits=None))
     edit(header)
     payload = fuzz.relayout(header, payload, v) if relayout else payload
     return fuzz._pack(header, v, None) + payload
@@ -153,7 +153,7 @@ def _raw_deflated(header: bytes) -> bytes:
 def test_header_bombs_are_refused_before_unpacking(tmp_path):
     empty_maps = b"\xdd" + struct.pack(">I", 16_000_000) + b"\x80" * 16_000_000
     t0 = time.perf_counter()
-    with pytest.raises(swsformat.SwsFormatError, match="more than 32 times"):
+    with pytest.raises(swsformat.SwsFormatError, match="more than 8 times"):
         swsformat.load(_raw_deflated(empty_maps))
     with pytest.raises(swsformat.SwsFormatError, match="an array or map with too many items"):
         swsformat.load(swsformat.container.pack_head(empty_maps, 2, 0))
@@ -173,7 +173,7 @@ def test_tensor_count_is_bounded(tmp_path):
               "tensors": [dict(empty, name=f"t{i}") for i in range(MAX_TENSORS + 1)]}
     raw = msgpack.packb(header, use_bin_type=True)
     for data in (_raw_deflated(raw), swsformat.container.pack_head(raw, 2, 0)):
-        with pytest.raises(swsformat.SwsFormatError, match="more than 32 times|too many items"):
+        with pytest.raises(swsformat.SwsFormatError, match="more than 8 times|too many items"):
             swsformat.load(data)
     with pytest.raises(swsformat.SwsEncodeError, match="would not be readable.*too many items"):
         swsformat.encode_bytes({f"t{i}": torch.zeros(0) for i in range(MAX_TENSORS + 1)})
@@ -266,3 +266,80 @@ def test_golden_files_still_read_through_every_entry_point(tmp_path):
             sd = f.state_dict()
         assert sd.keys() == swsformat.load_state_dict(path).keys()
         assert [t["name"] for t in swsformat.inspect(path)] == list(sd)
+
+
+def test_streams_are_read_lazily_and_within_the_limit(tmp_path):
+    """A pipe: the header alone for header readers; a declared data area over the limit is
+    refused before it is read; a FIFO with no writer does not block."""
+    import subprocess
+
+    edit = lambda h: h["tensors"].append(  # noqa: E731
+        {"name": "big", "kind": "raw", "dtype": "uint8", "shape": [2**40], "data": b""})
+    head = edited(edit)
+    v, header, _ = fuzz._split(head)
+    header["tensors"][-1]["data"] = [header["tensors"][-1]["data"][0], 2**40, 0]
+    endless = fuzz._pack(header, v, None)
+    script = ("import sys, swsformat\n"
+              "print(sorted(swsformat.read_header('/dev/stdin')['metadata']))\n")
+    r = subprocess.run(f"cat {tmp_path / 'h.sws'} /dev/zero | {sys.executable} -c \"{script}\"", shell=True,
+                       capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       preexec_fn=lambda: (tmp_path / "h.sws").write_bytes(endless))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-500:]
+    script = ("import sys, swsformat\n"
+              "try:\n    swsformat.load_state_dict('/dev/stdin')\n"
+              "except swsformat.SwsFormatError as e:\n    print('refused:', e)\n")
+    r = subprocess.run(f"cat {tmp_path / 'h.sws'} /dev/zero | {sys.executable} -c \"{script}\"", shell=True,
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "refused:" in r.stdout and "over the limit" in r.stdout, r.stdout + r.stderr[-500:]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(swsformat.SwsFormatError, match="bad magic"):
+        swsformat.inspect(fifo)
+
+
+def test_bool_bytes_and_padding_bits_must_be_zero_beyond_their_use(tmp_path):
+    def bad_bool(h):
+        h["tensors"].append({"name": "f", "kind": "raw", "dtype": "bool", "shape": [2], "data": b"\x02\xff"})
+
+    for data in (edited(bad_bool),):
+        with pytest.raises(swsformat.SwsFormatError, match="bool byte"):
+            swsformat.load(data)
+    # The writer stores 0/1 for a bool tensor viewed from other bytes.
+    odd = torch.tensor([2, 255, 0], dtype=torch.uint8).view(torch.bool)
+    assert swsformat.load(swsformat.encode_bytes({"f": odd}))["f"].view(torch.uint8).tolist() == [1, 1, 0]
+    sd = {"a.weight": quantized((5, 7), 0.4, 3)}
+    v, header, payload = fuzz._split(swsformat.encode_bytes(sd, smallest=False))
+    t = header["tensors"][0]
+    for fld in ("row_counts", "gaps", "values"):
+        sec = t[fld] if fld == "row_counts" else t[fld]["section"]
+        bits = 5 * t["row_bits"] if fld == "row_counts" else t[fld]["bits"]
+        if bits % 8 == 0:
+            continue
+        p = bytearray(payload)
+        p[sec[0] + sec[1] - 1] |= 1  # the last bit of the section: padding
+        relaid = fuzz.relayout(header, bytes(p), v)
+        with pytest.raises(swsformat.SwsFormatError, match=f"field '{fld}': padding bits"):
+            swsformat.load(fuzz._pack(header, v, None) + relaid)
+        header = fuzz._split(swsformat.encode_bytes(sd, smallest=False))[1]
+        t = header["tensors"][0]
+
+
+def test_model_loading_edge_cases(tmp_path):
+    import warnings
+
+    from swsformat.retrain.models import build_model
+
+    path = tmp_path / "m.sws"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes that zero-element tensors are not initialised
+        model = build_model("lenet300-100", num_classes=0)  # a zero-row last layer
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.where(p > 0, 0.25, 0.0))
+    swsformat.encode(model, path)
+    model = swsformat.load_model(path, sparse=True)
+    assert model.sws_layouts["fc3"] == "dense: empty weight" and model(torch.randn(2, 1, 28, 28)).shape == (2, 0)
+    with pytest.raises(swsformat.SwsFormatError, match=r"do not fit the module \(Linear\)"):
+        swsformat.load_model(path, torch.nn.Linear(3, 3))
+    neg = torch._neg_view(torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    assert torch.equal(swsformat.load(swsformat.encode_bytes({"n.weight": neg}))["n.weight"], -torch.tensor([[0.5, 0.0], [0.0, 0.5]]))

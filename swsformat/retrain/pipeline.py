@@ -18,6 +18,7 @@ from torch import nn
 from ..encoder import encode
 from ..errors import SwsTrainingError
 from .data import Split
+from .fields import check_types
 from .models import compressible_parameters
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
 from .train import EpochLog, RetrainConfig, adam, default_prior, evaluate, retrain
@@ -47,6 +48,13 @@ class CompressConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not (self.index_bits in (None, "auto") or (type(self.index_bits) is int and 1 <= self.index_bits <= 12)):
+            raise ValueError(f"index_bits must be 'auto', None or an integer in [1, 12], got {self.index_bits!r}")
+        if self.bias_tolerance < 0:
+            raise ValueError("bias_tolerance must be >= 0")
         if self.merge_threshold < 0:
             raise ValueError("merge_threshold must be >= 0")
         if self.assign not in ("map", "nearest"):

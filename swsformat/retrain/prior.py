@@ -26,6 +26,7 @@ from ._prior_kernel import (
     nll_and_grads_f32,
     value_order,
 )
+from .fields import check_types
 
 LOG_2PI = math.log(2.0 * math.pi)
 CHUNK = 1 << 20
@@ -208,6 +209,7 @@ class PriorConfig:
     init_zero_std: float = 0.25
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not 2 <= self.components <= 256:
             raise ValueError(f"components must be in [2, 256], got {self.components}")
         if not 0.0 < self.pi_zero < 1.0:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import SwsCheckpointError
 from . import checkpoint as checkpoint_io
 from .data import Split
+from .fields import check_types
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
 
@@ -164,6 +165,7 @@ class RetrainConfig:
     train_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.tau < 0 or self.tau_warmup_epochs < 0:
