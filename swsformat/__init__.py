@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
+from .architectures import register_architecture  # noqa: E402
 from .encoder import encode, encode_bytes  # noqa: E402
 from .errors import (  # noqa: E402
     SwsCheckpointError,
@@ -60,5 +61,6 @@ __all__ = [
     "load_state_dict",
     "open",
     "read_header",
+    "register_architecture",
     "size_report",
 ]

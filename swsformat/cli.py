@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from . import __version__
+from .architectures import ARCHITECTURES as REGISTRY
 from .errors import SwsError, SwsOutputError
 from .files import atomic_write, check_output
 
-ARCHITECTURES = ("lenet300-100", "lenet5-caffe", "tutorial-net")
+ARCHITECTURES = tuple(sorted(REGISTRY))
 
 
 class UsageError(SwsError):
@@ -146,7 +147,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
     ref = None
     if a.architecture:  # the tensors must fit the named architecture before the file claims it
-        from .retrain.models import build_model
+        from .architectures import build_model
 
         ref = build_model(a.architecture)
         try:

@@ -320,7 +320,7 @@ def _short(obj: Any, limit: int = 200) -> str:
 
 def build_architecture(arch: Mapping[str, Any] | None) -> nn.Module:
     """Instantiate the architecture a file names (one of the built-in registry)."""
-    from .retrain.models import MODELS
+    from .architectures import ARCHITECTURES as MODELS
 
     if arch is None:
         raise SwsFormatError("the file names no architecture: pass your module, load_model(path, module)")

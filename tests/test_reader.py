@@ -343,3 +343,37 @@ def test_model_loading_edge_cases(tmp_path):
         swsformat.load_model(path, torch.nn.Linear(3, 3))
     neg = torch._neg_view(torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
     assert torch.equal(swsformat.load(swsformat.encode_bytes({"n.weight": neg}))["n.weight"], -torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+
+
+def test_read_paths_import_no_training_code():
+    import subprocess
+
+    script = ("import sys, swsformat\n"
+              f"m = swsformat.load_model({str(ROOT / 'results' / 'paper' / 'lenet5-caffe.sws')!r})\n"
+              "swsformat.size_report(" + repr(str(ROOT / "results" / "paper" / "lenet5-caffe.sws")) + ")\n"
+              "print(sorted(k for k in sys.modules if k.startswith('swsformat.retrain')))\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_register_architecture_lets_a_file_name_your_model(tmp_path):
+    from swsformat.architectures import ARCHITECTURES
+
+    @swsformat.register_architecture("test-tiny-net")
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int = 4) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, width)
+
+    try:
+        net = Tiny(width=5)
+        with torch.no_grad():
+            net.fc.weight.copy_(torch.where(net.fc.weight > 0, 0.5, 0.0))
+        path = tmp_path / "tiny.sws"
+        swsformat.encode(net, path, architecture={"name": "test-tiny-net", "kwargs": {"width": 5}})
+        loaded = swsformat.load_model(path)
+        assert isinstance(loaded, Tiny) and torch.equal(loaded.fc.weight, net.fc.weight)
+        with pytest.raises(ValueError, match="already registered"):
+            swsformat.register_architecture("test-tiny-net")(torch.nn.Linear)
+    finally:
+        ARCHITECTURES.pop("test-tiny-net", None)
