@@ -199,6 +199,19 @@ def cmd_info(a: argparse.Namespace) -> int:
     paper = f" (paper accounting {paper:.1f}x)" if paper is not None else " (no coded tensors)"
     print(f"{printable(a.file)}: {rep['file_bytes']} bytes, fp32 {rep['fp32_bytes']} bytes, "
           f"compression rate {rep['compression_rate']:.1f}x{paper}")
+    from .reader import SwsFile
+
+    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
+        arch = f.architecture
+        facts = [f"format version {f.version}", f"written by {f.header.library or '?'}",
+                 f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
+        meta = f.metadata()
+    if "sws.input" in meta:
+        facts.append(f"input {meta['sws.input']}")
+    others = sorted(k for k in meta if k != "sws.input")
+    if others:
+        facts.append(f"metadata keys {others}")
+    print(printable("; ".join(facts)))
     cols = f"{'tensor':<16}{'shape':<16}{'kind':<5}{'nonzero':>9}{'K':>4}{'b':>3}{'rows':>7}{'gaps':>8}{'(H)':>8}{'values':>8}{'(H)':>8}{'cbook':>6}{'raw':>8}{'CR':>8}"
     print(cols)
     for t in rep["tensors"]:
