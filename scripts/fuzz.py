@@ -622,6 +622,7 @@ def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: P
              structure: float = 0.75, slow_every: int = 100, progress: bool = False,
              truncations: bool = True) -> dict:
     rng = random.Random(seed)
+    commit = _commit()  # the code under test is what the worker imports now
     pool = seeds()
     runner = Runner(timeout, mem_budget, slow_every)
     counts: Counter[str] = Counter()
@@ -660,7 +661,7 @@ def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: P
     runner.close()
     return {
         "command": "python scripts/fuzz.py " + " ".join(sys.argv[1:]),
-        "commit": _commit(),
+        "commit": commit,
         "inputs": done,
         "inputs_by_mutation": dict(by_kind),
         "seed": seed,

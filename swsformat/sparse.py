@@ -76,8 +76,10 @@ CSR_DTYPES = {
 # layer shape, by device type and batch size: benchmarks/sparse_crossover.json, made by
 # ``python benchmarks/sparse_crossover.py --threads 1 2`` (the stricter of 1 and 2 threads).
 # A device type or batch that was never measured keeps dense layers under ``sparse="auto"``.
+# Measured on a 2-core x86_64 VM with torch 2.13 (1 thread: 0.05/0.3/0.2/0.1, 2 threads:
+# 0.1/0.3/0.2/0.1 at batch 1/16/64/256). CUDA is not measured yet: benchmarks/gpu_sparse.py.
 CROSSOVER: dict[str, dict[int, float]] = {
-    "cpu": {1: 0.0, 16: 0.0, 64: 0.0, 256: 0.0},
+    "cpu": {1: 0.05, 16: 0.3, 64: 0.2, 256: 0.1},
 }
 
 
