@@ -155,17 +155,12 @@ def cmd_encode(a: argparse.Namespace) -> int:
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise UsageError(f"--architecture {a.architecture}: the checkpoint does not fit it ({detail})") from None
-    from .reader import SwsFile, output_limit
-
-    with SwsFile(data, max_output_bytes=1 << 62) as f:  # our own bytes: no limit needed to report them
-        needed = sum(e.output_bytes for e in f.header.entries)
+    # Our own bytes: no output limit is needed to report them (encode_bytes has already warned
+    # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
     print(f"wrote {printable(a.output)}: {len(data)} bytes, compression rate {rep['compression_rate']:.1f}x, "
           f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
-    if needed > output_limit(len(data), None):
-        print(f"note: it decodes to {needed} bytes, more than readers allow by default for its size; "
-              f"read it with max_output_bytes={needed} (CLI: --max-output-bytes {needed})")
     if a.data:
         from .reader import load_model
         from .retrain import data as data_mod
@@ -190,8 +185,11 @@ def _finite(obj: Any) -> Any:
 
 def cmd_info(a: argparse.Namespace) -> int:
     from . import size_report
+    from .reader import SwsFile
 
-    rep = size_report(a.file, max_output_bytes=a.max_output_bytes)
+    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
+        rep = size_report(f)
+        arch, version, library, meta = f.architecture, f.version, f.header.library, f.metadata()
     if a.json:
         print(json.dumps(_finite(rep), indent=2, allow_nan=False))
         return 0
@@ -199,13 +197,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     paper = f" (paper accounting {paper:.1f}x)" if paper is not None else " (no coded tensors)"
     print(f"{printable(a.file)}: {rep['file_bytes']} bytes, fp32 {rep['fp32_bytes']} bytes, "
           f"compression rate {rep['compression_rate']:.1f}x{paper}")
-    from .reader import SwsFile
-
-    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
-        arch = f.architecture
-        facts = [f"format version {f.version}", f"written by {f.header.library or '?'}",
-                 f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
-        meta = f.metadata()
+    facts = [f"format version {version}", f"written by {library or '?'}",
+             f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
     if "sws.input" in meta:
         facts.append(f"input {meta['sws.input']}")
     others = sorted(k for k in meta if k != "sws.input")
@@ -428,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(printable(f"{exc.strerror or exc}{where}"))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # one line, never a traceback; SWS_DEBUG=1 shows it
         if os.environ.get("SWS_DEBUG"):
             raise

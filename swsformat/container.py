@@ -441,6 +441,11 @@ class Header:
     def file_size(self) -> int:
         return self.data_start + self.data_length
 
+    def container(self, tensors: list[Tensor]) -> Container:
+        """The whole file, given its materialized tensors."""
+        return Container(tensors, self.metadata, self.architecture, self.library, self.version,
+                         raw_header=self.raw, header_bytes=self.stored, header_size=self.size)
+
 
 class _Check:
     """Typed access to a header map, raising SwsFormatError that names tensor and field."""
@@ -728,7 +733,4 @@ def parse(buf: Buffer, verify: bool = True) -> Container:
             f"data area is {len(data)} bytes but sections end at {h.data_length}: "
             f"{'file truncated' if len(data) < h.data_length else 'trailing bytes'}"
         )
-    tensors = [materialize(e, data[e.start : e.end], verify) for e in h.entries]
-    return Container(
-        tensors, h.metadata, h.architecture, h.library, h.version, raw_header=h.raw, header_bytes=h.stored, header_size=h.size
-    )
+    return h.container([materialize(e, data[e.start : e.end], verify) for e in h.entries])

@@ -125,11 +125,18 @@ def codebook_values(t: SwsTensor) -> np.ndarray:
     return bits.view(torch_dtype).to(torch.float64).numpy()
 
 
-def value_counts(t: SwsTensor) -> np.ndarray:
-    """How many weights take each codebook value (from the values stream, nothing dense)."""
+def symbol_counts(t: SwsTensor, which: str) -> np.ndarray:
+    """How often each symbol of the ``gaps`` or ``values`` stream occurs (nothing dense)."""
+    s = getattr(t, which)
     if t.entries == 0:
-        return np.zeros(t.codebook.size, dtype=np.int64)
-    p = _prepare(t)
-    symbols, status = kernels.decode_symbols(t.values.data, t.values.bits, p.vtable, p.vmax, t.entries)
-    _fail(t, status, -1)
-    return np.bincount(symbols, minlength=t.codebook.size + 1)[1:]
+        return np.zeros(s.code_lengths.size, dtype=np.int64)
+    table, maxlen = decode_table(s.code_lengths)
+    symbols, status = kernels.decode_symbols(s.data, s.bits, table, maxlen, t.entries)
+    if status != kernels.OK:
+        raise SwsDecodeError(f"{where(t.name, which)}{kernels.STATUS[status]}")
+    return np.bincount(symbols, minlength=s.code_lengths.size)
+
+
+def value_counts(t: SwsTensor) -> np.ndarray:
+    """How many weights take each codebook value."""
+    return symbol_counts(t, "values")[1:]

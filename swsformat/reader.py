@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .container import Container, Entry, Header, Tensor, check_padding, decode_header, materialize, read_prelude
+from .container import Container, Entry, Tensor, check_padding, decode_header, materialize, read_index, read_prelude
 from .container import check_header as _check_header
 from .decoder import tensor_from_entry
 from .errors import SwsFormatError
@@ -89,7 +89,7 @@ class SwsFile:
         self._by_name = {e.name: e for e in self.header.entries}
 
     def _open_bytes(self, mv: memoryview) -> None:
-        self.header = h = _index(mv)
+        self.header = h = read_index(mv)
         if len(mv) < h.data_start:
             raise SwsFormatError(f"file truncated before the data area at offset {h.data_start}")
         check_padding(mv, h)
@@ -236,10 +236,7 @@ class SwsFile:
         """The whole file as a :class:`Container` (all sections read and checked)."""
         self._reserve(self.header.entries)
         self._load_all()
-        h = self.header
-        tensors = [materialize(e, self._chunk(e)) for e in h.entries]
-        return Container(tensors, h.metadata, h.architecture, h.library, h.version, raw_header=h.raw,
-                         header_bytes=h.stored, header_size=h.size)
+        return self.header.container([materialize(e, self._chunk(e)) for e in self.header.entries])
 
     def close(self) -> None:
         if self._fd is not None:
@@ -257,11 +254,6 @@ class SwsFile:
 
     def __del__(self) -> None:
         self.close()
-
-
-def _index(mv: memoryview) -> Header:
-    prelude = read_prelude(mv)
-    return _check_header(decode_header(mv, prelude), prelude)
 
 
 def open(source: Source, *, max_output_bytes: int | None = None) -> SwsFile:  # noqa: A001 - like safetensors' safe_open

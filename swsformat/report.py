@@ -6,25 +6,14 @@ import math
 from typing import Any
 
 import msgpack
-import numpy as np
 
-from . import kernels
 from .container import RawTensor, SwsTensor
-from .errors import SwsDecodeError
-from .huffman import decode_table, entropy_bits
+from .decoder import symbol_counts
+from .huffman import entropy_bits
 from .reader import PathLike, SwsFile
 from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 FP32_BITS = 32
-
-
-def _stream_entropy(t: SwsTensor, which: str) -> float:
-    s = getattr(t, which)
-    table, maxlen = decode_table(s.code_lengths)
-    symbols, status = kernels.decode_symbols(s.data, s.bits, table, maxlen, t.entries)
-    if status != kernels.OK:
-        raise SwsDecodeError(f"tensor {t.name!r}, field {which!r}: {kernels.STATUS[status]}")
-    return entropy_bits(np.bincount(symbols, minlength=s.code_lengths.size))
 
 
 def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) -> dict[str, Any]:
@@ -54,8 +43,8 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
     r["payload_bits"] = r["row_bits"] + r["gap_bits"] + r["value_bits"] + r["codebook_bits"]
     r["total_bits"] = r["payload_bits"] + header_bits
     if entropy:
-        r["gap_entropy_bits"] = _stream_entropy(t, "gaps")
-        r["value_entropy_bits"] = _stream_entropy(t, "values")
+        r["gap_entropy_bits"] = entropy_bits(symbol_counts(t, "gaps"))
+        r["value_entropy_bits"] = entropy_bits(symbol_counts(t, "values"))
     r["compression_rate"] = r["fp32_bits"] / max(r["total_bits"], 1)
     return r
 
@@ -68,7 +57,7 @@ def _header_share(raw_header: dict[str, Any], header_bytes: int, header_size: in
 
 
 def size_report(
-    path_or_bytes: PathLike | bytes, entropy: bool = True, max_output_bytes: int | None = None
+    path_or_bytes: PathLike | bytes | SwsFile, entropy: bool = True, max_output_bytes: int | None = None
 ) -> dict[str, Any]:
     """Per-tensor and total bits of every part of the real file, with entropy bounds.
 
@@ -77,9 +66,11 @@ def size_report(
     coded tensors over their row counts, gaps, values and codebooks); it is None for a file
     without coded tensors.
     """
-    with SwsFile(path_or_bytes, max_output_bytes=max_output_bytes) as f:
-        c = f.container()
-        file_bytes = f.header.file_size
+    if isinstance(path_or_bytes, SwsFile):
+        c, file_bytes = path_or_bytes.container(), path_or_bytes.header.file_size
+    else:
+        with SwsFile(path_or_bytes, max_output_bytes=max_output_bytes) as f:
+            c, file_bytes = f.container(), f.header.file_size
     hlen = c.header_bytes
     shares = _header_share(c.raw_header, hlen, c.header_size)
     tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
