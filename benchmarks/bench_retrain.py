@@ -12,7 +12,15 @@ from swsformat.retrain.data import Split
 from swsformat.retrain.models import MODELS, build_model, compressible_parameters
 from swsformat.retrain.prior import MixturePrior, initial_means
 from swsformat.retrain.reproduce import best_config
-from swsformat.retrain.train import RetrainConfig, adam, default_prior, make_optimizer, train_epoch
+from swsformat.retrain.train import (
+    PriorGradient,
+    RetrainConfig,
+    SplitBatches,
+    adam,
+    default_prior,
+    make_optimizer,
+    train_epoch,
+)
 
 from .conftest import best_of, record
 
@@ -54,11 +62,14 @@ def test_retrain_epoch_vs_plain_epoch(benchmark, name, mixture):
     plain_opt = adam(model.parameters(), lr=cfg.lr_weights)  # the optimizer pretraining uses
     gen = torch.Generator().manual_seed(0)
 
+    hook = PriorGradient(prior, [p for _, p in compressible_parameters(model)])
+
     def plain():
-        train_epoch(model, plain_opt, data, cfg.batch_size, gen, progress=False)
+        train_epoch(model, plain_opt, SplitBatches(data, cfg.batch_size, gen), progress=False)
 
     def sws():
-        train_epoch(model, sws_opt, data, cfg.batch_size, gen, prior, cfg.tau / 60000, progress=False)
+        batches = SplitBatches(data, cfg.batch_size, gen)
+        train_epoch(model, sws_opt, batches, after_backward=hook.new_epoch(cfg.tau / 60000), progress=False)
 
     sws()  # compile the prior kernel outside the timing
     plain_times = []

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import swsformat  # noqa: E402
+from swsformat.provenance import provenance  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -323,15 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": "python benchmarks/gpu_sparse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__,
         "triton": _version("triton"),
-        "threads": torch.get_num_threads(),
         "smoke": a.smoke,
+        "provenance": provenance(ROOT),
     }
-    try:
-        results["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        results["commit"] = "unknown"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _step("correctness", lambda: correctness(a.device, a.smoke, work), results)

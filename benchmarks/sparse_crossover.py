@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from swsformat.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSITIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
@@ -72,9 +71,8 @@ def main() -> int:
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     out = {
         "command": "python benchmarks/sparse_crossover.py " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "note": "medians of interleaved dense/sparse timings; speedup = dense / sparse",
+        "provenance": provenance(ROOT),
+        "method": "medians of interleaved dense/sparse timings; speedup = dense / sparse",
         "by_threads": {},
     }
     for threads in a.threads:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import select
@@ -41,6 +40,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from swsformat.provenance import provenance  # noqa: E402
 
 EXTREMES = [-1, 0, 1, 7, 8, 255, 256, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1, 2**64 - 1, -(2**63)]
 
@@ -611,18 +612,11 @@ class Runner:
             self.proc = None
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: Path | None,
              structure: float = 0.75, slow_every: int = 100, progress: bool = False,
              truncations: bool = True) -> dict:
     rng = random.Random(seed)
-    commit = _commit()  # the code under test is what the worker imports now
+    origin = provenance(ROOT)  # the code under test is what the worker imports now
     pool = seeds()
     runner = Runner(timeout, mem_budget, slow_every)
     counts: Counter[str] = Counter()
@@ -661,7 +655,6 @@ def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: P
     runner.close()
     return {
         "command": "python scripts/fuzz.py " + " ".join(sys.argv[1:]),
-        "commit": commit,
         "inputs": done,
         "inputs_by_mutation": dict(by_kind),
         "seed": seed,
@@ -675,7 +668,7 @@ def campaign(inputs: int, seed: int, timeout: float, mem_budget: int, out_dir: P
         "other_exceptions": counts["other"] + counts["memory_error"],
         "examples": examples,
         "seconds": round(time.time() - t0, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "provenance": origin,
     }
 
 

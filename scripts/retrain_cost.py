@@ -23,12 +23,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from swsformat import __version__
 from swsformat.files import atomic_write
+from swsformat.provenance import provenance
 from swsformat.retrain import data as data_mod
 from swsformat.retrain.models import compressible_parameters
-from swsformat.retrain.reproduce import BEST, best_config, machine, pretrained_model
-from swsformat.retrain.train import adam, default_prior, evaluate, make_optimizer, train_epoch
+from swsformat.retrain.reproduce import BEST, best_config, pretrained_model
+from swsformat.retrain.train import (
+    PriorGradient,
+    SplitBatches,
+    adam,
+    default_prior,
+    evaluate,
+    make_optimizer,
+    train_epoch,
+)
 
 
 def warm_up(model, optimizer, train, batch_size: int, prior=None) -> float:
@@ -63,15 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     plain_opt = adam(plain_model.parameters(), lr=cfg.lr_weights)
     prior = default_prior(model, config.prior)
     opt = make_optimizer(model, prior, cfg)
+    hook = PriorGradient(prior, [p for _, p in compressible_parameters(model)])
     gen, plain_gen = torch.Generator().manual_seed(args.seed), torch.Generator().manual_seed(args.seed + 1)
     warm_plain = warm_up(plain_model, plain_opt, train, cfg.batch_size)
     warm_retrain = warm_up(model, opt, train, cfg.batch_size, prior)
     rows = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        train_epoch(plain_model, plain_opt, train, cfg.batch_size, plain_gen, progress=False)
+        train_epoch(plain_model, plain_opt, SplitBatches(train, cfg.batch_size, plain_gen), progress=False)
         t1 = time.perf_counter()
-        train_epoch(model, opt, train, cfg.batch_size, gen, prior, cfg.tau_at(epoch) / len(train), progress=False)
+        hook.new_epoch(cfg.tau_at(epoch) / len(train))
+        train_epoch(model, opt, SplitBatches(train, cfg.batch_size, gen), after_backward=hook, progress=False)
         t2 = time.perf_counter()
         grouped, seen = prior.grouping
         row = {
@@ -87,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
         "model": args.model,
         "seed": args.seed,
-        "machine": machine(),
-        "library": __version__,
+        "provenance": provenance(),
         "epochs": rows,
         "plain_total_s": round(plain_total, 2),
         "retrain_total_s": round(retrain_total, 2),

@@ -110,8 +110,9 @@ def _check_compress(a: argparse.Namespace) -> None:
             raise UsageError("--plots needs matplotlib and pillow: pip install 'swsformat[plots]'") from None
         if Path(a.plots).exists() and not Path(a.plots).is_dir():
             raise UsageError(f"--plots {a.plots} is a file, not a folder")
-    if a.resume and not os.path.exists(a.checkpoint or f"{a.output}.ckpt"):
-        raise UsageError(f"--resume: no checkpoint at {a.checkpoint or f'{a.output}.ckpt'}")
+    ckpt = a.checkpoint or f"{a.output}.ckpt"
+    if a.resume and not (os.path.exists(ckpt) or os.path.exists(f"{ckpt}.pretrain")):
+        raise UsageError(f"--resume: no checkpoint at {ckpt} (retraining) or {ckpt}.pretrain (pretraining)")
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
@@ -121,7 +122,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
                   tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
                   checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization,
-                  overrides=dict(a.set or []))
+                  overrides=dict(a.set or []), progress=not a.quiet)
     return 0
 
 
@@ -341,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tau", type=float, default=None)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plots", default=None, help="folder for histograms, mixture and the weight-movement GIF")
-    c.add_argument("--checkpoint", default=None, help="retraining checkpoint, written every epoch (default: OUTPUT.ckpt)")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    c.add_argument("--checkpoint", default=None,
+                   help="retraining checkpoint, written every epoch (default: OUTPUT.ckpt; pretraining: CHECKPOINT.pretrain)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    c.add_argument("--quiet", action="store_true", help="no progress bars or summaries (errors still print)")
     c.add_argument("--normalization", default=None, choices=["unit", "standard"],
                    help="input pixels in [0, 1] or standardised (default: the model's best setting)")
     c.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",

@@ -45,5 +45,9 @@ class SwsCheckpointError(SwsError):
     """A training checkpoint is corrupt, from other settings, or of a finished run."""
 
 
+class SwsDataError(SwsError, FileNotFoundError):
+    """Training or evaluation data that is missing, fails its checksum or is malformed."""
+
+
 class SwsTrainingError(SwsError):
     """Compression produced a model not worth writing (lost its weights, fell to chance)."""

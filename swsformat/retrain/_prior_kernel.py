@@ -463,69 +463,19 @@ def nll_and_grads(
     return partial.sum(axis=0)
 
 
-# The mixture's few parameters, on the training path. In numpy these took about 30 small
-# array operations a step (0.1 ms, as much as 4% of a LeNet-300-100 step); these helpers do
-# the same arithmetic op for op (libm's exp/log/log1p, numpy's pairwise summation order),
-# so every value is bit-identical to the numpy expressions they replace (tested).
+# The mixture's few parameters, on the training path: in numpy these took about 30 small
+# array operations a step (0.1 ms, as much as 4% of a LeNet-300-100 step). libm's exp, log
+# and log1p, as numpy uses.
 _HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
 
 
 @njit(nogil=True)
-def _block_sum(a: np.ndarray, s: int, n: int) -> float:
-    """``a[s:s + n].sum()`` for ``n <= 128`` in numpy's order (8 accumulators)."""
-    if n < 8:
-        res = 0.0
-        for i in range(n):
-            res += a[s + i]
-        return res
-    r = np.empty(8)
-    for k in range(8):
-        r[k] = a[s + k]
-    i = 8
-    while i < n - n % 8:
-        for k in range(8):
-            r[k] += a[s + i + k]
-        i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < n:
-        res += a[s + i]
-        i += 1
+def _sum(a: np.ndarray) -> float:
+    """Sum of a short 1-D float64 array (one entry per mixture component), left to right."""
+    res = 0.0
+    for v in a:
+        res += v
     return res
-
-
-@njit(nogil=True)
-def _np_sum(a: np.ndarray) -> float:
-    """``a.sum()`` of a 1-D float64 array, bit-identical to numpy's pairwise summation: blocks
-    of up to 128, longer runs split in halves cut at a multiple of 8. Walked with an explicit
-    stack: a recursive numba function crashes when loaded from numba's cache."""
-    n = a.shape[0]
-    if n <= 128:
-        return _block_sum(a, 0, n)
-    starts = np.empty(128, np.int64)
-    sizes = np.empty(128, np.int64)
-    split = np.zeros(128, np.bool_)
-    values = np.empty(128)
-    top = 0
-    starts[0], sizes[0] = 0, n
-    depth = 1
-    while depth:
-        depth -= 1
-        s, m = starts[depth], sizes[depth]
-        if m <= 128:
-            values[top] = _block_sum(a, s, m)
-            top += 1
-        elif split[depth]:
-            split[depth] = False
-            top -= 1
-            values[top - 1] = values[top - 1] + values[top]
-        else:
-            half = m // 2
-            half -= half % 8
-            split[depth] = True
-            starts[depth + 1], sizes[depth + 1] = s + half, m - half
-            starts[depth + 2], sizes[depth + 2] = s, half
-            depth += 3
-    return values[0]
 
 
 @njit(nogil=True)
@@ -546,7 +496,7 @@ def mixture_params(
         top = max(top, np.float64(logits[i]))
     for i in range(j - 1):
         soft[i] = np.exp(np.float64(logits[i]) - top)
-    total = _np_sum(soft)
+    total = _sum(soft)
     for i in range(j - 1):
         soft[i] = soft[i] / total
     lse_pos = np.logaddexp(0.0, z)
@@ -584,9 +534,9 @@ def mixture_param_grads(
         terms[i] = expd[i] - shape[i] * lp[i]
         g_lp[i] = (acc[2, i] + 0.5 * g_pi[i] + expd[i]) - shape[i]
     rest = g_pi[1:]
-    rest_sum = _np_sum(rest)
+    rest_sum = _sum(rest)
     g_means = -acc[1, 1:]
     g_logits = np.empty(j - 1)
     for i in range(j - 1):
         g_logits[i] = rest[i] - soft[i] * rest_sum
-    return g_means, g_lp, g_logits, g_pi[0], rest_sum, _np_sum(terms)
+    return g_means, g_lp, g_logits, g_pi[0], rest_sum, _sum(terms)

@@ -13,11 +13,14 @@ import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import SwsDataError
 
 ENV_VAR = "SWSFORMAT_DATA"
 
@@ -106,7 +109,8 @@ def cache_dir() -> Path:
     return Path(base) / "swsformat"
 
 
-def _find(name: str, root: str | os.PathLike | None) -> Path | None:
+def locate(name: str, root: str | os.PathLike | None = None) -> Path | None:
+    """The first folder holding all four IDX files of ``name`` (see :func:`load`), or None."""
     for d in _candidate_dirs(name, root):
         if all((d / f).is_file() for f in FILES.values()):
             return d
@@ -116,7 +120,7 @@ def _find(name: str, root: str | os.PathLike | None) -> Path | None:
 def _verify(name: str, key: str, raw: bytes, source: str) -> None:
     want = CHECKSUMS.get(name, {}).get(key)
     if want is not None and hashlib.md5(raw).hexdigest() != want:
-        raise ValueError(f"{source}: MD5 mismatch for {name} {key}; delete it and download again")
+        raise SwsDataError(f"{source}: MD5 mismatch for {name} {key}; delete it and download again")
 
 
 def _download(name: str) -> Path:
@@ -140,7 +144,7 @@ def _download(name: str) -> Path:
             os.replace(tmp.name, dest)
             break
         else:
-            raise FileNotFoundError(
+            raise SwsDataError(
                 f"{name}: could not download {fname} ({'; '.join(errors)}). Put the four IDX .gz "
                 f"files {sorted(FILES.values())} in a folder and pass it as root= or set ${ENV_VAR}."
             )
@@ -165,27 +169,41 @@ def load(
         raise ValueError(f"unknown data set {name!r}; choose one of {sorted(MIRRORS)}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    folder = _find(name, root)
+    folder = locate(name, root)
     if folder is None:
         if not download:
             searched = ", ".join(str(d) for d in _candidate_dirs(name, root))
-            raise FileNotFoundError(
+            raise SwsDataError(
                 f"{name} IDX files not found in: {searched}. Put {sorted(FILES.values())} in one "
                 f"of them, or set ${ENV_VAR} to the folder."
             )
         folder = _download(name)
     arrays = {}
     for key, fname in FILES.items():
-        raw = gzip.decompress((folder / fname).read_bytes())
-        _verify(name, key, raw, str(folder / fname))
-        arrays[key] = parse_idx(raw, 3 if key.endswith("images") else 1)
+        path = folder / fname
+        try:
+            raw = gzip.decompress(path.read_bytes())
+            arrays[key] = parse_idx(raw, 3 if key.endswith("images") else 1)
+        except (OSError, EOFError, zlib.error, ValueError) as exc:
+            raise SwsDataError(f"{path}: not a gzip-compressed IDX file ({exc}); delete it and download again") from None
+        _verify(name, key, raw, str(path))
     mean, std = STATISTICS[name] if normalization == "standard" else (0.0, 1.0)
 
     def split(prefix: str) -> Split:
         images, labels = arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"]
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{name} {prefix}: {images.shape[0]} images but {labels.shape[0]} labels")
+            raise SwsDataError(f"{name} {prefix}: {images.shape[0]} images but {labels.shape[0]} labels")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         return Split((x - mean) / std, torch.from_numpy(labels.astype(np.int64)))
 
     return split("train"), split("test")
+
+
+def input_spec(name: str, normalization: str) -> dict[str, object]:
+    """What a model trained on ``name`` expects, stored in its file as metadata ``sws.input``:
+    images of ``shape`` with pixels scaled to [0, 1], then ``(x - mean) / std``."""
+    if name not in MIRRORS or normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown data set {name!r} or normalization {normalization!r}")
+    mean, std = STATISTICS[name] if normalization == "standard" else (0.0, 1.0)
+    return {"data": name, "normalization": normalization, "shape": [1, 28, 28], "scale": 1 / 255, "mean": mean,
+            "std": std}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from ..encoder import encode
 from ..errors import SwsTrainingError
@@ -21,7 +22,17 @@ from .data import Split
 from .fields import check_types
 from .models import compressible_parameters
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
-from .train import EpochLog, RetrainConfig, adam, default_prior, evaluate, retrain
+from .train import (
+    EpochLog,
+    RetrainConfig,
+    SplitBatches,
+    adam,
+    cosine_schedule,
+    default_prior,
+    evaluate,
+    retrain,
+    train_epoch,
+)
 
 # Storage types for the biases of the coded layers (see :func:`round_biases_`).
 BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,11 +139,6 @@ def _nearest(w: torch.Tensor, values: torch.Tensor, mids: torch.Tensor) -> torch
     return values[torch.bucketize(w, mids)]
 
 
-def _cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step cosine decay of every group's learning rate to zero over ``steps`` steps."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
 @torch.no_grad()
 def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor]) -> tuple[float, int]:
     """Snap in place: pruned weights to exactly 0, the others to the nearest non-zero mean.
@@ -170,11 +176,6 @@ def quantization_aware_finetune_(
     """
     if epochs == 0:
         return
-    from torch.nn import functional as F
-    from tqdm.auto import tqdm
-
-    from .train import _batches
-
     params = [p for _, p in compressible_parameters(model)]
     device = params[0].device
     values, mids = _nonzero_grid(mixture, device)
@@ -182,35 +183,46 @@ def quantization_aware_finetune_(
         for p, m in zip(params, masks):
             p.mul_(m)
     opt = adam(model.parameters(), lr=lr)
-    sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
+    sched = cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
     shadow = [torch.empty_like(p) for p in params]
-    model.train()
-    for epoch in tqdm(range(1, epochs + 1), desc="quantization-aware fine-tune", disable=not progress):
-        for idx in tqdm(_batches(len(train), batch_size, gen), desc=f"epoch {epoch}", leave=False, disable=not progress):
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
+
+    @torch.no_grad()
+    def quantize_forward() -> None:
+        for p, m, s in zip(params, masks, shadow):
+            s.copy_(p)
+            p.copy_(_nearest(p, values, mids) * m)
+
+    @torch.no_grad()
+    def restore_float_weights() -> float:
+        for p, m, s in zip(params, masks, shadow):
+            p.copy_(s)
+            p.grad.mul_(m)
+        return 0.0
+
+    @torch.no_grad()
+    def keep_zeros() -> None:
+        for p, m in zip(params, masks):
+            p.mul_(m)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None and distill > 0:
             with torch.no_grad():
-                for p, m, s in zip(params, masks, shadow):
-                    s.copy_(p)
-                    p.copy_(_nearest(p, values, mids) * m)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None and distill > 0:
-                with torch.no_grad():
-                    soft = F.log_softmax(teacher(x) / temperature, dim=1)
-                kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True, reduction="batchmean")
-                loss = (1 - distill) * loss + distill * temperature**2 * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                for p, m, s in zip(params, masks, shadow):
-                    p.copy_(s)
-                    p.grad.mul_(m)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                for p, m in zip(params, masks):
-                    p.mul_(m)
+                soft = F.log_softmax(teacher(x) / temperature, dim=1)
+            kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True, reduction="batchmean")
+            loss = (1 - distill) * loss + distill * temperature**2 * kl
+        return loss
+
+    bar = tqdm(range(1, epochs + 1), desc="quantization-aware fine-tune", disable=not progress)
+    for epoch in bar:
+        loss, _, _ = train_epoch(
+            model, opt, SplitBatches(train, batch_size, gen), loss_fn=loss_fn, before_forward=quantize_forward,
+            after_backward=restore_float_weights, after_step=keep_zeros, scheduler=sched,
+            desc=f"epoch {epoch}", progress=progress,
+        )
+        bar.set_postfix(loss=f"{loss:.4f}")
 
 
 def finetune_codebook_(
@@ -224,10 +236,6 @@ def finetune_codebook_(
     """
     if epochs == 0:
         return
-    from torch.nn import functional as F
-
-    from .train import _batches
-
     weights = [p for _, p in compressible_parameters(model)]
     wset = {id(p) for p in weights}
     others = [p for p in model.parameters() if id(p) not in wset]
@@ -237,31 +245,36 @@ def finetune_codebook_(
     codebook = nn.Parameter(uniq.clone())
     sizes = [p.numel() for p in weights]
     opt = adam([codebook] + others, lr=lr)
-    sched = _cosine_schedule(opt, epochs * -(-len(train) // batch_size))
+    sched = cosine_schedule(opt, epochs * -(-len(train) // batch_size))
     gen = torch.Generator().manual_seed(seed)
-    device = values.device
-    for _ in range(epochs):
-        for idx in _batches(len(train), batch_size, gen):
-            x, y = train.x[idx].to(device), train.y[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            for p in weights:
-                p.grad = None
-            loss.backward()
-            grad = torch.cat([p.grad.flatten() for p in weights])
-            codebook.grad = torch.zeros_like(codebook).index_add_(0, inverse, grad)
-            if zero >= 0:
-                codebook.grad[zero] = 0
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                if zero >= 0:
-                    codebook[zero] = 0
-                new = codebook[inverse]
-                for p, chunk in zip(weights, new.split(sizes)):
-                    p.copy_(chunk.view_as(p))
-    for p in weights:
-        p.grad = None
+
+    def clear_weight_grads() -> None:
+        for p in weights:
+            p.grad = None
+
+    def codebook_grad() -> float:
+        grad = torch.cat([p.grad.flatten() for p in weights])
+        codebook.grad = torch.zeros_like(codebook).index_add_(0, inverse, grad)
+        if zero >= 0:
+            codebook.grad[zero] = 0
+        return 0.0
+
+    @torch.no_grad()
+    def write_weights() -> None:
+        if zero >= 0:
+            codebook[zero] = 0
+        for p, chunk in zip(weights, codebook[inverse].split(sizes)):
+            p.copy_(chunk.view_as(p))
+
+    bar = tqdm(range(1, epochs + 1), desc="codebook fine-tune", disable=not progress)
+    for epoch in bar:
+        loss, _, _ = train_epoch(
+            model, opt, SplitBatches(train, batch_size, gen), before_forward=clear_weight_grads,
+            after_backward=codebook_grad, after_step=write_weights, scheduler=sched, desc=f"epoch {epoch}",
+            progress=progress,
+        )
+        bar.set_postfix(loss=f"{loss:.4f}")
+    clear_weight_grads()
 
 
 def _coded_layer_biases(model: nn.Module) -> dict[str, nn.Parameter]:

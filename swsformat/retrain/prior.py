@@ -170,11 +170,6 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def mixture_nll(w: torch.Tensor, mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the weight tensor ``w`` (any shape) under the mixture."""
-    return mixture_nll_many([w], mu, log_prec, log_pi)
-
-
 def mixture_nll_many(
     weights: list[torch.Tensor], mu: torch.Tensor, log_prec: torch.Tensor, log_pi: torch.Tensor
 ) -> torch.Tensor:
@@ -479,21 +474,3 @@ def merge_components(mix: Mixture, threshold: float) -> tuple[Mixture, int]:
         del means[j], stds[j], pi[j]
         merged += 1
     return Mixture(np.array(means), np.array(stds), np.array(pi)), merged
-
-
-def quantize_weights(
-    weights: list[torch.Tensor], mix: Mixture, rule: str = "map"
-) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Snap every weight to the mean of its most responsible component (zero -> exactly 0.0).
-
-    Returns the new tensors and the per-component weight counts.
-    """
-    out, counts = [], np.zeros(len(mix.means), dtype=np.int64)
-    values = mix.means.astype(np.float32)
-    values[0] = 0.0
-    for t in weights:
-        flat = t.detach().flatten().cpu().double().numpy()
-        idx = mix.assign(flat, rule)
-        counts += np.bincount(idx, minlength=len(values))
-        out.append(torch.from_numpy(values[idx].reshape(tuple(t.shape))).to(t.device, t.dtype))
-    return out, counts

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,15 +17,16 @@ import torch
 
 from .. import size_report
 from ..files import atomic_write
+from ..provenance import provenance
 from . import data as data_mod
 from .models import build_model
 from .pipeline import CompressConfig, compress
 from .prior import PriorConfig
 from .train import RetrainConfig, evaluate, pick_device, pretrain
 
-# Names how pretrain() trains (optimizer included); part of the pretrained-net cache key.
-# "adamf": fused Adam (session 5); the nets cached before it were trained with foreach Adam.
-PRETRAIN_RECIPE = "adamf"
+# Names how pretrain() trains (fused Adam, per-epoch cosine_schedule); part of the
+# pretrained-net cache key, so a net trained another way is never reused.
+PRETRAIN_RECIPE = "adamf-cos"
 
 # Best settings measured per model (see README, "Reproducing the paper").
 BEST: dict[str, dict[str, Any]] = {
@@ -44,7 +44,8 @@ BEST: dict[str, dict[str, Any]] = {
 
 def pretrained_model(
     model_name: str, data_name: str, train, test, epochs: int, seed: int, device: torch.device,
-    progress: bool = True, normalization: str = "unit",
+    progress: bool = True, normalization: str = "unit", checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> tuple[torch.nn.Module, list, bool]:
     """Pretrain ``model_name``, reusing a cached result for the same (model, data, epochs, seed)
     and pretraining recipe.
@@ -52,6 +53,8 @@ def pretrained_model(
     Pretraining is deterministic given these on one machine, so the cache only saves time;
     delete ``~/.cache/swsformat/pretrained`` to force a rerun. The file name carries
     :data:`PRETRAIN_RECIPE`, so a net pretrained by an older recipe is never reused.
+    ``checkpoint``/``resume``: see :func:`~swsformat.retrain.train.pretrain`; the checkpoint
+    is removed once the pretrained net is in the cache.
     """
     import warnings
 
@@ -70,13 +73,17 @@ def pretrained_model(
             return model, blob["test_errors"], True
         except (SwsCheckpointError, KeyError, RuntimeError) as exc:
             warnings.warn(f"ignoring the cached pretrained net ({exc}); pretraining again", stacklevel=2)
-    logs = pretrain(model, train, test, epochs=epochs, seed=seed, progress=progress)
+    logs = pretrain(
+        model, train, test, epochs=epochs, seed=seed, progress=progress, checkpoint=checkpoint, resume=resume
+    )
     errors = [round(log.test_error, 3) for log in logs]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint_io.save(path, {"state_dict": model.state_dict(), "test_errors": errors}, name)
     except OSError:
-        pass  # a read-only cache only costs time next run
+        return model, errors, False  # a read-only cache only costs time next run; keep the checkpoint
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
     return model, errors, False
 
 
@@ -94,11 +101,6 @@ def apply_overrides(config: CompressConfig, overrides: dict[str, Any]) -> Compre
         else:
             raise ValueError(f"cannot set {key!r}: use FIELD, prior.FIELD or retrain.FIELD")
     return config
-
-
-def machine() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
 
 
 def best_config(
@@ -140,6 +142,11 @@ def run(
     device = pick_device()
     train, test = data_mod.load(data_name, root=data_root, normalization=normalization)
     train, test = train.to(device), test.to(device)
+    config = best_config(model_name, seed, epochs, tau, overrides)
+    pretrain_checkpoint = f"{checkpoint}.pretrain" if checkpoint else None
+    if progress:
+        say(start_summary(model_name, data_name, data_mod.locate(data_name, data_root), normalization, len(train),
+                          len(test), pretrain_epochs, pretrained, config, output, checkpoint, device))
     cached = False
     if pretrained:
         torch.manual_seed(seed)
@@ -148,10 +155,10 @@ def run(
         pre_errors: list = []
     else:
         model, pre_errors, cached = pretrained_model(
-            model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization
+            model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization,
+            checkpoint=pretrain_checkpoint, resume=resume,
         )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    config = best_config(model_name, seed, epochs, tau, overrides)
     recorder = None
     if plots:
         from .plots import MovementRecorder
@@ -159,7 +166,7 @@ def run(
         recorder = MovementRecorder(model)
     result = compress(
         model, train, test, config, path=output, on_epoch=recorder, progress=progress,
-        checkpoint=checkpoint, resume=resume, metadata={"sws.input": json.dumps({"data": data_name, "normalization": normalization})},
+        checkpoint=checkpoint, resume=resume, metadata={"sws.input": json.dumps(data_mod.input_spec(data_name, normalization))},
     )
     if checkpoint and os.path.exists(checkpoint):
         os.unlink(checkpoint)  # the run is complete: nothing left to resume
@@ -179,7 +186,7 @@ def run(
         "retrain_test_error_per_epoch": [round(log.test_error, 3) for log in result.logs],
         "retrain_epoch_seconds": [round(log.seconds, 2) for log in result.logs],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "machine": machine(),
+        "provenance": provenance(),
         **{k: v for k, v in result.summary().items() if k != "seconds"},
         "nonzero_fraction": report["nonzero_fraction"],
         "file_bytes": report["file_bytes"],
@@ -211,9 +218,45 @@ def run(
         mixture_plot(retrained, result.mixture, folder / f"{model_name}-mixture.png")
         if recorder:
             recorder.gif(folder / f"{model_name}-movement.gif")
-    print(json.dumps({k: out[k] for k in ("quantized_error", "decoded_test_error", "nonzero_fraction",
-                                           "compression_rate", "paper_compression_rate", "file_bytes")}))
+    if progress:
+        say(final_summary(out, output, json_path, plots))
     return out
+
+
+def say(text: str) -> None:
+    """A message for the person running the job, on stderr beside the progress bars."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def start_summary(
+    model_name: str, data_name: str, folder: Path | None, normalization: str, n_train: int, n_test: int,
+    pretrain_epochs: int, pretrained: str | None, config: CompressConfig, output: str | os.PathLike,
+    checkpoint: str | None, device: torch.device,
+) -> str:
+    """What the job is about to do, before the first (long) step."""
+    c = config
+    first = f"loading {pretrained}" if pretrained else f"pretraining {pretrain_epochs} epochs (reused from the cache if done before)"
+    lines = [
+        f"sws compress: {model_name} on {data_name} ({n_train:,} train / {n_test:,} test images from {folder}, "
+        f"normalization {normalization}), on {device} with {torch.get_num_threads()} threads",
+        f"  steps: {first}; retraining {c.retrain.epochs} epochs under the prior (tau {c.retrain.tau:g}); "
+        f"quantization-aware fine-tune {c.qat_epochs} epochs; codebook fine-tune {c.finetune_epochs} epochs",
+        f"  writes {output} and its JSON; checkpoints to {checkpoint} after every epoch "
+        "(interrupted? run the same command with --resume)" if checkpoint else f"  writes {output} and its JSON",
+    ]
+    return "\n".join(lines)
+
+
+def final_summary(out: dict[str, Any], output: str | os.PathLike, json_path: str, plots: str | None) -> str:
+    """What was written, what it measured and what to do next."""
+    wrote = f"{output} ({out['file_bytes']:,} bytes)" + f", {json_path}" + (f", plots in {plots}" if plots else "")
+    return "\n".join([
+        f"wrote {wrote}",
+        f"  test error {out['pretrained_error']:.2f}% pretrained -> {out['decoded_test_error']:.2f}% from the file; "
+        f"{out['compression_rate']:.1f}x smaller than float32 ({100 * out['nonzero_fraction']:.2f}% of weights non-zero)",
+        f"  next: sws info {output}  |  sws eval {output}  |  python -c \"import swsformat; "
+        f"m = swsformat.load_model('{output}')\"",
+    ])
 
 
 __all__ = ["BEST", "pretrained_model", "run"]

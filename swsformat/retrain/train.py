@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +62,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
     return 100.0 * wrong / max(len(split), 1)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
 @dataclass
 class EpochLog:
     epoch: int
@@ -77,41 +73,84 @@ class EpochLog:
     tau: float = 0.0
 
 
+class SplitBatches:
+    """A shuffled pass over an in-memory :class:`Split` as ``(x, y)`` batches.
+
+    The permutation is drawn when the object is made (so the generator advances exactly as
+    one ``randperm`` per epoch); batches are index slices, not per-sample Python.
+    """
+
+    def __init__(self, split: Split, batch_size: int, generator: torch.Generator) -> None:
+        self.split = split
+        self.index = torch.randperm(len(split), generator=generator).split(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.index:
+            yield self.split.x[idx], self.split.y[idx]
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's learning rate times ``(1 + cos(pi * s / steps)) / 2``: from 1 down to 0
+    over ``steps`` calls of ``step()`` (epochs or batches, as the caller steps it)."""
+    steps = max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default task loss: cross-entropy of the model's logits."""
+    return F.cross_entropy(model(x), y)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: Split,
-    batch_size: int,
-    generator: torch.Generator,
-    prior: MixturePrior | None = None,
-    complexity_scale: float = 0.0,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+    before_forward: Callable[[], None] | None = None,
+    after_backward: Callable[[], float] | None = None,
+    after_step: Callable[[], None] | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> tuple[float, float, float]:
-    """One pass over ``train``; returns mean loss, mean cross-entropy, last complexity."""
+    """One pass over ``batches``: the one training loop that pretraining, retraining under
+    the prior, quantization-aware fine-tuning and codebook fine-tuning share.
+
+    Per batch: ``before_forward()``, ``loss_fn(model, x, y)``, zero the grads, backward,
+    ``after_backward()`` (returns a loss term it added as a gradient, e.g. the prior's
+    complexity, which joins the reported loss), ``optimizer.step()``, ``scheduler.step()``
+    when given (per-batch schedules), ``after_step()``.
+    Returns the mean total loss, the mean task loss and the last ``after_backward`` value.
+    """
     model.train()
     device = next(model.parameters()).device
-    weights = [p for _, p in compressible_parameters(model)]
-    total = ce_total = complexity = 0.0
-    batches = _batches(len(train), batch_size, generator)
-    if prior is not None:
-        prior.reset_grouping()
-    for idx in tqdm(batches, desc=desc, leave=False, disable=not progress):
-        x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device, non_blocking=True)
-        ce = F.cross_entropy(model(x), y)
+    total = task_total = extra = 0.0
+    n = 0
+    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if before_forward is not None:
+            before_forward()
+        loss = loss_fn(model, x, y)
         optimizer.zero_grad(set_to_none=True)
-        ce.backward()
-        ce_value = float(ce.detach())
-        loss = ce_value
-        if prior is not None and complexity_scale > 0:
-            # The prior's gradient is added in closed form, not through autograd (it is cheaper).
-            complexity = prior.add_complexity_grad_(weights, complexity_scale)
-            loss += complexity_scale * complexity
+        loss.backward()
+        value = float(loss.detach())
+        total += value
+        task_total += value
+        if after_backward is not None:
+            extra = after_backward()
+            total += extra
         optimizer.step()
-        total += loss
-        ce_total += ce_value
-    n = max(len(batches), 1)
-    return total / n, ce_total / n, complexity
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+        n += 1
+    n = max(n, 1)
+    return total / n, task_total / n, extra
 
 
 def pretrain(
@@ -123,21 +162,54 @@ def pretrain(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> list[EpochLog]:
-    """Plain Adam training (PART 1 of the tutorial) with a cosine learning-rate decay.
+    """Plain Adam training (PART 1 of the tutorial) with a cosine learning-rate decay per epoch.
 
-    Returns one log entry per epoch.
+    Returns one log entry per epoch. With ``checkpoint``, the state is saved atomically after
+    every epoch and ``resume=True`` continues from it to the same weights as an uninterrupted
+    run (pretraining is the longest step on a CPU: an hour on a loaded machine).
     """
     gen = torch.Generator().manual_seed(seed)
     opt = adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    logs = []
-    for epoch in tqdm(range(1, epochs + 1), desc="pretrain", disable=not progress):
+    sched = cosine_schedule(opt, epochs)
+    logs: list[EpochLog] = []
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    fp = checkpoint_io.fingerprint(
+        {"pretrain": {"epochs": epochs, "lr": lr, "batch_size": batch_size}, "seed": seed, "shapes": shapes}
+    )
+    start = 1
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = checkpoint_io.load(checkpoint, fp, map_location=next(model.parameters()).device)
+        _restore(state, model, opt, sched, gen)
+        logs = [EpochLog(**log) for log in state["logs"]]
+        start = state["epoch"] + 1
+    bar = tqdm(range(start, epochs + 1), desc="pretrain", initial=start - 1, total=epochs, disable=not progress)
+    for epoch in bar:
         t0 = time.perf_counter()
-        loss, ce, _ = train_epoch(model, opt, train, batch_size, gen, desc=f"epoch {epoch}", progress=progress)
+        loss, ce, _ = train_epoch(
+            model, opt, SplitBatches(train, batch_size, gen), desc=f"epoch {epoch}", progress=progress
+        )
         sched.step()
         logs.append(EpochLog(epoch, loss, ce, 0.0, evaluate(model, test), time.perf_counter() - t0))
+        bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, None, opt, sched, gen, epoch, logs, fp)
     return logs
+
+
+def _restore(
+    state: dict, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator, prior: MixturePrior | None = None,
+) -> None:
+    model.load_state_dict(state["model"])
+    if prior is not None:
+        prior.load_state_dict(state["prior"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
 
 
 @dataclass(frozen=True)
@@ -189,6 +261,27 @@ class RetrainConfig:
         return tau
 
 
+class PriorGradient:
+    """An ``after_backward`` hook adding ``scale *`` the prior's complexity gradient to the
+    weights' gradients in closed form (cheaper than autograd through the mixture)."""
+
+    def __init__(self, prior: MixturePrior, weights: list[torch.Tensor], scale: float = 0.0) -> None:
+        self.prior, self.weights, self.scale = prior, weights, scale
+        self.complexity = 0.0
+
+    def new_epoch(self, scale: float) -> PriorGradient:
+        """Set the scale (tau/N) for the coming epoch and let the prior re-decide how it groups weights."""
+        self.scale = scale
+        self.prior.reset_grouping()
+        return self
+
+    def __call__(self) -> float:
+        if self.scale <= 0:
+            return 0.0
+        self.complexity = self.prior.add_complexity_grad_(self.weights, self.scale)
+        return self.scale * self.complexity
+
+
 def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) -> torch.optim.Adam:
     """Adam with one group for every network parameter (biases included) and three for the prior."""
     groups = [{"params": list(model.parameters()), "lr": cfg.lr_weights, "name": "network"}]
@@ -197,7 +290,7 @@ def make_optimizer(model: nn.Module, prior: MixturePrior, cfg: RetrainConfig) ->
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, prior: MixturePrior, opt: torch.optim.Optimizer,
+    path: str | os.PathLike, model: nn.Module, prior: MixturePrior | None, opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, epoch: int, logs: list[EpochLog],
     settings: str,
 ) -> None:
@@ -207,7 +300,7 @@ def save_checkpoint(
     state = {
         "epoch": epoch,
         "model": model.state_dict(),
-        "prior": prior.state_dict(),
+        "prior": prior.state_dict() if prior is not None else None,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "generator": gen.get_state(),
@@ -251,9 +344,9 @@ def retrain(
     n = cfg.train_size or len(train)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, prior, cfg)
-    # Optional cosine decay (measured worse for the final snap on LeNet-300-100: 5.01% vs 3.66% error).
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / max(cfg.epochs, 1))) if cfg.lr_schedule == "cosine" else 1.0
+    # Cosine decay is optional: measured worse for the final snap on LeNet-300-100 (5.01% vs 3.66% error).
+    sched = cosine_schedule(opt, cfg.epochs) if cfg.lr_schedule == "cosine" else torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 1.0
     )
     logs: list[EpochLog] = []
     start_epoch = 1
@@ -266,24 +359,25 @@ def retrain(
                 f"checkpoint {os.fsdecode(checkpoint)} holds epoch {state['epoch']} of a run of {cfg.epochs} epochs; "
                 "it was kept. Resume with the settings that wrote it, or move it away to start afresh"
             )
-        model.load_state_dict(state["model"])
-        prior.load_state_dict(state["prior"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore(state, model, opt, sched, gen, prior)
         logs = [EpochLog(**log) for log in state["logs"]]
         start_epoch = state["epoch"] + 1
-    for epoch in tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress):
+    hook = PriorGradient(prior, [p for _, p in compressible_parameters(model)])
+    bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress)
+    for epoch in bar:
         tau = cfg.tau_at(epoch)
         t0 = time.perf_counter()
-        loss, ce, cx = train_epoch(
-            model, opt, train, cfg.batch_size, gen, prior, tau / n, desc=f"epoch {epoch}", progress=progress
+        hook.new_epoch(tau / n)
+        loss, ce, _ = train_epoch(
+            model, opt, SplitBatches(train, cfg.batch_size, gen), after_backward=hook, desc=f"epoch {epoch}",
+            progress=progress,
         )
-        if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(cx))):
+        cx = hook.complexity
+        if not (math.isfinite(loss) and math.isfinite(cx)):
             raise FloatingPointError(f"retraining diverged in epoch {epoch}: loss {loss}, complexity {cx}")
         sched.step()
         logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
+        bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%", tau=f"{tau:.3g}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs, fp)
         if on_epoch is not None:
