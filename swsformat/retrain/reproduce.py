@@ -138,6 +138,7 @@ def run(
     best = BEST[model_name]
     pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
     normalization = best.get("normalization", "unit") if normalization is None else normalization
+    origin = provenance()  # before anything is written: outputs may be tracked files
     t0 = time.perf_counter()
     device = pick_device()
     train, test = data_mod.load(data_name, root=data_root, normalization=normalization)
@@ -186,7 +187,7 @@ def run(
         "retrain_test_error_per_epoch": [round(log.test_error, 3) for log in result.logs],
         "retrain_epoch_seconds": [round(log.seconds, 2) for log in result.logs],
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "provenance": provenance(),
+        "provenance": origin,
         **{k: v for k, v in result.summary().items() if k != "seconds"},
         "nonzero_fraction": report["nonzero_fraction"],
         "file_bytes": report["file_bytes"],
@@ -235,16 +236,20 @@ def start_summary(
 ) -> str:
     """What the job is about to do, before the first (long) step."""
     c = config
-    first = f"loading {pretrained}" if pretrained else f"pretraining {pretrain_epochs} epochs (reused from the cache if done before)"
+    first = f"loading {pretrained}" if pretrained else f"pretraining {_n(pretrain_epochs, 'epoch')} (reused from the cache if done before)"
     lines = [
         f"sws compress: {model_name} on {data_name} ({n_train:,} train / {n_test:,} test images from {folder}, "
         f"normalization {normalization}), on {device} with {torch.get_num_threads()} threads",
-        f"  steps: {first}; retraining {c.retrain.epochs} epochs under the prior (tau {c.retrain.tau:g}); "
-        f"quantization-aware fine-tune {c.qat_epochs} epochs; codebook fine-tune {c.finetune_epochs} epochs",
+        f"  steps: {first}; retraining {_n(c.retrain.epochs, 'epoch')} under the prior (tau {c.retrain.tau:g}); "
+        f"quantization-aware fine-tune {_n(c.qat_epochs, 'epoch')}; codebook fine-tune {_n(c.finetune_epochs, 'epoch')}",
         f"  writes {output} and its JSON; checkpoints to {checkpoint} after every epoch "
         "(interrupted? run the same command with --resume)" if checkpoint else f"  writes {output} and its JSON",
     ]
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def final_summary(out: dict[str, Any], output: str | os.PathLike, json_path: str, plots: str | None) -> str:
