@@ -20,6 +20,7 @@ from .encoder import encode, encode_bytes  # noqa: E402
 from .errors import (  # noqa: E402
     SwsCheckpointError,
     SwsChecksumError,
+    SwsDataError,
     SwsDecodeError,
     SwsEncodeError,
     SwsError,
@@ -50,6 +51,7 @@ __all__ = [
     "SwsFile",
     "SwsFormatError",
     "SwsOutputError",
+    "SwsDataError",
     "SwsTrainingError",
     "__version__",
     "compress",

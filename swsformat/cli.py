@@ -191,6 +191,7 @@ def cmd_info(a: argparse.Namespace) -> int:
     with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
         rep = size_report(f)
         arch, version, library, meta = f.architecture, f.version, f.header.library, f.metadata()
+        spec = f.input_spec()
     if a.json:
         print(json.dumps(_finite(rep), indent=2, allow_nan=False))
         return 0
@@ -200,8 +201,8 @@ def cmd_info(a: argparse.Namespace) -> int:
           f"compression rate {rep['compression_rate']:.1f}x{paper}")
     facts = [f"format version {version}", f"written by {library or '?'}",
              f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
-    if "sws.input" in meta:
-        facts.append(f"input {meta['sws.input']}")
+    if spec is not None:
+        facts.append(describe_input(spec))
     others = sorted(k for k in meta if k != "sws.input")
     if others:
         facts.append(f"metadata keys {others}")
@@ -244,17 +245,18 @@ def cmd_decode(a: argparse.Namespace) -> int:
     return 0
 
 
-def input_normalization(metadata: dict[str, str]) -> str:
+def describe_input(spec: dict) -> str:
+    """The input record in words: what to feed the model."""
+    shape = "x".join(str(d) for d in spec["shape"]) if "shape" in spec else "?"
+    text = f"input {spec.get('data', '?')} images {shape}, normalization {spec['normalization']}"
+    if "mean" in spec:
+        text += f": pixels scaled to [0, 1], then (x - {spec['mean']:g}) / {spec['std']:g}"
+    return text
+
+
+def input_normalization(spec: dict | None) -> str:
     """How the file's inputs were normalised (files without the record used "standard")."""
-    if "sws.input" not in metadata:
-        return "standard"
-    try:
-        norm = json.loads(metadata["sws.input"])["normalization"]
-    except (ValueError, TypeError, KeyError):
-        norm = None
-    if norm not in ("unit", "standard"):
-        raise UsageError("the file's metadata 'sws.input' does not name a normalization ('unit' or 'standard')")
-    return norm
+    return "standard" if spec is None else spec["normalization"]
 
 
 def eval_batch(model: torch.nn.Module, budget: int = 1 << 24) -> int:
@@ -272,11 +274,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
         if f.architecture is None:
             raise UsageError(f"{a.file} names no built-in architecture; evaluate it in Python with load_model(path, module)")
-        norm = input_normalization(f.metadata())
+        spec = f.input_spec()
+    norm = input_normalization(spec)
+    data = a.data or (spec or {}).get("data") or "mnist"
+    if data not in ("mnist", "fashion-mnist"):
+        raise UsageError(f"{a.file} was trained on {data!r}, which sws eval cannot load; pass --data")
     model = load_model(a.file, max_output_bytes=a.max_output_bytes)
-    _, test = data_mod.load(a.data, root=a.data_root, normalization=norm)
+    _, test = data_mod.load(data, root=a.data_root, normalization=norm)
     dense = evaluate(model, test, batch_size=eval_batch(model))
-    print(f"{printable(a.file)}: test error {dense:.2f}% on {a.data} ({len(test)} images)")
+    print(f"{printable(a.file)}: test error {dense:.2f}% on {data} ({len(test)} images, normalization {norm})")
     return 0
 
 
@@ -381,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="test error of a file of a built-in architecture")
     v.add_argument("file")
-    v.add_argument("--data", default="mnist", choices=["mnist", "fashion-mnist"])
+    v.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"],
+                   help="data set (default: the one the file records, else mnist)")
     v.add_argument("--data-root", default=None)
     _limit_flag(v)
     v.set_defaults(func=cmd_eval)

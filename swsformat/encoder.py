@@ -223,6 +223,10 @@ def to_container(
     if callable(compress):
         selector = compress
     elif compress is not None:
+        if isinstance(compress, (str, bytes)) or not isinstance(compress, Iterable):
+            raise SwsEncodeError(
+                f"compress must be tensor names or a (name, tensor) -> bool predicate, got {type(compress).__name__}"
+            )
         chosen = set(compress)
         unknown = chosen - set(sd)
         if unknown:

@@ -150,6 +150,12 @@ class SwsFile:
     def metadata(self) -> dict[str, str]:
         return dict(self.header.metadata)
 
+    def input_spec(self) -> dict[str, Any] | None:
+        """What the model expects as input (metadata ``sws.input``, written by ``sws compress``):
+        ``data``, ``normalization`` ('unit' or 'standard'), and in newer files ``shape``,
+        ``scale`` (raw pixel to [0, 1]), ``mean`` and ``std``; None when the file has no record."""
+        return parse_input_spec(self.header.metadata)
+
     def keys(self) -> list[str]:
         return [e.name for e in self.header.entries]
 
@@ -329,6 +335,41 @@ def build_architecture(arch: Mapping[str, Any] | None) -> nn.Module:
         ) from None
 
 
+INPUT_KEY = "sws.input"
+
+
+def parse_input_spec(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The validated ``sws.input`` record of a file's metadata (see :meth:`SwsFile.input_spec`)."""
+    import json
+    import math
+
+    if INPUT_KEY not in metadata:
+        return None
+    try:
+        spec = json.loads(metadata[INPUT_KEY])
+    except ValueError:
+        spec = None
+    bad = not isinstance(spec, dict) or spec.get("normalization") not in ("unit", "standard")
+    if not bad and ("mean" in spec or "std" in spec):
+        m, sd = spec.get("mean"), spec.get("std")
+        bad = not all(type(v) in (int, float) and math.isfinite(v) for v in (m, sd)) or sd <= 0
+    if not bad and "shape" in spec:
+        bad = not (isinstance(spec["shape"], list) and all(type(d) is int and d > 0 for d in spec["shape"]))
+    if bad:
+        raise SwsFormatError(
+            f"metadata {INPUT_KEY!r} is not an input record (normalization 'unit' or 'standard', finite mean, "
+            "std > 0, shape of positive integers); read the file with metadata() and ignore it"
+        )
+    return spec
+
+
+def _normalizing_hook(mean: float, std: float):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return ((args[0] - mean) / std,) + tuple(args[1:])
+
+    return hook
+
+
 def load_model(
     path: PathLike,
     module: nn.Module | None = None,
@@ -337,6 +378,7 @@ def load_model(
     strict: bool = True,
     max_output_bytes: int | None = None,
     batch_size: int = 1,
+    normalize_inputs: bool = False,
 ) -> nn.Module:
     """Load a ``.sws`` file into ``module`` (or the file's built-in architecture) in eval mode.
 
@@ -345,11 +387,22 @@ def load_model(
     those where CSR was measured faster for their density, the device and ``batch_size``
     (see :mod:`swsformat.sparse`). The choice per layer is in ``module.sws_layouts``.
     ``strict`` is passed to ``load_state_dict``; missing or unexpected keys raise.
+
+    The input the model was trained on (e.g. MNIST standardised with mean 0.1307, std
+    0.3081) is in ``module.sws_input`` (None if the file does not say). With
+    ``normalize_inputs=True`` the model takes inputs scaled to [0, 1] and applies
+    ``(x - mean) / std`` itself, so images need no other preprocessing.
     """
     if sparse not in (False, True, "auto"):
         raise ValueError(f"sparse must be False, True or 'auto', got {sparse!r}")
     with SwsFile(path, max_output_bytes=max_output_bytes) as f:
         arch = f.architecture
+        spec = f.input_spec()
+        if normalize_inputs and (spec is None or "mean" not in spec):
+            raise SwsFormatError(
+                "normalize_inputs=True: the file records no input mean and std (metadata 'sws.input'); "
+                "normalize the inputs yourself"
+            )
         if module is None:
             # Built on the meta device: no random initialisation of weights that are replaced
             # at once; the decoded tensors become the parameters, in the architecture's own
@@ -370,6 +423,9 @@ def load_model(
             raise SwsFormatError(f"the file's tensors do not fit {name}: {detail}") from None
         module = target
     module = module.to(device).eval()
+    module.sws_input = spec
+    if normalize_inputs:
+        module.register_forward_pre_hook(_normalizing_hook(float(spec["mean"]), float(spec["std"])))
     if sparse:
         from .sparse import sparsify_
 

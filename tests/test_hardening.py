@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz  # noqa: E402
 
 
+@pytest.mark.slow
 def test_fuzz_slice_in_worker_processes():
     """A bounded slice of the campaign (structure and byte mutations through every read entry
     point and CLI command): crashes, hangs and foreign exceptions fail the test."""
@@ -59,6 +60,7 @@ def _digest_script() -> str:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [{"NUMBA_DISABLE_JIT": "1"}, {"NUMBA_BOUNDSCHECK": "1"}])
 def test_same_results_without_jit_and_with_boundscheck(env):
     base = subprocess.run([sys.executable, "-c", _digest_script()], capture_output=True, text=True, check=True)
@@ -101,6 +103,7 @@ def test_load_never_unpickles(monkeypatch):
     swsformat.inspect(DATA / "golden-v1.sws")
 
 
+@pytest.mark.slow
 def test_import_with_unwritable_cache_and_home(tmp_path):
     """numba's cache must not break import or decoding when nothing can be written."""
     ro = tmp_path / "ro"

@@ -444,6 +444,7 @@ print(h.hexdigest(), "hit" if stats.cache_hits else "miss")
 """
 
 
+@pytest.mark.slow
 def test_float32_kernel_rounds_alike_compiled_or_loaded_from_cache(tmp_path):
     """numba optimises a kernel it compiles in the process and the same kernel loaded from its
     cache differently; with fast-math reassociation and contraction the two rounded

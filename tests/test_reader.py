@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import time
 import zlib
 
 import msgpack
@@ -120,7 +119,6 @@ def test_empty_coded_tensor_with_any_code_table(code, version, tmp_path):
 @pytest.mark.parametrize("rows", [2**22, 2**29, 2**40, 2**62])
 def test_many_rows_over_zero_columns_count_against_the_limit(rows, tmp_path):
     data = edited(lambda h: h["tensors"][0].update(shape=[rows, 0]))
-    t0 = time.perf_counter()
     if rows == 2**22:  # 32 MiB of row pointers: within the default limit, decoded at once
         assert swsformat.load(data, sparse=True)["a.weight"].shape == (rows, 0)
         assert swsformat.load(data)["a.weight"].shape == (rows, 0)
@@ -128,7 +126,6 @@ def test_many_rows_over_zero_columns_count_against_the_limit(rows, tmp_path):
         for msg in every_reader(data, tmp_path, header_only=False):
             # load_model checks the architecture first; 2**62 rows overflow 8-byte strides
             assert any(m in msg for m in ("max_output_bytes", "names no architecture", "overflow int64 strides")), msg
-    assert time.perf_counter() - t0 < 60  # a generous bound: the old reader took 51 s and 4.5 GB
 
 
 def test_plot_obeys_the_output_limit(tmp_path):
@@ -152,7 +149,6 @@ def _raw_deflated(header: bytes) -> bytes:
 
 def test_header_bombs_are_refused_before_unpacking(tmp_path):
     empty_maps = b"\xdd" + struct.pack(">I", 16_000_000) + b"\x80" * 16_000_000
-    t0 = time.perf_counter()
     with pytest.raises(swsformat.SwsFormatError, match="more than 8 times"):
         swsformat.load(_raw_deflated(empty_maps))
     with pytest.raises(swsformat.SwsFormatError, match="an array or map with too many items"):
@@ -164,7 +160,6 @@ def test_header_bombs_are_refused_before_unpacking(tmp_path):
     deep = b"\x91" * 100_000 + b"\x90"
     with pytest.raises(swsformat.SwsFormatError, match="nests containers too deeply"):
         swsformat.load(swsformat.container.pack_head(deep, 2, 0))
-    assert time.perf_counter() - t0 < 20
 
 
 def test_tensor_count_is_bounded(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -88,9 +90,24 @@ def test_property_roundtrip(rows, cols, density, k, bits, seed):
     roundtrip({"w.weight": t}, index_bits=bits)
 
 
-def test_deterministic_bytes():
-    sd = {"a.weight": quantized((50, 60), 0.1, 8), "a.bias": torch.randn(50)}
-    assert swsformat.encode_bytes(sd) == swsformat.encode_bytes(dict(sd))
+@pytest.mark.slow
+def test_same_bytes_in_another_process_and_hash_seed(tmp_path):
+    """Files are byte-reproducible: no set or hash order, time or address leaks into them."""
+    import subprocess
+    import sys
+
+    sd = {"a.weight": quantized((50, 60), 0.1, 8), "a.bias": torch.randn(50), "b.weight": quantized((7, 9), 0.5, 3)}
+    torch.save(sd, tmp_path / "sd.pt")
+    here = swsformat.encode_bytes(sd, metadata={"k": "v", "a": "b"})
+    script = (
+        "import sys, torch, swsformat; sd = torch.load(sys.argv[1]); "
+        "sys.stdout.buffer.write(swsformat.encode_bytes(sd, metadata={'k': 'v', 'a': 'b'}))"
+    )
+    for seed in ("1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        there = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sd.pt")], env=env, capture_output=True,
+                               check=True).stdout
+        assert there == here
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -167,3 +184,9 @@ def test_both_format_versions_round_trip_and_unknown_ones_are_refused():
     assert sizes[2] < sizes[1]
     with pytest.raises(swsformat.SwsEncodeError, match="version 3"):
         swsformat.encode_bytes(sd, version=3)
+
+
+@pytest.mark.parametrize("compress", [True, 3, "w.weight"])
+def test_compress_of_the_wrong_type_is_an_encode_error(compress):
+    with pytest.raises(swsformat.SwsEncodeError, match="compress must be tensor names"):
+        swsformat.encode_bytes({"w.weight": torch.zeros(2, 2)}, compress=compress)

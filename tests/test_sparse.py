@@ -80,6 +80,7 @@ def test_sparse_true_keeps_half_precision_layers_dense_on_cpu(tmp_path):
         swsformat.load_model(path, fresh, sparse="yes")
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_script_runs_at_toy_size(tmp_path):
     """benchmarks/gpu_sparse.py is prepared for a lent GPU; here it runs at toy sizes on CPU."""
     pytest.importorskip("safetensors")
