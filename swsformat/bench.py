@@ -2,78 +2,107 @@
 
 Load time of the file (dense and sparse) against ``torch.load`` of the same weights saved
 uncompressed, and inference latency dense vs sparse at batch 1 and 256, on CPU and on CUDA
-when present. Every number is the best of several runs, measured in this process.
+when present. The candidates of each comparison run interleaved, round after round, so a
+busy machine slows them alike; each is reported as the median with its quartiles, and a
+comparison whose quartiles spread more than :data:`NOISY` of the median is flagged.
 """
 
 from __future__ import annotations
 
 import io
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .reader import PathLike, load_model, load_state_dict
+from .reader import PathLike, SwsFile, load_model, load_state_dict
+
+# Interquartile range over median above which a timing is called noisy.
+NOISY = 0.25
+
+# Input shape when the file records none (the built-in architectures take MNIST images).
+DEFAULT_INPUT_SHAPE = (1, 28, 28)
 
 
-def best_of(fn: Callable[[], object], repeat: int = 7, sync: bool = False) -> float:
-    """Best wall time of one call in seconds (CUDA synchronised when ``sync``)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, quartiles and minimum in seconds, and the relative spread (IQR / median)."""
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return {"median_s": med, "p25_s": q1, "p75_s": q3, "min_s": min(times), "spread": (q3 - q1) / med if med else 0.0}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 15, sync: bool = False) -> dict[str, dict[str, float]]:
+    """Time every function ``repeat`` times, one of each per round (after one warm-up call each)."""
+    for fn in fns.values():
         fn()
-        if sync:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-# The built-in architectures all take MNIST-sized images.
-INPUT_SHAPE = (1, 28, 28)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: summarize(t) for name, t in times.items()}
 
 
 def run(
     path: PathLike, devices: list[str] | None = None, batches: tuple[int, ...] = (1, 256),
-    max_output_bytes: int | None = None,
+    max_output_bytes: int | None = None, repeat: int = 15,
 ) -> dict[str, Any]:
     """Measure load and inference timings of a ``.sws`` file of a built-in architecture."""
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    out: dict[str, Any] = {"file": str(path), "load": {}, "inference": {}}
+    with SwsFile(path, max_output_bytes=max_output_bytes) as f:
+        spec = f.input_spec()
+    shape = tuple(spec["shape"]) if spec and "shape" in spec else DEFAULT_INPUT_SHAPE
+    out: dict[str, Any] = {"file": str(path), "threads": torch.get_num_threads(), "repeat": repeat, "load": {},
+                           "inference": {}}
     lim = max_output_bytes
-    sd = load_state_dict(path, max_output_bytes=lim)
     buf = io.BytesIO()
-    torch.save(sd, buf)
+    torch.save(load_state_dict(path, max_output_bytes=lim), buf)
     raw = buf.getvalue()
-    out["load"]["sws_dense_s"] = best_of(lambda: load_state_dict(path, max_output_bytes=lim))
-    out["load"]["sws_sparse_s"] = best_of(lambda: load_state_dict(path, sparse=True, max_output_bytes=lim))
-    out["load"]["torch_load_fp32_s"] = best_of(lambda: torch.load(io.BytesIO(raw), weights_only=True))
+    out["load"] = interleaved({
+        "sws_dense": lambda: load_state_dict(path, max_output_bytes=lim),
+        "sws_sparse": lambda: load_state_dict(path, sparse=True, max_output_bytes=lim),
+        "torch_load_fp32": lambda: torch.load(io.BytesIO(raw), weights_only=True),
+    }, repeat)
     for dev in devices:
         sync = dev.startswith("cuda")
         dense = load_model(path, device=dev, max_output_bytes=lim)
         sparse = load_model(path, device=dev, sparse=True, max_output_bytes=lim)
         for b in batches:
-            x = torch.randn(b, *INPUT_SHAPE, device=dev)
+            x = torch.randn(b, *shape, device=dev)
             with torch.no_grad():
-                d = best_of(lambda m=dense, x=x: m(x), sync=sync)
-                s = best_of(lambda m=sparse, x=x: m(x), sync=sync)
-            out["inference"][f"{dev}_batch{b}"] = {"dense_s": d, "sparse_s": s, "sparse_speedup": d / s}
+                res = interleaved({"dense": lambda x=x, m=dense: m(x), "sparse": lambda x=x, m=sparse: m(x)}, repeat, sync)
+            res["sparse_speedup"] = res["dense"]["median_s"] / res["sparse"]["median_s"]
+            out["inference"][f"{dev}_batch{b}"] = res
+    out["noisy"] = noisy(out)
     return out
 
 
+def noisy(res: dict[str, Any]) -> list[str]:
+    """The measurements whose spread is above :data:`NOISY`."""
+    found = [f"load {k}" for k, v in res["load"].items() if v["spread"] > NOISY]
+    for case, v in res["inference"].items():
+        found += [f"{case} {k}" for k in ("dense", "sparse") if v[k]["spread"] > NOISY]
+    return found
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"{s['median_s'] * 1e3:.3f} ms ({s['p25_s'] * 1e3:.3f}-{s['p75_s'] * 1e3:.3f})"
+
+
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{res['file']}"]
     ld = res["load"]
-    lines.append(
-        f"load: sws dense {ld['sws_dense_s'] * 1e3:.2f} ms, sws sparse {ld['sws_sparse_s'] * 1e3:.2f} ms, "
-        f"torch.load fp32 {ld['torch_load_fp32_s'] * 1e3:.2f} ms"
-    )
+    lines = [
+        f"{res['file']}: medians (quartiles) of {res['repeat']} interleaved runs, {res['threads']} threads",
+        f"load: sws dense {_ms(ld['sws_dense'])}, sws sparse {_ms(ld['sws_sparse'])}, "
+        f"torch.load fp32 {_ms(ld['torch_load_fp32'])}",
+    ]
     for k, v in res["inference"].items():
-        lines.append(
-            f"{k:<16} dense {v['dense_s'] * 1e3:8.3f} ms  sparse {v['sparse_s'] * 1e3:8.3f} ms  "
-            f"sparse speed-up {v['sparse_speedup']:.2f}x"
-        )
+        lines.append(f"{k:<16} dense {_ms(v['dense'])}  sparse {_ms(v['sparse'])}  "
+                     f"sparse speed-up {v['sparse_speedup']:.2f}x")
     return "\n".join(lines)

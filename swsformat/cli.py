@@ -289,8 +289,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from . import bench
 
-    res = bench.run(a.file, devices=a.device or None, max_output_bytes=a.max_output_bytes)
+    if a.repeat < 3:
+        raise UsageError(f"--repeat must be at least 3, got {a.repeat}")
+    res = bench.run(a.file, devices=a.device or None, max_output_bytes=a.max_output_bytes, repeat=a.repeat)
     print(json.dumps(_finite(res), indent=2) if a.json else bench.format_table(res))
+    if res["noisy"]:
+        print(f"sws: warning: the machine is busy: quartiles spread over {bench.NOISY:.0%} of the median for "
+              f"{', '.join(res['noisy'])}; compare with care or rerun with a larger --repeat", file=sys.stderr)
     return 0
 
 
@@ -397,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("file")
     b.add_argument("--device", action="append", help="cpu, cuda (repeatable; default: cpu and cuda if present)")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--repeat", type=int, default=15, help="interleaved rounds per timing (default 15)")
     _limit_flag(b)
     b.set_defaults(func=cmd_bench)
 

@@ -63,6 +63,8 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
+        if v.layout != torch.strided:  # e.g. a model or state_dict loaded with sparse=True
+            sd[k] = v.to_dense()
     return sd
 
 

@@ -94,7 +94,12 @@ def test_bench_and_plot(tmp_path, capsys):
     assert main(["bench", str(path), "--device", "cpu", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["inference"]) == {"cpu_batch1", "cpu_batch256"}
-    assert res["load"]["sws_dense_s"] > 0
+    for timing in [*res["load"].values(), res["inference"]["cpu_batch1"]["dense"]]:
+        assert 0 < timing["min_s"] <= timing["p25_s"] <= timing["median_s"] <= timing["p75_s"]
+    assert res["inference"]["cpu_batch1"]["sparse_speedup"] == pytest.approx(
+        res["inference"]["cpu_batch1"]["dense"]["median_s"] / res["inference"]["cpu_batch1"]["sparse"]["median_s"])
+    assert isinstance(res["noisy"], list)
+    assert main(["bench", str(path), "--device", "cpu", "--repeat", "1"]) == 2
     assert main(["plot", str(path), "-o", str(tmp_path / "pic")]) == 0
     assert (tmp_path / "pic-histogram.png").stat().st_size > 1000
     assert (tmp_path / "pic-codebook.png").stat().st_size > 1000

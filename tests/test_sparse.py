@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import swsformat
-from swsformat.retrain.models import MODELS
+from swsformat.retrain.models import MODELS, build_model
 
 from .conftest import quantized_model
 
@@ -100,3 +102,20 @@ def test_gpu_benchmark_script_runs_at_toy_size(tmp_path):
     assert all(v["state_dict_bit_exact"] and v["csr_bit_exact"] for k, v in res["correctness"].items() if k.endswith(".sws"))
     assert res["correctness"]["gpt2-shaped"]["max_abs_diff_dense"] == 0.0
     assert set(next(iter(res["first_output"].values()))) >= {"warm_sws_s", "fresh_safetensors_s"}
+
+
+@pytest.mark.parametrize("what", ["model", "state_dict"])
+def test_sparse_loaded_model_re_encodes_to_the_same_tensors(what, tmp_path):
+    model = quantized_model("lenet300-100", density=0.05, k=9)
+    path = tmp_path / "a.sws"
+    swsformat.encode(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = (swsformat.load_model(path, build_model("lenet300-100"), sparse=True) if what == "model"
+                  else swsformat.load_state_dict(path, sparse=True))
+    assert any(t.layout == torch.sparse_csr for t in (loaded.state_dict() if what == "model" else loaded).values())
+    swsformat.encode(loaded, tmp_path / "b.sws")
+    a, b = swsformat.load_state_dict(path), swsformat.load_state_dict(tmp_path / "b.sws")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if what == "model":  # same tensors, same architecture record: the same file
+        assert (tmp_path / "b.sws").read_bytes() == path.read_bytes()
