@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,55 @@ def _fail(msg: str, code: int = 1) -> int:
 def printable(text: str) -> str:
     """``text`` with control characters escaped, so that a file cannot drive the terminal."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def import_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    """``--module pkg.mod:Net`` or ``path/to/models.py:Net``: a callable of no arguments that
+    returns the user's module (a class or a function), imported and built once to check it."""
+    import importlib
+    import importlib.util
+
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr.isidentifier():
+        raise UsageError(f"--module {spec}: expected MODULE:CALLABLE, e.g. mypkg.models:Net or models.py:Net")
+    try:
+        if where.endswith(".py"):
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            if loader is None or not os.path.isfile(where):
+                raise FileNotFoundError(f"no such file {where}")
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own package
+            mod = importlib.import_module(where)
+    except Exception as exc:  # the user's code: any exception is theirs to see, in one line
+        raise UsageError(f"--module {spec}: cannot import {where} ({type(exc).__name__}: {exc})") from None
+    obj = getattr(mod, attr, None)
+    if not callable(obj):
+        raise UsageError(f"--module {spec}: {where} has no callable {attr!r}")
+
+    def factory() -> torch.nn.Module:
+        try:
+            built = obj()
+        except Exception as exc:
+            raise UsageError(f"--module {spec}: {attr}() failed ({type(exc).__name__}: {exc}); it must build the "
+                             "model with no arguments") from None
+        if not isinstance(built, torch.nn.Module):
+            raise UsageError(f"--module {spec}: {attr}() returned {type(built).__name__}, not a torch.nn.Module")
+        return built
+
+    factory()
+    return factory
+
+
+def _fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], flag: str) -> None:
+    """Load ``sd`` into ``model`` or say in one line that the checkpoint does not fit ``flag``."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UsageError(f"{flag}: the checkpoint does not fit it ({detail})") from None
 
 
 def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -91,8 +140,11 @@ def _check_compress(a: argparse.Namespace) -> None:
         raise UsageError(f"--pretrain-epochs must be at least 0, got {a.pretrain_epochs}")
     if a.tau is not None and not (math.isfinite(a.tau) and a.tau >= 0):
         raise UsageError(f"--tau must be a finite non-negative number, got {a.tau}")
+    a.factory = import_factory(a.module) if a.module else None
+    if a.factory is not None and a.pretrained is not None:
+        _fit(a.factory(), _load_checkpoint(a.pretrained), f"--module {a.module}")
     try:
-        reproduce.best_config(a.model, a.seed, a.epochs, a.tau, dict(a.set or []))
+        reproduce.best_config(a.model or a.module, a.seed, a.epochs, a.tau, dict(a.set or []))
     except (TypeError, ValueError) as exc:
         keys = ", ".join(k for k, _ in a.set or [])
         raise UsageError(f"--set {keys}: {exc}") from None
@@ -119,7 +171,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .retrain import reproduce
 
     _check_compress(a)
-    reproduce.run(a.model, a.data, a.output, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
+    reproduce.run(a.model or a.module, a.data, a.output, factory=a.factory, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
                   tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
                   checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization,
                   overrides=dict(a.set or []), progress=not a.quiet)
@@ -130,8 +182,12 @@ def cmd_encode(a: argparse.Namespace) -> int:
     from . import encode_bytes, size_report
     from .quantize import prune_and_cluster
 
-    if a.data and not a.architecture:
-        raise UsageError("--data needs --architecture to build the model it evaluates")
+    if a.data and not (a.architecture or a.module):
+        raise UsageError("--data needs --architecture or --module to build the model it evaluates")
+    if a.architecture and a.module:
+        raise UsageError("give --architecture (a built-in model) or --module (your own), not both")
+    if a.max_error_increase < 0:
+        raise UsageError(f"--max-error-increase must be >= 0, got {a.max_error_increase}")
     if not 0.0 <= a.prune < 1.0:
         raise UsageError(f"--prune must be in [0, 1), got {a.prune}")
     if a.prune and not a.clusters:
@@ -139,37 +195,53 @@ def cmd_encode(a: argparse.Namespace) -> int:
     if not 0 <= a.clusters <= 255:
         raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
     check_output(a.output, a.input)
+    factory = import_factory(a.module) if a.module else None
     original = _load_checkpoint(a.input)
-    sd = original
-    if a.clusters:
-        sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
-    meta = {"source": Path(a.input).name}
-    arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
-    data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
     ref = None
     if a.architecture:  # the tensors must fit the named architecture before the file claims it
         from .architectures import build_model
 
         ref = build_model(a.architecture)
-        try:
-            ref.load_state_dict(original)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise UsageError(f"--architecture {a.architecture}: the checkpoint does not fit it ({detail})") from None
+        _fit(ref, original, f"--architecture {a.architecture}")
+    elif factory is not None:
+        ref = factory()
+        _fit(ref, original, f"--module {a.module}")
+    test = None
+    if a.data:  # before any work: missing data must not leave a written file behind
+        from .retrain import data as data_mod
+
+        _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
+    sd = original
+    if a.clusters:
+        sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer)
+    meta = {"source": Path(a.input).name}
+    if a.module:
+        meta["sws.module"] = a.module
+    if test is not None:
+        meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
+    arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
+    data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
     # Our own bytes: no output limit is needed to report them (encode_bytes has already warned
     # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
     print(f"wrote {printable(a.output)}: {len(data)} bytes, compression rate {rep['compression_rate']:.1f}x, "
           f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
-    if a.data:
+    if test is not None:
         from .reader import load_model
-        from .retrain import data as data_mod
         from .retrain.train import evaluate
 
-        _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
-        before, after = evaluate(ref, test), evaluate(load_model(a.output), test)
+        before = evaluate(ref, test)
+        after = evaluate(load_model(a.output, None if factory is None else factory()), test)
         print(f"test error: {before:.2f}% before, {after:.2f}% after ({after - before:+.2f} points)")
+        if after - before > a.max_error_increase:
+            route = f"--module {a.module}" if a.module else f"--model {a.architecture}"
+            print(f"sws: warning: post-training pruning and clustering cost {after - before:.2f} points of test error "
+                  f"(more than --max-error-increase {a.max_error_increase:g}); to keep accuracy, retrain with soft "
+                  f"weight-sharing: sws compress {route} --pretrained {a.input} -o {a.output}", file=sys.stderr)
+    elif a.clusters:
+        print("sws: note: accuracy not measured; pass --data with --module (your model) or --architecture "
+              "to see what pruning and clustering cost", file=sys.stderr)
     return 0
 
 
@@ -272,14 +344,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .retrain.train import evaluate
 
     with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
-        if f.architecture is None:
-            raise UsageError(f"{a.file} names no built-in architecture; evaluate it in Python with load_model(path, module)")
+        made_from = f.metadata().get("sws.module")
+        if f.architecture is None and not a.module:
+            hint = f"pass --module {made_from}" if made_from else "pass --module MODULE:CALLABLE that builds your model"
+            raise UsageError(f"{a.file} names no built-in architecture; {hint}")
         spec = f.input_spec()
     norm = input_normalization(spec)
     data = a.data or (spec or {}).get("data") or "mnist"
     if data not in ("mnist", "fashion-mnist"):
         raise UsageError(f"{a.file} was trained on {data!r}, which sws eval cannot load; pass --data")
-    model = load_model(a.file, max_output_bytes=a.max_output_bytes)
+    module = import_factory(a.module)() if a.module else None
+    model = load_model(a.file, module, max_output_bytes=a.max_output_bytes)
     _, test = data_mod.load(data, root=a.data_root, normalization=norm)
     dense = evaluate(model, test, batch_size=eval_batch(model))
     print(f"{printable(a.file)}: test error {dense:.2f}% on {data} ({len(test)} images, normalization {norm})")
@@ -342,7 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="pretrain, retrain with the mixture prior, quantize and write a .sws file")
-    c.add_argument("--model", required=True, choices=ARCHITECTURES)
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=ARCHITECTURES, help="a built-in architecture")
+    which.add_argument("--module", metavar="MODULE:CALLABLE",
+                       help="your own model: mypkg.models:Net or models.py:Net, built with no arguments")
     c.add_argument("--data", default="mnist", choices=["mnist", "fashion-mnist"])
     c.add_argument("--data-root", default=None, help="folder with the IDX .gz files (default: $SWSFORMAT_DATA, cache, download)")
     c.add_argument("-o", "--output", required=True)
@@ -372,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
     e.add_argument("--architecture", default=None, choices=ARCHITECTURES,
                    help="built-in architecture name to record (and to evaluate)")
+    e.add_argument("--module", default=None, metavar="MODULE:CALLABLE",
+                   help="your own model (mypkg.models:Net or models.py:Net), to evaluate with --data")
     e.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"], help="report the accuracy cost")
+    e.add_argument("--max-error-increase", type=float, default=1.0, metavar="POINTS",
+                   help="warn when test error rises by more than this (default 1.0)")
     e.add_argument("--data-root", default=None)
     e.add_argument("--normalization", default="unit", choices=["unit", "standard"],
                    help="how the checkpoint's inputs were normalised (for --data)")
@@ -395,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"],
                    help="data set (default: the one the file records, else mnist)")
     v.add_argument("--data-root", default=None)
+    v.add_argument("--module", default=None, metavar="MODULE:CALLABLE",
+                   help="your own model, for files that name no built-in architecture")
     _limit_flag(v)
     v.set_defaults(func=cmd_eval)
 

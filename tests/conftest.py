@@ -56,3 +56,21 @@ def mnist():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_mnist(mnist, monkeypatch, tmp_path):
+    """Real MNIST cut to 3,000 training and 1,000 test images wherever the library loads it,
+    and an empty pretrained cache."""
+    from swsformat.retrain import data as data_mod
+
+    train, test = mnist
+
+    def load(name="mnist", root=None, download=True, normalization="unit"):
+        full = data_mod.load.__wrapped__(name, root, download=False, normalization=normalization)
+        return full[0].subset(3000), full[1].subset(1000)
+
+    load.__wrapped__ = data_mod.load
+    monkeypatch.setattr(data_mod, "load", load)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return train, test

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -261,3 +262,84 @@ def test_max_output_bytes_flag_lets_a_trusted_file_through(tmp_path, capsys):
     assert main(["decode", str(path), "-o", str(tmp_path / "z.pt")]) == 1
     assert "--max-output-bytes" in capsys.readouterr().err
     assert main(["info", str(path), "--max-output-bytes", str(300 << 20)]) == 0
+
+
+MLP = '''
+from torch import nn
+
+
+class Net(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def broken():
+    raise RuntimeError("boom")
+'''
+
+
+@pytest.fixture
+def own_model(tmp_path, monkeypatch):
+    """A user's module file and a fresh model of it; the working directory is ``tmp_path``."""
+    from swsformat.retrain import data as data_mod
+
+    if os.environ.get(data_mod.ENV_VAR):
+        monkeypatch.setenv(data_mod.ENV_VAR, os.path.abspath(os.environ[data_mod.ENV_VAR]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlp.py").write_text(MLP)
+    from torch.nn import functional as F
+
+    ns: dict = {}
+    exec(MLP, ns)
+    torch.manual_seed(0)
+    model = ns["Net"]()
+    return model, F
+
+
+@pytest.mark.slow
+def test_own_module_route_measures_and_warns(small_mnist, own_model, tmp_path, capsys):
+    model, F = own_model
+    train, _ = small_mnist
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for idx in torch.randperm(3000).repeat(5).split(100):
+        loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(model.state_dict(), "mlp.pt")
+    assert main(["encode", "mlp.pt", "-o", "pk.sws", "--prune", "0.98", "--clusters", "4", "--module", "mlp.py:Net",
+                 "--data", "mnist"]) == 0
+    out, err = capsys.readouterr()
+    before, after = (float(x) for x in re.search(r"test error: ([\d.]+)% before, ([\d.]+)% after", out).groups())
+    assert after > before + 1 and "sws compress --module mlp.py:Net --pretrained mlp.pt" in err
+    spec = swsformat.open("pk.sws").input_spec()
+    assert spec["data"] == "mnist" and spec["normalization"] == "unit"
+    # eval: the file names the module it was made from; --module builds it
+    assert main(["eval", "pk.sws"]) == 2
+    assert "pass --module mlp.py:Net" in capsys.readouterr().err
+    assert main(["eval", "pk.sws", "--module", "mlp.py:Net"]) == 0
+    assert f"test error {after:.2f}% on mnist" in capsys.readouterr().out
+    # soft weight-sharing on the user's module, from the CLI
+    assert main(["compress", "--module", "mlp.py:Net", "--pretrained", "mlp.pt", "-o", "sws.sws", "--quiet",
+                 "--epochs", "2", *sum((["--set", f"{k}={v}"] for k, v in
+                                        {"qat_epochs": 1, "retrain.tau": 0.002, "prior.pi_zero": 0.9, "prior.init_std": 0.05,
+                                         "assign": "nearest"}.items()), [])]) == 0
+    record = json.loads((tmp_path / "sws.json").read_text())
+    assert record["module"] == "mlp.py:Net" and record["pretrain_epochs"] is None
+    assert swsformat.open("sws.sws").metadata()["sws.module"] == "mlp.py:Net"
+    assert main(["eval", "sws.sws", "--module", "mlp.py:Net"]) == 0
+    assert f"test error {record['decoded_test_error']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("mlp.py", "expected MODULE:CALLABLE"), ("nope.py:Net", "cannot import nope.py"),
+     ("mlp.py:Nett", "has no callable 'Nett'"), ("mlp.py:broken", "broken() failed (RuntimeError: boom)"),
+     ("math:pi", "has no callable 'pi'")],
+)
+def test_module_flag_errors_are_one_line(own_model, spec, message, capsys):
+    torch.save(own_model[0].state_dict(), "mlp.pt")
+    code = main(["encode", "mlp.pt", "-o", "x.sws", "--module", spec])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not os.path.exists("x.sws")

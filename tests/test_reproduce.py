@@ -19,21 +19,6 @@ from swsformat.retrain import train as train_mod
 TINY = {"qat_epochs": 1, "finetune_epochs": 1, "retrain.tau": 0.002, "prior.pi_zero": 0.9, "assign": "nearest"}
 
 
-@pytest.fixture
-def small_mnist(mnist, monkeypatch, tmp_path):
-    """Real MNIST cut to 3,000 training and 1,000 test images, and an empty pretrained cache."""
-    train, test = mnist
-
-    def load(name="mnist", root=None, download=True, normalization="unit"):
-        full = data_mod.load.__wrapped__(name, root, download=False, normalization=normalization)
-        return full[0].subset(3000), full[1].subset(1000)
-
-    load.__wrapped__ = data_mod.load
-    monkeypatch.setattr(data_mod, "load", load)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return train, test
-
-
 @pytest.mark.slow
 def test_run_writes_file_json_and_summaries(small_mnist, tmp_path, capsys):
     out = tmp_path / "net.sws"

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,17 @@ def apply_overrides(config: CompressConfig, overrides: dict[str, Any]) -> Compre
     return config
 
 
+# Settings for a model of the user's own (``sws compress --module``): the library's defaults.
+CUSTOM: dict[str, Any] = {"pretrain_epochs": 20, "epochs": RetrainConfig().epochs, "tau": RetrainConfig().tau}
+
+
 def best_config(
     model_name: str, seed: int = 0, epochs: int | None = None, tau: float | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> CompressConfig:
     """The config ``sws compress --model NAME`` runs with: the defaults, ``BEST``'s epochs, tau
     and overrides, then the caller's (``--epochs``, ``--tau``, ``--set``)."""
-    best = BEST[model_name]
+    best = BEST.get(model_name, CUSTOM)
     retrain = RetrainConfig(epochs=best["epochs"] if epochs is None else epochs, tau=best["tau"] if tau is None else tau)
     return apply_overrides(
         CompressConfig(prior=PriorConfig(), retrain=retrain, seed=seed), {**best.get("overrides", {}), **(overrides or {})}
@@ -133,9 +138,15 @@ def run(
     resume: bool = False,
     normalization: str | None = None,
     overrides: dict[str, Any] | None = None,
+    factory: Callable[[], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job and return the results dict (also written as JSON beside the file)."""
-    best = BEST[model_name]
+    """Run the whole job and return the results dict (also written as JSON beside the file).
+
+    ``model_name`` is a built-in architecture, or with ``factory`` (a callable returning the
+    user's own module, e.g. ``sws compress --module pkg.mod:Net``) the name recorded for it.
+    """
+    best = CUSTOM if factory is not None else BEST[model_name]
+    make = factory or (lambda: build_model(model_name))
     pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
     normalization = best.get("normalization", "unit") if normalization is None else normalization
     origin = provenance()  # before anything is written: outputs may be tracked files
@@ -151,9 +162,15 @@ def run(
     cached = False
     if pretrained:
         torch.manual_seed(seed)
-        model = build_model(model_name).to(device)
+        model = make().to(device)
         model.load_state_dict(torch.load(pretrained, map_location=device, weights_only=True))
         pre_errors: list = []
+    elif factory is not None:  # the user's code may change between runs: no cache, a checkpoint only
+        torch.manual_seed(seed)
+        model = make().to(device)
+        logs = pretrain(model, train, test, epochs=pretrain_epochs, seed=seed, progress=progress,
+                        checkpoint=pretrain_checkpoint, resume=resume)
+        pre_errors = [round(log.test_error, 3) for log in logs]
     else:
         model, pre_errors, cached = pretrained_model(
             model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization,
@@ -165,16 +182,21 @@ def run(
         from .plots import MovementRecorder
 
         recorder = MovementRecorder(model)
+    metadata = {"sws.input": json.dumps(data_mod.input_spec(data_name, normalization))}
+    if factory is not None:
+        metadata["sws.module"] = model_name
     result = compress(
         model, train, test, config, path=output, on_epoch=recorder, progress=progress,
-        checkpoint=checkpoint, resume=resume, metadata={"sws.input": json.dumps(data_mod.input_spec(data_name, normalization))},
+        checkpoint=checkpoint, resume=resume, metadata=metadata,
     )
-    if checkpoint and os.path.exists(checkpoint):
-        os.unlink(checkpoint)  # the run is complete: nothing left to resume
+    for done in (checkpoint, pretrain_checkpoint):
+        if done and os.path.exists(done):
+            os.unlink(done)  # the run is complete: nothing left to resume
     report = size_report(output)
     out = {
         "command": " ".join(["sws"] + sys.argv[1:]) if Path(sys.argv[0]).name == "sws" else " ".join(sys.argv),
         "model": model_name,
+        "module": model_name if factory is not None else None,
         "data": data_name,
         "file": Path(output).name,
         "seed": seed,
@@ -200,7 +222,7 @@ def run(
     # Evaluate the file as a user would: decode it into a fresh module.
     from ..reader import load_model
 
-    out["decoded_test_error"] = evaluate(load_model(output, device=device), test)
+    out["decoded_test_error"] = evaluate(load_model(output, None if factory is None else make(), device=device), test)
     json_path = json_path or str(Path(output).with_suffix(".json"))
     atomic_write(json_path, (json.dumps(out, indent=2) + "\n").encode())
     if plots:
@@ -208,17 +230,18 @@ def run(
 
         folder = Path(plots)
         folder.mkdir(parents=True, exist_ok=True)
-        ref = build_model(model_name)
+        stem = model_name if factory is None else Path(output).stem
+        ref = make()
         ref.load_state_dict({k: v.cpu() for k, v in pretrained_sd.items()})
         retrained = recorder.frames[-1][1] if recorder and recorder.frames else flat_weights(model)
         histograms(
             {"pretrained": flat_weights(ref)[recorder.idx] if recorder else flat_weights(ref),
              "retrained": retrained, "quantized": flat_weights(model)[recorder.idx] if recorder else flat_weights(model)},
-            folder / f"{model_name}-histograms.png",
+            folder / f"{stem}-histograms.png",
         )
-        mixture_plot(retrained, result.mixture, folder / f"{model_name}-mixture.png")
+        mixture_plot(retrained, result.mixture, folder / f"{stem}-mixture.png")
         if recorder:
-            recorder.gif(folder / f"{model_name}-movement.gif")
+            recorder.gif(folder / f"{stem}-movement.gif")
     if progress:
         say(final_summary(out, output, json_path, plots))
     return out
@@ -236,7 +259,9 @@ def start_summary(
 ) -> str:
     """What the job is about to do, before the first (long) step."""
     c = config
-    first = f"loading {pretrained}" if pretrained else f"pretraining {_n(pretrain_epochs, 'epoch')} (reused from the cache if done before)"
+    first = f"loading {pretrained}" if pretrained else f"pretraining {_n(pretrain_epochs, 'epoch')}"
+    if not pretrained and model_name in BEST:
+        first += " (reused from the cache if done before)"
     lines = [
         f"sws compress: {model_name} on {data_name} ({n_train:,} train / {n_test:,} test images from {folder}, "
         f"normalization {normalization}), on {device} with {torch.get_num_threads()} threads",
@@ -254,13 +279,16 @@ def _n(count: int, noun: str) -> str:
 
 def final_summary(out: dict[str, Any], output: str | os.PathLike, json_path: str, plots: str | None) -> str:
     """What was written, what it measured and what to do next."""
+    module = out.get("module")
+    module_flag = f" --module {module}" if module else ""
+    module_arg = ", YourModule()" if module else ""
     wrote = f"{output} ({out['file_bytes']:,} bytes)" + f", {json_path}" + (f", plots in {plots}" if plots else "")
     return "\n".join([
         f"wrote {wrote}",
         f"  test error {out['pretrained_error']:.2f}% pretrained -> {out['decoded_test_error']:.2f}% from the file; "
         f"{out['compression_rate']:.1f}x smaller than float32 ({100 * out['nonzero_fraction']:.2f}% of weights non-zero)",
-        f"  next: sws info {output}  |  sws eval {output}  |  python -c \"import swsformat; "
-        f"m = swsformat.load_model('{output}')\"",
+        f"  next: sws info {output}  |  sws eval {output}{module_flag}  |  python -c \"import swsformat; "
+        f"m = swsformat.load_model('{output}'{module_arg})\"",
     ])
 
 
