@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .architectures import ARCHITECTURES as REGISTRY
-from .errors import SwsError, SwsOutputError
+from .errors import SwsEncodeError, SwsError, SwsOutputError
 from .files import atomic_write, check_output
 
 ARCHITECTURES = tuple(sorted(REGISTRY))
@@ -220,7 +220,14 @@ def cmd_encode(a: argparse.Namespace) -> int:
     if test is not None:
         meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
-    data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
+    try:
+        data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
+    except SwsEncodeError as exc:
+        if a.clusters or "distinct non-zero values" not in str(exc):
+            raise
+        first = str(exc).split(". Quantize")[0]
+        raise SwsEncodeError(f"{first}. Quantize it: add --clusters K (and --prune P) for post-training k-means, or "
+                             "retrain with soft weight-sharing: sws compress") from None
     # Our own bytes: no output limit is needed to report them (encode_bytes has already warned
     # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
@@ -287,10 +294,11 @@ def cmd_info(a: argparse.Namespace) -> int:
         if t["kind"] == "raw":
             print(f"{t['name']:<16}{shape:<16}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
             continue
-        print(f"{t['name']:<16}{shape:<16}{'sws':<5}{t['nonzeros']:>9}{t['codebook_size'] + 1:>4}{t['index_bits']:>3}"
+        print(f"{t['name']:<16}{shape:<16}{'sws':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{t['index_bits']:>3}"
               f"{t['row_bits']:>7}{t['gap_bits']:>8}{t['gap_entropy_bits']:>8.0f}{t['value_bits']:>8}{t['value_entropy_bits']:>8.0f}"
               f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
-    print(f"(bits per part; (H) = empirical entropy bound of the stream; header {rep['header_bytes']} bytes, "
+    print(f"(K = shared non-zero values, b = index bits; bits per part; (H) = empirical entropy bound of the stream; "
+          f"header {rep['header_bytes']} bytes, "
           f"overhead {rep['overhead_bytes']} bytes)")
     return 0
 
@@ -363,9 +371,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from . import bench
+    from .reader import SwsFile
 
     if a.repeat < 3:
         raise UsageError(f"--repeat must be at least 3, got {a.repeat}")
+    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
+        if f.architecture is None:
+            raise UsageError(f"{a.file} names no built-in architecture; sws bench times built-in models only "
+                             "(time your own with swsformat.bench.interleaved)")
     res = bench.run(a.file, devices=a.device or None, max_output_bytes=a.max_output_bytes, repeat=a.repeat)
     print(json.dumps(_finite(res), indent=2) if a.json else bench.format_table(res))
     if res["noisy"]:

@@ -146,7 +146,7 @@ def _download(name: str) -> Path:
         else:
             raise SwsDataError(
                 f"{name}: could not download {fname} ({'; '.join(errors)}). Put the four IDX .gz "
-                f"files {sorted(FILES.values())} in a folder and pass it as root= or set ${ENV_VAR}."
+                f"files {sorted(FILES.values())} in a folder and pass it (--data-root, or root= in Python) or set ${ENV_VAR}."
             )
     return target
 
