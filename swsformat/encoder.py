@@ -9,6 +9,7 @@ raw. The same input always gives the same bytes.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -53,9 +54,15 @@ _TORCH_DTYPES = {
 _PATTERN = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
 
 
+# The last name part of weight matrices: ``weight`` (Linear, Conv, Embedding, transformers'
+# Conv1D), ``weight_ih_l0``/``weight_hh_l1_reverse`` (RNN, LSTM, GRU), ``in_proj_weight``
+# (MultiheadAttention), ``weight_v`` (weight norm).
+_WEIGHT_NAME = re.compile(r"(?:\w+_)?weight(?:_\w+)?")
+
+
 def default_selector(name: str, tensor: torch.Tensor) -> bool:
-    """Conv and linear weights: floating, at least 2-D, named ``*weight``."""
-    return tensor.is_floating_point() and tensor.dim() >= 2 and name.rsplit(".", 1)[-1] == "weight"
+    """Weight matrices and kernels: floating, at least 2-D, named like a weight (see above)."""
+    return tensor.is_floating_point() and tensor.dim() >= 2 and bool(_WEIGHT_NAME.fullmatch(name.rsplit(".", 1)[-1]))
 
 
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,19 +37,38 @@ def snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return centres[np.searchsorted(edges, values)]
 
 
+def keep_mask(magnitudes: np.ndarray, prune: float) -> np.ndarray:
+    """True for the ``1 - prune`` fraction of entries with the largest magnitude (at least one
+    when anything is kept), by rank: ties cannot wipe a layer as a threshold would."""
+    n = magnitudes.size
+    keep = n - int(np.floor(prune * n))
+    mask = np.zeros(n, dtype=bool)
+    if keep >= n:
+        mask[:] = True
+    elif keep > 0:
+        mask[np.argpartition(magnitudes, n - keep)[n - keep:]] = True
+    return mask
+
+
 @torch.no_grad()
 def prune_and_cluster(
     state_dict: Mapping[str, torch.Tensor],
     prune: float = 0.9,
     clusters: int = 16,
     per_layer: bool = False,
+    global_prune: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to ``clusters`` values.
+    """Zero the ``prune`` fraction of smallest-magnitude weights of every layer, cluster the
+    rest to ``clusters`` values.
 
-    Applies to the tensors :func:`swsformat.encoder.default_selector` picks (conv and linear
-    weights); with ``per_layer=False`` one codebook is shared by the whole model, as in
-    soft weight-sharing. Returns a new state_dict; other tensors are passed through.
+    Applies to the tensors :func:`swsformat.encoder.default_selector` picks (conv, linear,
+    embedding, RNN and attention weights). Pruning is per layer: one magnitude threshold for a
+    whole model (``global_prune=True``) wipes layers whose weights are small, e.g. every GPT-2
+    ``c_proj``. With ``per_layer=False`` one codebook is shared by the whole model, as in soft
+    weight-sharing. Returns a new state_dict; other tensors are passed through.
     """
+    from .errors import SwsEncodeError
+
     if not 0.0 <= prune < 1.0:
         raise ValueError(f"prune must be in [0, 1), got {prune}")
     if not 1 <= clusters <= 255:
@@ -58,17 +77,25 @@ def prune_and_cluster(
     out = dict(state_dict)
     if not names:
         return out
+    values = {n: state_dict[n].detach().cpu().double().numpy().ravel() for n in names}
+    for n, v in values.items():
+        if not np.isfinite(v).all():
+            bad = int(np.count_nonzero(~np.isfinite(v)))
+            raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
+    if global_prune:
+        flat = np.concatenate(list(values.values()))
+        mask = keep_mask(np.abs(flat), prune)
+        masks = dict(zip(names, np.split(mask, np.cumsum([v.size for v in values.values()])[:-1])))
+    else:
+        masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
     groups = [[n] for n in names] if per_layer else [names]
+    rng = np.random.default_rng(0)
     for group in groups:
-        flat = np.concatenate([state_dict[n].detach().cpu().double().numpy().ravel() for n in group])
-        threshold = np.quantile(np.abs(flat), prune) if prune > 0 else -1.0
-        kept = flat[np.abs(flat) > threshold]
-        rng = np.random.default_rng(0)
+        kept = np.concatenate([values[n][masks[n]] for n in group])
         sample = kept if kept.size <= 1_000_000 else rng.choice(kept, 1_000_000, replace=False)
         centres = kmeans_1d(sample, clusters)
         for n in group:
             t = state_dict[n]
-            w = t.detach().cpu().double().numpy()
-            q = np.where(np.abs(w) > threshold, snap(w, centres) if centres.size else 0.0, 0.0)
-            out[n] = torch.from_numpy(q).to(t.dtype).to(t.device)
+            q = np.where(masks[n], snap(values[n], centres) if centres.size else 0.0, 0.0)
+            out[n] = torch.from_numpy(q.reshape(tuple(t.shape))).to(t.dtype).to(t.device)
     return out

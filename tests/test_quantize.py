@@ -1,0 +1,67 @@
+"""Post-training pruning and k-means: per-layer pruning, ties, NaN, and the layers real models have."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import swsformat
+from swsformat.quantize import keep_mask, prune_and_cluster
+
+
+def nonzero_fraction(t: torch.Tensor) -> float:
+    return float(t.count_nonzero()) / t.numel()
+
+
+def test_every_layer_keeps_its_share_even_when_its_weights_are_small():
+    g = torch.Generator().manual_seed(0)
+    sd = {"big.weight": torch.randn(200, 100, generator=g), "small.weight": 0.01 * torch.randn(50, 100, generator=g)}
+    out = prune_and_cluster(sd, prune=0.9, clusters=8)
+    assert nonzero_fraction(out["big.weight"]) == pytest.approx(0.1)
+    assert nonzero_fraction(out["small.weight"]) == pytest.approx(0.1)
+    wiped = prune_and_cluster(sd, prune=0.9, clusters=8, global_prune=True)
+    assert nonzero_fraction(wiped["small.weight"]) == 0.0  # what one global threshold does
+
+
+def test_ties_cannot_wipe_a_layer():
+    sd = {"const.weight": torch.full((10, 10), 0.5)}
+    out = prune_and_cluster(sd, prune=0.9, clusters=4)["const.weight"]
+    assert int(out.count_nonzero()) == 10 and set(out.unique().tolist()) == {0.0, 0.5}
+    assert keep_mask(torch.ones(7).numpy(), 0.5).sum() == 4
+    assert keep_mask(torch.ones(7).numpy(), 0.0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_names_the_tensor(bad):
+    w = torch.randn(4, 4)
+    w[1, 2] = bad
+    with pytest.raises(swsformat.SwsEncodeError, match="tensor 'b.weight' holds 1 NaN or infinite"):
+        prune_and_cluster({"a.weight": torch.randn(3, 3), "b.weight": w}, prune=0.5, clusters=4)
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 32, num_layers=2, bidirectional=True)
+        self.gru = nn.GRU(64, 16)
+        self.attn = nn.MultiheadAttention(16, 4)
+        self.out = nn.Linear(16, 50)
+
+
+def test_rnn_attention_and_embedding_weights_are_coded():
+    torch.manual_seed(0)
+    model = Recurrent()
+    sd = prune_and_cluster(model.state_dict(), prune=0.8, clusters=16)
+    data = swsformat.encode_bytes(sd)
+    f = swsformat.open(data)
+    coded = {n for n in f.keys() if f.entry(n).kind == "sws"}
+    for name in ("emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l1_reverse", "gru.weight_hh_l0",
+                 "attn.in_proj_weight", "attn.out_proj.weight", "out.weight"):
+        assert name in coded, name
+    assert not any(n.endswith("bias") or "bias_" in n for n in coded)
+    back = swsformat.load_state_dict(data)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # a quarter of the float32 bytes at most, biases raw
+    assert len(data) < sum(t.numel() for t in sd.values()) * 4 / 4
