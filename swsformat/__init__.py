@@ -33,8 +33,8 @@ from .report import inspect, size_report  # noqa: E402
 
 
 def __getattr__(name: str):
-    """``swsformat.compress`` and ``swsformat.CompressConfig`` without importing training at startup."""
-    if name in ("compress", "CompressConfig"):
+    """``compress``, ``CompressConfig`` and ``SoftWeightSharing`` without importing training at startup."""
+    if name in ("compress", "CompressConfig", "SoftWeightSharing"):
         from . import retrain
 
         return getattr(retrain, name)
@@ -43,6 +43,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CompressConfig",
+    "SoftWeightSharing",
     "SwsCheckpointError",
     "SwsChecksumError",
     "SwsDecodeError",

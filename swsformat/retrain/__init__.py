@@ -7,6 +7,7 @@ This package knows nothing about the file layout: it hands quantized models to
 from __future__ import annotations
 
 from . import data
+from .method import SoftWeightSharing
 from .models import MODELS, build_model
 from .pipeline import CompressConfig, CompressResult, compress
 from .prior import MixturePrior, PriorConfig
@@ -19,6 +20,7 @@ __all__ = [
     "MixturePrior",
     "PriorConfig",
     "RetrainConfig",
+    "SoftWeightSharing",
     "build_model",
     "compress",
     "data",

@@ -20,19 +20,25 @@ from ..encoder import encode
 from ..errors import SwsTrainingError
 from .data import Split
 from .fields import check_types
-from .models import compressible_parameters
+from .models import FilterFn, compressible_parameters, tied_names
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
 from .train import (
+    Data,
     EpochLog,
+    LossFn,
     RetrainConfig,
-    SplitBatches,
     adam,
+    batches_of,
     cosine_schedule,
-    default_prior,
+    cross_entropy,
+    dataset_size,
     evaluate,
     retrain,
     train_epoch,
 )
+
+# The weights under the prior, by state_dict name; None means compressible_parameters(model).
+Named = list[tuple[str, nn.Parameter]] | None
 
 # Storage types for the biases of the coded layers (see :func:`round_biases_`).
 BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -118,14 +124,44 @@ class CompressResult:
 
 
 @torch.no_grad()
-def prune_masks(model: nn.Module, mixture: Mixture, rule: str = "map") -> list[torch.Tensor]:
+def prune_masks(model: nn.Module, mixture: Mixture, rule: str = "map", weights: Named = None) -> list[torch.Tensor]:
     """Boolean masks of the weights that survive: those ``rule`` does not give to the zero component."""
     return [
         torch.from_numpy(mixture.assign(p.detach().cpu().double().numpy().ravel(), rule) != 0)
         .view(p.shape)
         .to(p.device)
-        for _, p in compressible_parameters(model)
+        for _, p in _named(model, weights)
     ]
+
+
+def _named(model: nn.Module, weights: Named) -> list[tuple[str, nn.Parameter]]:
+    """The weights under the prior: ``weights`` if given, else :func:`compressible_parameters`."""
+    return weights if weights is not None else compressible_parameters(model)
+
+
+def steps_per_epoch(data: Data, batch_size: int) -> int:
+    """Optimizer steps in one epoch of ``data`` (see :func:`~swsformat.retrain.train.batches_of`)."""
+    if isinstance(data, Split):
+        return -(-len(data) // batch_size)
+    try:
+        return len(data)
+    except TypeError:
+        raise TypeError("the training batches must have a length (a DataLoader has one) to schedule the "
+                        "learning rate") from None
+
+
+def check_split(data: Data, n: int = 10000) -> Split:
+    """Up to ``n`` training samples in memory, for the bias checks (never the test set)."""
+    if isinstance(data, Split):
+        return data.subset(n)
+    xs, ys, have = [], [], 0
+    for x, y in data:
+        xs.append(x)
+        ys.append(y)
+        have += int(y.shape[0])
+        if have >= n:
+            break
+    return Split(torch.cat(xs)[:n], torch.cat(ys)[:n])
 
 
 def _nonzero_grid(mixture: Mixture, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,12 +176,14 @@ def _nearest(w: torch.Tensor, values: torch.Tensor, mids: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor]) -> tuple[float, int]:
+def quantize_model_(
+    model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], weights: Named = None
+) -> tuple[float, int]:
     """Snap in place: pruned weights to exactly 0, the others to the nearest non-zero mean.
 
     Returns (non-zero fraction, number of non-zero shared values used).
     """
-    params = [p for _, p in compressible_parameters(model)]
+    params = [p for _, p in _named(model, weights)]
     used: set[float] = set()
     v, mids = _nonzero_grid(mixture, params[0].device)
     for p, m in zip(params, masks):
@@ -158,9 +196,10 @@ def quantize_model_(model: nn.Module, mixture: Mixture, masks: list[torch.Tensor
 
 
 def quantization_aware_finetune_(
-    model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], train: Split, epochs: int, lr: float,
+    model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], train: Data, epochs: int, lr: float,
     batch_size: int = 256, seed: int = 0, progress: bool = True,
     teacher: nn.Module | None = None, distill: float = 0.0, temperature: float = 2.0,
+    loss_fn: LossFn = cross_entropy, weights: Named = None,
 ) -> None:
     """Train with the pruned weights held at zero and every surviving weight quantized in the
     forward pass (nearest non-zero mean, straight-through gradient to the float weight).
@@ -172,18 +211,21 @@ def quantization_aware_finetune_(
     Adam with a cosine decay to zero, biases included; the mixture is not changed. With a
     ``teacher`` (the pretrained network) and ``distill`` > 0 the loss is
     ``(1 - distill) * CE + distill * T^2 * KL(teacher || student)`` at temperature ``T``
-    (Hinton et al., 2015): the teacher's soft labels carry more than the hard ones.
+    (Hinton et al., 2015): the teacher's soft labels carry more than the hard ones. Any other
+    ``loss_fn(model, x, y)`` replaces cross-entropy (without distillation).
     """
     if epochs == 0:
         return
-    params = [p for _, p in compressible_parameters(model)]
+    if distill > 0 and teacher is not None and loss_fn is not cross_entropy:
+        raise ValueError("distillation (qat_distill > 0) works with the default cross-entropy loss only")
+    params = [p for _, p in _named(model, weights)]
     device = params[0].device
     values, mids = _nonzero_grid(mixture, device)
     with torch.no_grad():
         for p, m in zip(params, masks):
             p.mul_(m)
     opt = adam(model.parameters(), lr=lr)
-    sched = cosine_schedule(opt, epochs * -(-len(train) // batch_size))
+    sched = cosine_schedule(opt, epochs * steps_per_epoch(train, batch_size))
     gen = torch.Generator().manual_seed(seed)
     shadow = [torch.empty_like(p) for p in params]
 
@@ -205,7 +247,7 @@ def quantization_aware_finetune_(
         for p, m in zip(params, masks):
             p.mul_(m)
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None and distill > 0:
@@ -218,7 +260,8 @@ def quantization_aware_finetune_(
     bar = tqdm(range(1, epochs + 1), desc="quantization-aware fine-tune", disable=not progress)
     for epoch in bar:
         loss, _, _ = train_epoch(
-            model, opt, SplitBatches(train, batch_size, gen), loss_fn=loss_fn, before_forward=quantize_forward,
+            model, opt, batches_of(train, batch_size, gen), loss_fn=distilled if teacher is not None else loss_fn,
+            before_forward=quantize_forward,
             after_backward=restore_float_weights, after_step=keep_zeros, scheduler=sched,
             desc=f"epoch {epoch}", progress=progress,
         )
@@ -226,7 +269,8 @@ def quantization_aware_finetune_(
 
 
 def finetune_codebook_(
-    model: nn.Module, train: Split, epochs: int, lr: float, batch_size: int = 256, seed: int = 0, progress: bool = True
+    model: nn.Module, train: Data, epochs: int, lr: float, batch_size: int = 256, seed: int = 0, progress: bool = True,
+    loss_fn: LossFn = cross_entropy, weights: Named = None,
 ) -> None:
     """Train the shared values and the other parameters (biases) with the assignments frozen.
 
@@ -236,7 +280,7 @@ def finetune_codebook_(
     """
     if epochs == 0:
         return
-    weights = [p for _, p in compressible_parameters(model)]
+    weights = [p for _, p in _named(model, weights)]
     wset = {id(p) for p in weights}
     others = [p for p in model.parameters() if id(p) not in wset]
     values = torch.cat([p.detach().flatten() for p in weights])
@@ -245,7 +289,7 @@ def finetune_codebook_(
     codebook = nn.Parameter(uniq.clone())
     sizes = [p.numel() for p in weights]
     opt = adam([codebook] + others, lr=lr)
-    sched = cosine_schedule(opt, epochs * -(-len(train) // batch_size))
+    sched = cosine_schedule(opt, epochs * steps_per_epoch(train, batch_size))
     gen = torch.Generator().manual_seed(seed)
 
     def clear_weight_grads() -> None:
@@ -269,7 +313,7 @@ def finetune_codebook_(
     bar = tqdm(range(1, epochs + 1), desc="codebook fine-tune", disable=not progress)
     for epoch in bar:
         loss, _, _ = train_epoch(
-            model, opt, SplitBatches(train, batch_size, gen), before_forward=clear_weight_grads,
+            model, opt, batches_of(train, batch_size, gen), loss_fn=loss_fn, before_forward=clear_weight_grads,
             after_backward=codebook_grad, after_step=write_weights, scheduler=sched, desc=f"epoch {epoch}",
             progress=progress,
         )
@@ -277,28 +321,29 @@ def finetune_codebook_(
     clear_weight_grads()
 
 
-def _coded_layer_biases(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The biases of the layers whose weights are coded, by name."""
+def _coded_layer_biases(model: nn.Module, weights: Named = None) -> dict[str, nn.Parameter]:
+    """The biases of the layers whose weights are coded (``x.weight`` -> ``x.bias``), by name."""
     params = dict(model.named_parameters())
-    names = [n[: -len("weight")] + "bias" for n, _ in compressible_parameters(model)]
+    names = [n[: -len("weight")] + "bias" for n, _ in _named(model, weights) if n.endswith(".weight") or n == "weight"]
     return {n: params[n] for n in names if n in params}
 
 
 @torch.no_grad()
 def _change_if_cheap_(
     model: nn.Module, biases: dict[str, nn.Parameter], change: Callable[[torch.Tensor], torch.Tensor],
-    check: Split, tolerance: float,
+    check: Split | Callable[[nn.Module], float], tolerance: float,
 ) -> list[str]:
     """Replace each bias ``b`` by ``change(b)`` in place; undo it all and return [] if the error
-    on ``check`` (training data, never the test set) rises by more than ``tolerance`` points,
-    else return the names."""
+    on ``check`` (training data, never the test set; or a function of the model, lower is
+    better) rises by more than ``tolerance``, else return the names."""
     if not biases:
         return []
-    before = evaluate(model, check)
+    measure = check if callable(check) else (lambda m: evaluate(m, check))
+    before = measure(model)
     saved = {n: b.detach().clone() for n, b in biases.items()}
     for b in biases.values():
         b.copy_(change(b))
-    if evaluate(model, check) > before + tolerance:
+    if measure(model) > before + tolerance:
         for n, b in biases.items():
             b.copy_(saved[n])
         return []
@@ -306,7 +351,9 @@ def _change_if_cheap_(
 
 
 @torch.no_grad()
-def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: float) -> list[str]:
+def share_biases_(
+    model: nn.Module, clusters: int, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None
+) -> list[str]:
     """Quantize each layer's bias to ``clusters`` shared values (1-D k-means) if that costs at most
     ``tolerance`` points of error on ``check`` (training data, never the test set).
 
@@ -318,11 +365,13 @@ def share_biases_(model: nn.Module, clusters: int, check: Split, tolerance: floa
         v = b.detach().cpu().double().numpy()
         return torch.from_numpy(snap(v, kmeans_1d(v, clusters))).to(b)
 
-    return _change_if_cheap_(model, _coded_layer_biases(model) if clusters else {}, shared, check, tolerance)
+    return _change_if_cheap_(model, _coded_layer_biases(model, weights) if clusters else {}, shared, check, tolerance)
 
 
 @torch.no_grad()
-def round_biases_(model: nn.Module, dtype: str, check: Split, tolerance: float) -> list[str]:
+def round_biases_(
+    model: nn.Module, dtype: str, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None
+) -> list[str]:
     """Round the biases of the coded layers to ``dtype`` in place if that costs at most
     ``tolerance`` points of error on ``check`` (training data) and every value stays finite;
     return their names, to be stored as ``dtype`` (raw, or coded with a ``dtype`` codebook
@@ -330,21 +379,26 @@ def round_biases_(model: nn.Module, dtype: str, check: Split, tolerance: float) 
     in float16 none of the three committed nets changed its test error.
     """
     target = BIAS_DTYPES[dtype]
-    biases = {n: b for n, b in _coded_layer_biases(model).items() if b.dtype != target}
+    biases = {n: b for n, b in _coded_layer_biases(model, weights).items() if b.dtype != target}
     if target == torch.float32 or not all(bool(torch.isfinite(b.to(target)).all()) for b in biases.values()):
         return []
     return _change_if_cheap_(model, biases, lambda b: b.to(target), check, tolerance)
 
 
-def check_not_collapsed(model: nn.Module, test: Split, before: float, after: float) -> None:
-    """Refuse a result that lost a whole layer or fell to chance level (nothing is written)."""
-    layers = compressible_parameters(model)
+def check_not_collapsed(
+    model: nn.Module, test: Data | None, before: float, after: float, weights: Named = None
+) -> None:
+    """Refuse a result that lost a whole layer or fell to chance level (nothing is written).
+    Chance level is known for a classification Split; with another ``test`` only empty layers count."""
+    layers = _named(model, weights)
     empty = [n for n, p in layers if not bool(p.detach().any())]
-    classes = max(int(test.y.unique().numel()), 2)
-    chance = 100.0 * (1 - 1 / classes)
-    # Chance level is 90% error for 10 classes; "near" it means most of the way from the
-    # model's own error there.
-    near_chance = after >= before + 0.8 * (chance - before)
+    near_chance, chance = False, 0.0
+    if isinstance(test, Split):
+        classes = max(int(test.y.unique().numel()), 2)
+        chance = 100.0 * (1 - 1 / classes)
+        # Chance level is 90% error for 10 classes; "near" it means most of the way from the
+        # model's own error there.
+        near_chance = after >= before + 0.8 * (chance - before)
     if not empty and not near_chance:
         return
     kept = sum(int(p.detach().count_nonzero()) for _, p in layers)
@@ -359,8 +413,8 @@ def check_not_collapsed(model: nn.Module, test: Split, before: float, after: flo
 
 def compress(
     model: nn.Module,
-    train: Split,
-    test: Split,
+    train: Data,
+    test: Data,
     config: CompressConfig = CompressConfig(),
     path: str | os.PathLike | None = None,
     metadata: dict[str, str] | None = None,
@@ -369,8 +423,20 @@ def compress(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     embed_summary: bool = False,
+    loss_fn: LossFn = cross_entropy,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> CompressResult:
     """Soft weight-sharing of a pretrained ``model``, written to ``path`` if given.
+
+    ``train`` and ``test`` are in-memory :class:`Split` s or any re-iterable of ``(x, y)``
+    batches (a ``torch.utils.data.DataLoader``: it shuffles and batches, ``batch_size`` in the
+    config then only applies to Splits). ``loss_fn(model, x, y)`` is the task loss
+    (cross-entropy by default); ``evaluate_fn(model)`` the number to report and guard, lower is
+    better (classification error on ``test`` by default; it also decides whether biases may be
+    rounded, so measure it on held-out training data for a clean test). ``filter_fn(name,
+    module, param)`` chooses the weights under the prior (see
+    :func:`~swsformat.retrain.models.default_filter`).
 
     The file holds the weights, the architecture and ``metadata``; with ``embed_summary`` it
     also holds the measured errors and the whole config as JSON strings (about 0.9 KB, 8% of
@@ -380,31 +446,37 @@ def compress(
         >>> result = swsformat.compress(model, train, test, path="lenet.sws")  # doctest: +SKIP
         >>> result.quantized_error, result.file_bytes  # doctest: +SKIP
     """
+    from .method import SoftWeightSharing
+
+    measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
-    pre = evaluate(model, test)
+    pre = measure(model)
     teacher = copy.deepcopy(model).eval() if config.qat_distill > 0 and config.qat_epochs > 0 else None
-    prior = default_prior(model, config.prior)
+    sws = SoftWeightSharing(model, config.prior, tau=config.retrain.tau, filter_fn=filter_fn,
+                            dataset_size=config.retrain.train_size or dataset_size(train))
+    named, prior = sws.named_weights, sws.prior
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
-        checkpoint=checkpoint, resume=resume, settings=config.to_dict(),
+        checkpoint=checkpoint, resume=resume, settings=config.to_dict(), loss_fn=loss_fn, evaluate_fn=evaluate_fn,
+        weights=sws.weights,
     )
-    retrained = evaluate(model, test)
+    retrained = measure(model)
     mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
-    masks = prune_masks(model, mixture, config.assign)
+    masks = prune_masks(model, mixture, config.assign, named)
     quantization_aware_finetune_(
         model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress,
-        teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature,
+        teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature, loss_fn=loss_fn, weights=named,
     )
-    frac, used = quantize_model_(model, mixture, masks)
-    snapped = evaluate(model, test)
+    frac, used = quantize_model_(model, mixture, masks, named)
+    snapped = measure(model)
     finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.retrain.batch_size,
-                       config.seed, progress)
-    check = train.subset(10000)
-    shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance)
-    rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance)
-    quant = evaluate(model, test)
-    check_not_collapsed(model, test, pre, quant)
+                       config.seed, progress, loss_fn=loss_fn, weights=named)
+    check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
+    shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance, named)
+    rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
+    quant = measure(model)
+    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0
     )
@@ -412,7 +484,7 @@ def compress(
         meta = dict(metadata or {})
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
-        coded = {n for n, _ in compressible_parameters(model)} | set(shared_biases)
+        coded = tied_names(model, sws.weights) | set(shared_biases)
         sd = model.state_dict()
         for n in rounded:
             sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above

@@ -46,20 +46,49 @@ def adam(params, lr: float = 1e-3) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+# What training reads: an in-memory Split, or any re-iterable of (inputs, targets) batches,
+# e.g. a torch.utils.data.DataLoader (which shuffles by itself).
+Data = Split | Iterable[tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> float:
-    """Test error in percent."""
+def evaluate(model: nn.Module, data: Data, batch_size: int = 2000) -> float:
+    """Classification error in percent (argmax of the outputs against integer targets)."""
     was_training = model.training
     model.eval()
     # A sparsified model keeps its weights as buffers, so look at buffers too.
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    wrong = 0
-    for s in range(0, len(split), batch_size):
-        x = split.x[s : s + batch_size].to(device, non_blocking=True)
-        y = split.y[s : s + batch_size].to(device, non_blocking=True)
+    wrong = total = 0
+    batches = (
+        ((data.x[s : s + batch_size], data.y[s : s + batch_size]) for s in range(0, len(data), batch_size))
+        if isinstance(data, Split) else data
+    )
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         wrong += int((model(x).argmax(1) != y).sum())
+        total += int(y.shape[0])
     model.train(was_training)
-    return 100.0 * wrong / max(len(split), 1)
+    return 100.0 * wrong / max(total, 1)
+
+
+def batches_of(data: Data, batch_size: int, generator: torch.Generator) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of ``data``: a shuffled pass over a Split, or the iterable itself."""
+    return SplitBatches(data, batch_size, generator) if isinstance(data, Split) else data
+
+
+def dataset_size(data: Data) -> int:
+    """N in the prior's ``tau/N`` scaling: samples in a Split or a DataLoader's dataset."""
+    if isinstance(data, Split):
+        return len(data)
+    dataset = getattr(data, "dataset", None)
+    try:
+        return len(dataset if dataset is not None else data)
+    except TypeError:
+        raise TypeError(
+            "cannot tell how many training samples the data has; pass a Split, a DataLoader over a sized "
+            "dataset, or set RetrainConfig.train_size"
+        ) from None
 
 
 @dataclass
@@ -155,8 +184,8 @@ def train_epoch(
 
 def pretrain(
     model: nn.Module,
-    train: Split,
-    test: Split,
+    train: Data,
+    test: Data,
     epochs: int = 20,
     lr: float = 1e-3,
     batch_size: int = 256,
@@ -164,6 +193,8 @@ def pretrain(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    loss_fn: LossFn = cross_entropy,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
 ) -> list[EpochLog]:
     """Plain Adam training (PART 1 of the tutorial) with a cosine learning-rate decay per epoch.
 
@@ -189,10 +220,11 @@ def pretrain(
     for epoch in bar:
         t0 = time.perf_counter()
         loss, ce, _ = train_epoch(
-            model, opt, SplitBatches(train, batch_size, gen), desc=f"epoch {epoch}", progress=progress
+            model, opt, batches_of(train, batch_size, gen), loss_fn=loss_fn, desc=f"epoch {epoch}", progress=progress
         )
         sched.step()
-        logs.append(EpochLog(epoch, loss, ce, 0.0, evaluate(model, test), time.perf_counter() - t0))
+        error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
+        logs.append(EpochLog(epoch, loss, ce, 0.0, error, time.perf_counter() - t0))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%")
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, None, opt, sched, gen, epoch, logs, fp)
@@ -321,8 +353,8 @@ def run_fingerprint(model: nn.Module, cfg: RetrainConfig, seed: int, extra: obje
 def retrain(
     model: nn.Module,
     prior: MixturePrior,
-    train: Split,
-    test: Split,
+    train: Data,
+    test: Data,
     cfg: RetrainConfig,
     seed: int = 0,
     on_epoch: Callable[[int, nn.Module, MixturePrior], None] | None = None,
@@ -330,8 +362,15 @@ def retrain(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     settings: object = None,
+    loss_fn: LossFn = cross_entropy,
+    evaluate_fn: Callable[[nn.Module], float] | None = None,
+    weights: list[nn.Parameter] | None = None,
 ) -> list[EpochLog]:
-    """Retrain ``model`` with ``loss = CE + tau/N * complexity`` (PART 2 of the tutorial).
+    """Retrain ``model`` with ``loss = task loss + tau/N * complexity`` (PART 2 of the tutorial).
+
+    ``loss_fn(model, x, y)`` is the task loss (cross-entropy by default) and ``evaluate_fn(model)``
+    the number logged per epoch (test error on ``test`` by default); ``weights`` are the
+    parameters under the prior (default: :func:`compressible_parameters`).
 
     ``on_epoch`` is called after every epoch (plots). With ``checkpoint``, the full state is
     saved atomically after every epoch; ``resume=True`` continues from it, reaching the same
@@ -341,7 +380,7 @@ def retrain(
     settings or one of a finished run raises :class:`SwsCheckpointError` and is kept.
     """
     fp = run_fingerprint(model, cfg, seed, settings)
-    n = cfg.train_size or len(train)
+    n = cfg.train_size or dataset_size(train)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, prior, cfg)
     # Cosine decay is optional: measured worse for the final snap on LeNet-300-100 (5.01% vs 3.66% error).
@@ -362,21 +401,22 @@ def retrain(
         _restore(state, model, opt, sched, gen, prior)
         logs = [EpochLog(**log) for log in state["logs"]]
         start_epoch = state["epoch"] + 1
-    hook = PriorGradient(prior, [p for _, p in compressible_parameters(model)])
+    hook = PriorGradient(prior, weights if weights is not None else [p for _, p in compressible_parameters(model)])
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress)
     for epoch in bar:
         tau = cfg.tau_at(epoch)
         t0 = time.perf_counter()
         hook.new_epoch(tau / n)
         loss, ce, _ = train_epoch(
-            model, opt, SplitBatches(train, cfg.batch_size, gen), after_backward=hook, desc=f"epoch {epoch}",
-            progress=progress,
+            model, opt, batches_of(train, cfg.batch_size, gen), loss_fn=loss_fn, after_backward=hook,
+            desc=f"epoch {epoch}", progress=progress,
         )
         cx = hook.complexity
         if not (math.isfinite(loss) and math.isfinite(cx)):
             raise FloatingPointError(f"retraining diverged in epoch {epoch}: loss {loss}, complexity {cx}")
         sched.step()
-        logs.append(EpochLog(epoch, loss, ce, cx, evaluate(model, test), time.perf_counter() - t0, tau))
+        error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
+        logs.append(EpochLog(epoch, loss, ce, cx, error, time.perf_counter() - t0, tau))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%", tau=f"{tau:.3g}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs, fp)
@@ -385,8 +425,9 @@ def retrain(
     return logs
 
 
-def default_prior(model: nn.Module, config: PriorConfig) -> MixturePrior:
-    """A prior initialised from the model's current (pretrained) weights."""
+def default_prior(model: nn.Module, config: PriorConfig, weights: list[nn.Parameter] | None = None) -> MixturePrior:
+    """A prior initialised from the model's current (pretrained) weights (or ``weights``)."""
     device = next(model.parameters()).device
-    w = torch.cat([p.detach().flatten() for _, p in compressible_parameters(model)])
+    weights = weights if weights is not None else [p for _, p in compressible_parameters(model)]
+    w = torch.cat([p.detach().flatten() for p in weights])
     return MixturePrior(w, config).to(device)

@@ -1,0 +1,139 @@
+"""Soft weight-sharing as an object you add to your own training loop.
+
+    sws = swsformat.SoftWeightSharing(model, dataset_size=len(train_set))
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
+    for x, y in loader:
+        loss = task_loss(model(x), y)
+        opt.zero_grad(); loss.backward()
+        sws.add_complexity_grad_()          # or: (loss + sws.complexity_loss()).backward()
+        opt.step()
+    sws.finalize_()                         # merge, prune, snap every weight to a mixture mean
+    swsformat.encode(model, "model.sws")
+
+:func:`~swsformat.retrain.pipeline.compress` is the same method driven by the library's
+own loop, with quantization-aware and codebook fine-tuning after :meth:`finalize_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import FilterFn, compressible_parameters, tied_names
+from .prior import Mixture, MixturePrior, PriorConfig, merge_components
+from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
+
+
+@dataclass
+class Finalized:
+    """What :meth:`SoftWeightSharing.finalize_` did."""
+
+    mixture: Mixture
+    merged: int
+    masks: list[torch.Tensor]
+    nonzero_fraction: float
+    values_used: int
+
+
+class SoftWeightSharing:
+    """A learned Gaussian-mixture prior over ``model``'s weights (Ullrich et al., 2017).
+
+    ``dataset_size`` is N in the complexity term's ``tau / N`` scaling (the training set's
+    size, not a batch's); ``tau`` trades accuracy for size (0.05 is the measured best on
+    the MNIST nets; smaller keeps more weights). ``filter_fn(name, module, param)`` chooses
+    the weights (default: linear, conv, embedding, RNN and attention weight matrices). The
+    prior starts from the model's current weights, so make it after pretraining.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prior: PriorConfig = PriorConfig(),
+        *,
+        dataset_size: int,
+        tau: float = 0.05,
+        filter_fn: FilterFn | None = None,
+    ) -> None:
+        if not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive int (training samples), got {dataset_size!r}")
+        if not tau >= 0:
+            raise ValueError(f"tau must be >= 0, got {tau}")
+        self.model = model
+        self.named_weights = compressible_parameters(model, filter_fn)
+        if not self.named_weights:
+            raise ValueError("no weights to put under the prior: the model has no layer filter_fn selects")
+        self.weights = [p for _, p in self.named_weights]
+        self.prior: MixturePrior = default_prior(model, prior, self.weights)
+        self.tau, self.dataset_size = tau, dataset_size
+        self._hook = PriorGradient(self.prior, self.weights)
+
+    @property
+    def scale(self) -> float:
+        """The complexity term's weight, ``tau / N``."""
+        return self.tau / self.dataset_size
+
+    def param_groups(
+        self, lr_means: float = 1e-4, lr_log_precisions: float = 1e-2, lr_mixing: float = 3e-3
+    ) -> list[dict[str, Any]]:
+        """The prior's three optimizer groups, to add to yours (learning rates: the measured best)."""
+        return self.prior.param_groups(lr_means, lr_log_precisions, lr_mixing)
+
+    def complexity_loss(self) -> torch.Tensor:
+        """``tau/N *`` the prior's negative log-likelihood of the weights plus its hyper-priors,
+        to add to the task loss (autograd; any device)."""
+        return self.scale * self.prior.complexity(self.weights)
+
+    def add_complexity_grad_(self) -> float:
+        """After ``loss.backward()``: add the complexity term's gradient to the weights' and the
+        prior's ``.grad`` in closed form (a fused kernel on CPU, cheaper than autograd).
+        Returns the term's value."""
+        self._hook.scale = self.scale
+        return self._hook()
+
+    def new_epoch(self) -> None:
+        """Let the CPU kernel re-decide how it groups weights by value (call once per epoch)."""
+        self.prior.reset_grouping()
+
+    @torch.no_grad()
+    def finalize_(self, merge_threshold: float = 1.0, assign: str = "map") -> Finalized:
+        """Merge close components, prune the weights the zero component claims (exactly 0.0)
+        and snap every other weight to its nearest non-zero mean, in place."""
+        from .pipeline import prune_masks, quantize_model_
+
+        mixture, merged = merge_components(Mixture.from_prior(self.prior), merge_threshold)
+        masks = prune_masks(self.model, mixture, assign, self.named_weights)
+        fraction, used = quantize_model_(self.model, mixture, masks, self.named_weights)
+        self.mixture, self.masks = mixture, masks
+        return Finalized(mixture, merged, masks, fraction, used)
+
+    def finetune_(
+        self, train: Data, *, epochs: int = 20, lr: float = 5e-4, loss_fn: LossFn = cross_entropy,
+        batch_size: int = 256, seed: int = 0, progress: bool = True,
+    ) -> None:
+        """After :meth:`finalize_`: quantization-aware fine-tuning with your loss (pruned weights
+        held at zero, the others quantized in the forward pass), then the final snap."""
+        from .pipeline import quantization_aware_finetune_, quantize_model_
+
+        if not hasattr(self, "masks"):
+            raise RuntimeError("call finalize_() before finetune_()")
+        quantization_aware_finetune_(self.model, self.mixture, self.masks, train, epochs, lr, batch_size, seed,
+                                     progress, loss_fn=loss_fn, weights=self.named_weights)
+        quantize_model_(self.model, self.mixture, self.masks, self.named_weights)
+
+    def coded_names(self) -> set[str]:
+        """State_dict names of the weights under the prior, tied copies included: pass as
+        ``encode(..., compress=sws.coded_names())`` to code exactly these."""
+        return tied_names(self.model, self.weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The prior's state, for your checkpoints."""
+        return self.prior.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prior.load_state_dict(state)
+
+
+__all__ = ["Finalized", "SoftWeightSharing"]

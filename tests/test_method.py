@@ -1,0 +1,144 @@
+"""Soft weight-sharing in a user's own loop (SoftWeightSharing), and compress() on DataLoaders
+with a user's loss, evaluation and weight selection."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import swsformat
+from swsformat import SoftWeightSharing
+from swsformat.retrain import CompressConfig, PriorConfig, RetrainConfig
+from swsformat.retrain.models import compressible_parameters
+
+
+def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four Gaussian classes in 20 dimensions: easy, so training is short."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, 20, generator=torch.Generator().manual_seed(99)) * 2
+    y = torch.randint(0, 4, (n,), generator=g)
+    return centres[y] + torch.randn(n, 20, generator=g), y
+
+
+def trained_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
+    x, y = blobs(2000, 0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for idx in torch.randperm(2000).repeat(5).split(100):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def error(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) != y).float().mean())
+
+
+def test_fused_gradient_equals_autograd_of_the_complexity_loss():
+    model = trained_mlp()
+    sws = SoftWeightSharing(model, PriorConfig(learn_pi_zero=True), dataset_size=2000, tau=0.1)
+    twin = copy.deepcopy(model)
+    twin_sws = SoftWeightSharing(twin, PriorConfig(learn_pi_zero=True), dataset_size=2000, tau=0.1)
+    twin_sws.load_state_dict(sws.state_dict())
+    value = sws.add_complexity_grad_()
+    loss = twin_sws.complexity_loss()
+    loss.backward()
+    assert value == pytest.approx(float(loss.detach()), rel=1e-5)
+    for a, b in zip([*sws.weights, *sws.prior.parameters()], [*twin_sws.weights, *twin_sws.prior.parameters()]):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6 * float(b.grad.abs().max()))
+
+
+def test_own_loop_then_finalize_and_encode(tmp_path):
+    model = trained_mlp()
+    x, y = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    before = error(model, xt, yt)
+    sws = SoftWeightSharing(model, PriorConfig(init_std=0.05), dataset_size=2000, tau=0.05)
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
+    for _ in range(8):
+        sws.new_epoch()
+        for idx in torch.randperm(2000).split(20):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            sws.add_complexity_grad_()
+            opt.step()
+    done = sws.finalize_()
+    values = torch.cat([p.detach().flatten() for p in sws.weights]).unique()
+    assert 0.0 in values.tolist() and len(values) <= done.mixture.means.size
+    assert 0 < done.nonzero_fraction < 0.2 and done.values_used == len(values) - 1
+    with pytest.raises(RuntimeError, match="finalize_"):
+        SoftWeightSharing(trained_mlp(), dataset_size=10).finetune_([(x, y)])
+    sws.finetune_([(x[i : i + 100], y[i : i + 100]) for i in range(0, 2000, 100)], epochs=2, progress=False)
+    assert torch.cat([p.detach().flatten() for p in sws.weights]).unique().numel() <= values.numel()
+    assert error(model, xt, yt) <= before + 2.0
+    path = tmp_path / "mlp.sws"
+    swsformat.encode(model, path, compress=sws.coded_names())
+    back = swsformat.load_model(path, copy.deepcopy(model))
+    assert error(back, xt, yt) == error(model, xt, yt)
+    assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 4 / 5
+
+
+@pytest.mark.slow
+def test_compress_takes_dataloaders_a_loss_and_an_evaluation(tmp_path):
+    model = trained_mlp()
+    x, y = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(0))
+    test_loader = DataLoader(TensorDataset(xt, yt), batch_size=500)
+    calls = []
+
+    def smooth_ce(m, xb, yb):
+        calls.append(1)
+        return F.cross_entropy(m(xb), yb, label_smoothing=0.05)
+
+    cfg = CompressConfig(prior=PriorConfig(init_std=0.05), retrain=RetrainConfig(epochs=8, tau=0.05), qat_epochs=2,
+                         finetune_epochs=1)
+    result = swsformat.compress(model, loader, test_loader, cfg, path=tmp_path / "m.sws", loss_fn=smooth_ce,
+                                progress=False)
+    assert len(calls) == (8 + 2 + 1) * len(loader)
+    assert result.quantized_error == pytest.approx(error(model, xt, yt))
+    assert result.quantized_error < 5 and result.nonzero_fraction < 0.2
+    back = swsformat.load_model(tmp_path / "m.sws", copy.deepcopy(model))
+    assert error(back, xt, yt) == result.quantized_error
+    # A custom evaluation (lower is better) replaces the classification error.
+    result = swsformat.compress(trained_mlp(), loader, None, cfg, progress=False,
+                                evaluate_fn=lambda m: F.cross_entropy(m(xt), yt).item())
+    assert 0 < result.quantized_error < 1  # a cross-entropy, not a percentage
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 30, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's wte and lm_head
+
+
+def test_weight_selection_and_tied_weights():
+    model = Tied()
+    names = [n for n, _ in compressible_parameters(model)]
+    assert names == ["emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "attn.in_proj_weight",
+                     "attn.out_proj.weight"]  # the tie once, under its first name; no norm, no bias
+    sws = SoftWeightSharing(model, dataset_size=100)
+    assert sws.coded_names() == set(names) | {"head.weight"}
+    only_lstm = SoftWeightSharing(model, dataset_size=100, filter_fn=lambda n, m, p: isinstance(m, nn.LSTM) and p.dim() == 2)
+    assert [n for n, _ in only_lstm.named_weights] == ["lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    with pytest.raises(ValueError, match="no weights"):
+        SoftWeightSharing(model, dataset_size=100, filter_fn=lambda n, m, p: False)
+    with pytest.raises(ValueError, match="dataset_size"):
+        SoftWeightSharing(model, dataset_size=0)
