@@ -421,15 +421,23 @@ def load_model(
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:1000]
             raise SwsFormatError(f"the file's tensors do not fit {name}: {detail}") from None
-        module = target
-    module = module.to(device).eval()
+        module = target.to(device).eval()
+        if sparse:
+            from .sparse import sparsify_
+
+            def coded_csr(name: str) -> torch.Tensor | None:
+                """The file's own CSR decode of a coded weight (no dense detour)."""
+                e = f._by_name.get(name)
+                if e is None or e.kind != "sws" or len(e.shape) < 2:
+                    return None
+                # Already counted against the output limit by the state_dict above.
+                return tensor_from_entry(materialize(e, f._chunk(e)), device, sparse=True)
+
+            layouts = sparsify_(module, sparse, batch_size, csr=coded_csr)
     module.sws_input = spec
     if normalize_inputs:
         module.register_forward_pre_hook(_normalizing_hook(float(spec["mean"]), float(spec["std"])))
     if sparse:
-        from .sparse import sparsify_
-
-        layouts = sparsify_(module, sparse, batch_size)
         module.sws_layouts = layouts
         dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and v != "dense: empty weight" and sparse is True)
         if dense:

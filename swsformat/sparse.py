@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,13 +22,23 @@ def to_csr(weight: torch.Tensor) -> torch.Tensor:
         return weight.detach().reshape(weight.shape[0], math.prod(weight.shape[1:])).to_sparse_csr()
 
 
+def _weight_csr(weight: torch.Tensor, csr: torch.Tensor | None) -> torch.Tensor:
+    """``csr`` (already decoded, e.g. by the file's CSR decoder) in the weight's dtype and
+    device, else the weight converted."""
+    if csr is None:
+        return to_csr(weight)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return csr.to(device=weight.device, dtype=weight.dtype)
+
+
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored as CSR."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, csr: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", to_csr(linear.weight))
+        self.register_buffer("weight", _weight_csr(linear.weight, csr))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,17 +53,19 @@ class SparseLinear(nn.Module):
 class SparseConv2d(nn.Module):
     """2-D convolution as CSR(out, in*kh*kw) @ im2col(x); groups must be 1."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, csr: torch.Tensor | None = None) -> None:
         super().__init__()
         if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SparseConv2d supports groups=1, zero padding given as numbers")
         self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
-        self.register_buffer("weight", to_csr(conv.weight))
+        self.register_buffer("weight", _weight_csr(conv.weight, csr))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
         k, length = cols.shape[1], cols.shape[2]
@@ -101,12 +114,16 @@ def unsupported(layer: nn.Module, device_type: str) -> str | None:
     return None
 
 
-def sparsify_(module: nn.Module, mode: bool | str = True, batch_size: int = 1, prefix: str = "") -> dict[str, str]:
+def sparsify_(
+    module: nn.Module, mode: bool | str = True, batch_size: int = 1, prefix: str = "",
+    csr: Callable[[str], torch.Tensor | None] | None = None,
+) -> dict[str, str]:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers in place by their CSR versions.
 
     ``mode=True`` converts every layer that has a correct CSR kernel on its device;
     ``mode="auto"`` only those whose weight density is at most the measured crossover for the
-    device and ``batch_size`` (see :data:`CROSSOVER`). Returns ``{layer: "csr" or why dense}``.
+    device and ``batch_size`` (see :data:`CROSSOVER`). ``csr(weight name)`` may supply the
+    CSR weight already decoded. Returns ``{layer: "csr" or why dense}``.
     """
     report: dict[str, str] = {}
     for name, child in list(module.named_children()):
@@ -120,10 +137,12 @@ def sparsify_(module: nn.Module, mode: bool | str = True, batch_size: int = 1, p
                 if density > limit:
                     why = f"density {density:.3f} above the measured crossover {limit:.3f} ({device_type}, batch {batch_size})"
             if why is None:
-                setattr(module, name, SparseLinear(child) if isinstance(child, nn.Linear) else SparseConv2d(child))
+                given = csr(f"{full}.weight") if csr is not None else None
+                cls = SparseLinear if isinstance(child, nn.Linear) else SparseConv2d
+                setattr(module, name, cls(child, given))
                 report[full] = "csr"
             else:
                 report[full] = f"dense: {why}"
         else:
-            report.update(sparsify_(child, mode, batch_size, prefix=f"{full}."))
+            report.update(sparsify_(child, mode, batch_size, prefix=f"{full}.", csr=csr))
     return report

@@ -119,3 +119,17 @@ def test_sparse_loaded_model_re_encodes_to_the_same_tensors(what, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if what == "model":  # same tensors, same architecture record: the same file
         assert (tmp_path / "b.sws").read_bytes() == path.read_bytes()
+
+
+def test_sparse_conv_takes_unbatched_input_and_load_model_uses_the_files_csr(tmp_path):
+    model = quantized_model("lenet5-caffe", density=0.05, k=9)
+    path = tmp_path / "l5.sws"
+    swsformat.encode(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = swsformat.load_model(path, sparse=True)
+    x = torch.randn(1, 28, 28)
+    assert torch.allclose(sparse.conv1(x), model.conv1(x), atol=1e-5)
+    from_file = swsformat.load_state_dict(path, sparse=True)["conv2.weight"]
+    assert torch.equal(sparse.conv2.weight.col_indices(), from_file.col_indices())
+    assert torch.equal(sparse.conv2.weight.values(), from_file.values())
