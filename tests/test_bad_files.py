@@ -167,21 +167,24 @@ def test_bad_v2_prelude_and_deflated_header():
     rejects(_v2_head(1, 0, packed + b"\0", len(header)), "exactly")  # bytes after its end
 
 
+def rejects_within(data: bytes, match: str) -> int:
+    """Check ``data`` is refused with ``match``; return the peak bytes Python allocated meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        rejects(data, match)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_deflate_bomb_is_not_inflated():
     """A 1 KiB deflate stream of 16 MiB of zeros declared as 100 bytes: refused without
     inflating it (peak memory far below the 16 MiB)."""
-    import tracemalloc
-
     bomb = _deflate(bytes(16 << 20))
     assert len(bomb) < 20000
-    data = _v2_head(1, 0, bomb, 100)
-    tracemalloc.start()
-    try:
-        rejects(data, "exactly")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 4 << 20
+    assert rejects_within(_v2_head(1, 0, bomb, 100), "exactly") < 4 << 20
 
 
 @pytest.mark.parametrize("coding", [0, 1])
@@ -238,20 +241,12 @@ def test_checksum_error_names_the_section():
 
 
 def test_small_file_declaring_huge_tensor_is_refused_quickly():
-    import tracemalloc
-
     sd = {"w.weight": torch.zeros(1, 1)}
     header, payload = split(swsformat.encode_bytes(sd, smallest=False))
     header["tensors"][0]["shape"] = [1 << 15, 1 << 15]  # 4 GiB of float32, all zeros
     data = rebuild(header, payload)
     assert len(data) < 1024
-    tracemalloc.start()
-    try:
-        rejects(data, "over the limit")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 4 << 20  # the check is arithmetic only: nothing near 4 GiB is allocated
+    assert rejects_within(data, "over the limit") < 4 << 20  # arithmetic only: nothing near 4 GiB allocated
 
 
 def test_directory_and_missing_file(tmp_path):
