@@ -233,8 +233,10 @@ def cmd_encode(a: argparse.Namespace) -> int:
     # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
-    print(f"wrote {printable(a.output)}: {len(data)} bytes, compression rate {rep['compression_rate']:.1f}x, "
-          f"{100 * rep['nonzero_fraction']:.2f}% non-zero")
+    source = os.path.getsize(a.input)
+    print(f"wrote {printable(a.output)}: {len(data)} bytes, {source / len(data):.1f}x smaller than {printable(a.input)} "
+          f"({source} bytes; {rep['compression_rate']:.1f}x against float32 tensors, "
+          f"{rep['dtype_compression_rate']:.1f}x against their own dtypes), {100 * rep['nonzero_fraction']:.2f}% non-zero")
     if test is not None:
         from .reader import load_model
         from .retrain.train import evaluate
@@ -278,7 +280,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     paper = rep["paper_compression_rate"]
     paper = f" (paper accounting {paper:.1f}x)" if paper is not None else " (no coded tensors)"
     print(f"{printable(a.file)}: {rep['file_bytes']} bytes, fp32 {rep['fp32_bytes']} bytes, "
-          f"compression rate {rep['compression_rate']:.1f}x{paper}")
+          f"compression rate {rep['compression_rate']:.1f}x{paper}; "
+          f"{rep['dtype_compression_rate']:.1f}x against the tensors' own dtypes ({rep['dtype_bytes']} bytes)")
     facts = [f"format version {version}", f"written by {library or '?'}",
              f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
     if spec is not None:

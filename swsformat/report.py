@@ -20,6 +20,7 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
     numel = math.prod(t.shape)
     r: dict[str, Any] = {"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape), "numel": numel}
     r["fp32_bits"] = numel * FP32_BITS if t.dtype in SWS_DTYPES else numel * RAW_DTYPES[t.dtype].itemsize * 8
+    r["dtype_bits"] = numel * RAW_DTYPES[t.dtype].itemsize * 8
     r["header_bits"] = header_bits
     if isinstance(t, RawTensor):
         r["raw_bits"] = int(t.data.size) * 8
@@ -62,6 +63,8 @@ def size_report(
     """Per-tensor and total bits of every part of the real file, with entropy bounds.
 
     ``compression_rate`` is fp32 bits of every tensor over the whole file's bits;
+    ``dtype_compression_rate`` the bits of every tensor in its own dtype (a float16 model's
+    real size) over the file's bits;
     ``paper_compression_rate`` follows the paper (coded weights only: fp32 bits of the
     coded tensors over their row counts, gaps, values and codebooks); it is None for a file
     without coded tensors.
@@ -87,6 +90,8 @@ def size_report(
         "overhead_bytes": file_bytes - sections,
         "fp32_bytes": fp32_bits // 8,
         "compression_rate": fp32_bits / total_bits,
+        "dtype_bytes": sum(r["dtype_bits"] for r in tensors) // 8,
+        "dtype_compression_rate": sum(r["dtype_bits"] for r in tensors) / total_bits,
         "paper_compression_rate": coded_fp32 / coded_bits if coded_bits else None,
         "coded_weights": sum(r["numel"] for r in sws),
         "nonzeros": sum(r["nonzeros"] for r in sws),

@@ -31,10 +31,14 @@ def test_encode_info_decode_roundtrip(checkpoint, tmp_path, capsys):
     out = tmp_path / "m.sws"
     assert main(["encode", str(checkpoint), "-o", str(out), "--prune", "0.9", "--clusters", "8",
                  "--architecture", "lenet300-100"]) == 0
-    assert "compression rate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    size, source = out.stat().st_size, checkpoint.stat().st_size
+    assert f"{size} bytes, {source / size:.1f}x smaller than {checkpoint} ({source} bytes;" in printed
     assert main(["info", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert 0.09 < rep["nonzero_fraction"] < 0.11
+    assert f"{rep['compression_rate']:.1f}x against float32 tensors" in printed
+    assert rep["dtype_compression_rate"] == rep["compression_rate"]  # a float32 model
     assert main(["info", str(out)]) == 0
     assert "fc1.weight" in capsys.readouterr().out
     dec = tmp_path / "dense.pt"

@@ -86,3 +86,15 @@ def test_smallest_stores_tensors_raw_when_coding_does_not_pay():
     assert kinds == {"big.weight": "sws", "tiny.bias": "raw"}
     for name, t in swsformat.load(small).items():
         assert torch.equal(t.view(torch.int32), sd[name].view(torch.int32))
+
+
+def test_rates_against_float32_and_the_tensors_own_dtypes():
+    from swsformat.quantize import prune_and_cluster
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(100, 100, generator=g).half(), "a.bias": torch.randn(100, generator=g).half()}
+    data = swsformat.encode_bytes(prune_and_cluster(sd, 0.5, 16))
+    rep = swsformat.size_report(data)
+    assert rep["dtype_bytes"] == 2 * 10100 and rep["fp32_bytes"] == 4 * 10100
+    assert rep["dtype_compression_rate"] == pytest.approx(rep["compression_rate"] / 2)
+    assert rep["dtype_compression_rate"] == pytest.approx(rep["dtype_bytes"] / len(data))
