@@ -142,3 +142,23 @@ def test_weight_selection_and_tied_weights():
         SoftWeightSharing(model, dataset_size=100, filter_fn=lambda n, m, p: False)
     with pytest.raises(ValueError, match="dataset_size"):
         SoftWeightSharing(model, dataset_size=0)
+
+
+@pytest.mark.slow
+def test_text_lstm_script_runs_at_toy_size(tmp_path):
+    """scripts/text_lstm.py (SoftWeightSharing on a byte-level LSTM) end to end, tiny budget."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "text_lstm.py"), "--steps", "5", "--bytes", "100000",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["file_bytes"] == (tmp_path / "byte-lstm.sws").stat().st_size
+    assert 0 < summary["nonzero_fraction"] < 1 and summary["provenance"]["versions"]["torch"] == torch.__version__
+    coded = {n for n in swsformat.open(tmp_path / "byte-lstm.sws").keys()
+             if swsformat.open(tmp_path / "byte-lstm.sws").entry(n).kind == "sws"}
+    assert {"emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"} <= coded
