@@ -10,6 +10,7 @@ comparison whose quartiles spread more than :data:`NOISY` of the median is flagg
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -17,10 +18,14 @@ from typing import Any
 
 import torch
 
+from .errors import SwsFormatError
 from .reader import PathLike, SwsFile, load_model, load_state_dict
 
 # Interquartile range over median above which a timing is called noisy.
 NOISY = 0.25
+
+# Largest random input (numbers) a timing run builds: the shape comes from the file.
+MAX_BENCH_INPUT = 1 << 26
 
 # Input shape when the file records none (the built-in architectures take MNIST images).
 DEFAULT_INPUT_SHAPE = (1, 28, 28)
@@ -56,8 +61,16 @@ def run(
     """Measure load and inference timings of a ``.sws`` file of a built-in architecture."""
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     with SwsFile(path, max_output_bytes=max_output_bytes) as f:
-        spec = f.input_spec()
+        try:
+            spec = f.input_spec()
+        except SwsFormatError:
+            spec = None
     shape = tuple(spec["shape"]) if spec and "shape" in spec else DEFAULT_INPUT_SHAPE
+    if math.prod(shape) * max(batches) > MAX_BENCH_INPUT:
+        raise SwsFormatError(
+            f"the file's input shape {list(shape)} at batch {max(batches)} exceeds {MAX_BENCH_INPUT} numbers; "
+            "time it with swsformat.bench.interleaved on inputs of your choice"
+        )
     out: dict[str, Any] = {"file": str(path), "threads": torch.get_num_threads(), "repeat": repeat, "load": {},
                            "inference": {}}
     lim = max_output_bytes

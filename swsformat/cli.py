@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .architectures import ARCHITECTURES as REGISTRY
-from .errors import SwsEncodeError, SwsError, SwsOutputError
+from .errors import SwsEncodeError, SwsError, SwsFormatError, SwsOutputError
 from .files import atomic_write, check_output
 
 ARCHITECTURES = tuple(sorted(REGISTRY))
@@ -52,11 +52,22 @@ def import_factory(spec: str) -> Callable[[], torch.nn.Module]:
         raise UsageError(f"--module {spec}: expected MODULE:CALLABLE, e.g. mypkg.models:Net or models.py:Net")
     try:
         if where.endswith(".py"):
-            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
-            if loader is None or not os.path.isfile(where):
+            if not os.path.isfile(where):
                 raise FileNotFoundError(f"no such file {where}")
+            # As `python file.py` would: its folder first on the path (sibling imports), and
+            # the module registered under its name (dataclasses and pickling look it up).
+            folder = os.path.dirname(os.path.abspath(where))
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            name = Path(where).stem
+            loader = importlib.util.spec_from_file_location(name, where)
             mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
+            sys.modules[name] = mod
+            try:
+                loader.loader.exec_module(mod)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own package
@@ -141,8 +152,17 @@ def _check_compress(a: argparse.Namespace) -> None:
     if a.tau is not None and not (math.isfinite(a.tau) and a.tau >= 0):
         raise UsageError(f"--tau must be a finite non-negative number, got {a.tau}")
     a.factory = import_factory(a.module) if a.module else None
-    if a.factory is not None and a.pretrained is not None:
-        _fit(a.factory(), _load_checkpoint(a.pretrained), f"--module {a.module}")
+    if a.factory is not None:
+        from .retrain.models import compressible_parameters
+
+        built = a.factory()
+        if not compressible_parameters(built):
+            raise UsageError(f"--module {a.module}: the model has no linear, conv, embedding, RNN or attention "
+                             "weights for soft weight-sharing")
+        if a.pretrained is not None:
+            _fit(built, _load_checkpoint(a.pretrained), f"--module {a.module}")
+    if a.pretrained is not None and a.pretrain_epochs is not None:
+        raise UsageError("--pretrain-epochs has no effect with --pretrained (nothing is pretrained); drop one")
     try:
         reproduce.best_config(a.model or a.module, a.seed, a.epochs, a.tau, dict(a.set or []))
     except (TypeError, ValueError) as exc:
@@ -273,7 +293,12 @@ def cmd_info(a: argparse.Namespace) -> int:
     with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
         rep = size_report(f)
         arch, version, library, meta = f.architecture, f.version, f.header.library, f.metadata()
-        spec = f.input_spec()
+        try:
+            spec = f.input_spec()
+        except SwsFormatError as exc:
+            spec, bad_input = None, str(exc)
+        else:
+            bad_input = None
     if a.json:
         print(json.dumps(_finite(rep), indent=2, allow_nan=False))
         return 0
@@ -286,6 +311,8 @@ def cmd_info(a: argparse.Namespace) -> int:
              f"architecture {arch['name']} {json.dumps(arch['kwargs'], default=str)}" if arch else "no architecture"]
     if spec is not None:
         facts.append(describe_input(spec))
+    elif bad_input:
+        facts.append("input record invalid (ignored)")
     others = sorted(k for k in meta if k != "sws.input")
     if others:
         facts.append(f"metadata keys {others}")
@@ -338,9 +365,13 @@ def describe_input(spec: dict) -> str:
     return text
 
 
-def input_normalization(spec: dict | None) -> str:
-    """How the file's inputs were normalised (files without the record used "standard")."""
-    return "standard" if spec is None else spec["normalization"]
+def input_normalization(spec: dict | None, flag: str | None, path: str) -> str:
+    """``--normalization`` if given, else the file's record; a file without one needs the flag."""
+    if flag is not None:
+        return flag
+    if spec is None:
+        raise UsageError(f"{path} records no input normalization; pass --normalization unit or standard")
+    return spec["normalization"]
 
 
 def eval_batch(model: torch.nn.Module, budget: int = 1 << 24) -> int:
@@ -360,8 +391,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if f.architecture is None and not a.module:
             hint = f"pass --module {made_from}" if made_from else "pass --module MODULE:CALLABLE that builds your model"
             raise UsageError(f"{a.file} names no built-in architecture; {hint}")
-        spec = f.input_spec()
-    norm = input_normalization(spec)
+        try:
+            spec = f.input_spec()
+        except SwsFormatError:
+            spec = None  # an invalid record counts as none: --normalization decides
+    norm = input_normalization(spec, a.normalization, a.file)
     data = a.data or (spec or {}).get("data") or "mnist"
     if data not in ("mnist", "fashion-mnist"):
         raise UsageError(f"{a.file} was trained on {data!r}, which sws eval cannot load; pass --data")
@@ -497,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default=None, choices=["mnist", "fashion-mnist"],
                    help="data set (default: the one the file records, else mnist)")
     v.add_argument("--data-root", default=None)
+    v.add_argument("--normalization", default=None, choices=["unit", "standard"],
+                   help="input normalization (default: the one the file records)")
     v.add_argument("--module", default=None, metavar="MODULE:CALLABLE",
                    help="your own model, for files that name no built-in architecture")
     _limit_flag(v)
@@ -529,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        root = getattr(args, "data_root", None)
+        if root is not None and not os.path.isdir(root):
+            raise UsageError(f"--data-root {root}: no such folder")
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return args.func(args)

@@ -66,8 +66,8 @@ def prune_and_cluster(
     embedding, RNN and attention weights). ``prune_scope="model"`` ranks all their weights
     together, so big redundant layers lose more than small ones (a 784-256-64-10 MLP at 90%:
     26.5% test error, against 77.2% pruning every layer by 90%), but no layer keeps fewer than
-    ``min_layer_keep`` times the target share of its weights: one threshold alone wipes layers
-    whose weights are small, e.g. every GPT-2 ``c_proj``. ``prune_scope="layer"`` prunes every
+    ``min_layer_keep`` times the target share of its weights (with a codebook of its own): one
+    threshold alone wipes layers whose weights are small, e.g. every GPT-2 ``c_proj``. ``prune_scope="layer"`` prunes every
     layer by ``prune``. With ``per_layer=False`` one codebook is shared by the whole model, as
     in soft weight-sharing. Returns a new state_dict; other tensors are passed through.
     """
@@ -90,6 +90,7 @@ def prune_and_cluster(
         if not np.isfinite(v).all():
             bad = int(np.count_nonzero(~np.isfinite(v)))
             raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
+    floored: list[str] = []
     if prune_scope == "model":
         flat = np.concatenate(list(values.values()))
         mask = keep_mask(np.abs(flat), prune)
@@ -98,9 +99,13 @@ def prune_and_cluster(
             floor = int(np.ceil(min_layer_keep * (1.0 - prune) * v.size))
             if masks[n].sum() < floor:
                 masks[n] = keep_mask(np.abs(v), 1.0 - floor / v.size)
+                floored.append(n)
     else:
         masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
-    groups = [[n] for n in names] if per_layer else [names]
+    # A layer the floor saved has weights of another scale than the model's: the shared
+    # codebook would snap them to values far from their own, so it gets its own codebook.
+    shared = [n for n in names if n not in floored]
+    groups = [[n] for n in names] if per_layer else ([shared] if shared else []) + [[n] for n in floored]
     rng = np.random.default_rng(0)
     for group in groups:
         kept = np.concatenate([values[n][masks[n]] for n in group])

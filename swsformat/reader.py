@@ -349,18 +349,34 @@ def parse_input_spec(metadata: Mapping[str, str]) -> dict[str, Any] | None:
         spec = json.loads(metadata[INPUT_KEY])
     except ValueError:
         spec = None
+    def number(v: Any, low: float) -> bool:
+        try:
+            return type(v) in (int, float) and math.isfinite(float(v)) and abs(float(v)) < 1e30 and float(v) >= low
+        except OverflowError:
+            return False
+
     bad = not isinstance(spec, dict) or spec.get("normalization") not in ("unit", "standard")
     if not bad and ("mean" in spec or "std" in spec):
-        m, sd = spec.get("mean"), spec.get("std")
-        bad = not all(type(v) in (int, float) and math.isfinite(v) for v in (m, sd)) or sd <= 0
+        bad = not (number(spec.get("mean"), -1e30) and number(spec.get("std"), 1e-12))
+    if not bad and "scale" in spec:
+        bad = not number(spec["scale"], 1e-12)
     if not bad and "shape" in spec:
-        bad = not (isinstance(spec["shape"], list) and all(type(d) is int and d > 0 for d in spec["shape"]))
+        shape = spec["shape"]
+        bad = not (isinstance(shape, list) and 1 <= len(shape) <= MAX_INPUT_DIMS
+                   and all(type(d) is int and 0 < d <= MAX_INPUT_ELEMENTS for d in shape)
+                   and math.prod(shape) <= MAX_INPUT_ELEMENTS)
     if bad:
         raise SwsFormatError(
             f"metadata {INPUT_KEY!r} is not an input record (normalization 'unit' or 'standard', finite mean, "
-            "std > 0, shape of positive integers); read the file with metadata() and ignore it"
+            f"std >= 1e-12, a shape of 1-{MAX_INPUT_DIMS} positive sizes of at most {MAX_INPUT_ELEMENTS} elements); "
+            "the tensors are unaffected: load them without normalize_inputs"
         )
     return spec
+
+
+# Bounds of a plausible input shape in an input record (a file cannot make readers allocate).
+MAX_INPUT_DIMS = 8
+MAX_INPUT_ELEMENTS = 1 << 24
 
 
 def _normalizing_hook(mean: float, std: float):
@@ -397,7 +413,13 @@ def load_model(
         raise ValueError(f"sparse must be False, True or 'auto', got {sparse!r}")
     with SwsFile(path, max_output_bytes=max_output_bytes) as f:
         arch = f.architecture
-        spec = f.input_spec()
+        try:
+            spec = f.input_spec()
+        except SwsFormatError:
+            if normalize_inputs:
+                raise
+            warnings.warn(f"{INPUT_KEY} metadata ignored: not a valid input record", stacklevel=2)
+            spec = None
         if normalize_inputs and (spec is None or "mean" not in spec):
             raise SwsFormatError(
                 "normalize_inputs=True: the file records no input mean and std (metadata 'sws.input'); "
@@ -434,9 +456,17 @@ def load_model(
                 return tensor_from_entry(materialize(e, f._chunk(e)), device, sparse=True)
 
             layouts = sparsify_(module, sparse, batch_size, csr=coded_csr)
+    old = getattr(module, "_sws_normalizer", None)
+    if old is not None:  # loading again into the same module: one normalization, not two
+        old.remove()
+        module._sws_normalizer = None
     module.sws_input = spec
     if normalize_inputs:
-        module.register_forward_pre_hook(_normalizing_hook(float(spec["mean"]), float(spec["std"])))
+        module._sws_normalizer = module.register_forward_pre_hook(
+            _normalizing_hook(float(spec["mean"]), float(spec["std"]))
+        )
+        # The model now takes inputs scaled to [0, 1]: say so, so nobody normalizes twice.
+        module.sws_input = {**spec, "applied_by_model": True}
     if sparse:
         module.sws_layouts = layouts
         dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and v != "dense: empty weight" and sparse is True)

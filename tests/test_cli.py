@@ -347,3 +347,34 @@ def test_module_flag_errors_are_one_line(own_model, spec, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not os.path.exists("x.sws")
+
+
+def test_module_file_imports_its_siblings_and_checks_its_weights(tmp_path, monkeypatch, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "layers.py").write_text("from torch import nn\n\n\nclass Block(nn.Sequential):\n    def __init__(self):\n"
+                                    "        super().__init__(nn.Flatten(), nn.Linear(784, 10))\n")
+    (proj / "models.py").write_text("from __future__ import annotations\n\nfrom dataclasses import InitVar, dataclass\n\n"
+                                    "from layers import Block\n\n\n@dataclass\nclass Cfg:\n    x: InitVar[int] = 0\n\n\n"
+                                    "def Net():\n    Cfg()\n    return Block()\n\n\ndef Norm():\n"
+                                    "    from torch import nn\n    return nn.LayerNorm(4)\n")
+    monkeypatch.chdir(tmp_path)
+    from swsformat.cli import import_factory
+
+    assert isinstance(import_factory("proj/models.py:Net")(), torch.nn.Sequential)
+    assert main(["compress", "--module", "proj/models.py:Norm", "-o", "n.sws"]) == 2
+    assert "has no linear, conv" in capsys.readouterr().err
+
+
+def test_options_that_cannot_work_are_refused_first(tmp_path, capsys):
+    out = str(tmp_path / "x.sws")
+    assert main(["compress", "--model", "lenet300-100", "-o", out, "--data-root", str(tmp_path / "nope")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    torch.save(build_model("lenet300-100").state_dict(), tmp_path / "p.pt")
+    assert main(["compress", "--model", "lenet300-100", "-o", out, "--pretrained", str(tmp_path / "p.pt"),
+                 "--pretrain-epochs", "3"]) == 2
+    assert "--pretrain-epochs has no effect" in capsys.readouterr().err
+    swsformat.encode(build_model("lenet300-100"), out, architecture="lenet300-100", compress=[])
+    assert main(["eval", out]) == 2
+    assert "records no input normalization; pass --normalization" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.json")

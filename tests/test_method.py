@@ -162,3 +162,33 @@ def test_text_lstm_script_runs_at_toy_size(tmp_path):
     coded = {n for n in swsformat.open(tmp_path / "byte-lstm.sws").keys()
              if swsformat.open(tmp_path / "byte-lstm.sws").entry(n).kind == "sws"}
     assert {"emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"} <= coded
+
+
+def test_bad_inputs_are_refused_before_any_work():
+    model = trained_mlp()
+    with pytest.raises(ValueError, match="float32 or float64"):
+        SoftWeightSharing(trained_mlp().half(), dataset_size=10)
+    with pytest.raises(ValueError, match="tau must be"):
+        SoftWeightSharing(model, dataset_size=10, tau=float("inf"))
+    with pytest.raises(ValueError, match="dataset_size"):
+        SoftWeightSharing(model, dataset_size=True)
+    assert SoftWeightSharing(model, dataset_size=__import__("numpy").int64(7)).dataset_size == 7
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(swsformat.SwsTrainingError, match="the model is unchanged"):
+        SoftWeightSharing(model, PriorConfig(pi_zero=0.999), dataset_size=10).finalize_()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="cross-entropy loss only"):
+        swsformat.compress(model, [], None, CompressConfig(qat_distill=0.5), loss_fn=lambda m, x, y: m(x).sum())
+    with pytest.raises(TypeError, match="pairs"):
+        swsformat.compress(model, [{"x": 1}], None, CompressConfig(retrain=RetrainConfig(epochs=1)), progress=False,
+                           evaluate_fn=lambda m: 0.0)
+
+
+def test_dataset_size_follows_the_sampler():
+    from torch.utils.data import SubsetRandomSampler
+
+    from swsformat.retrain.train import dataset_size
+
+    x, y = blobs(100, 0)
+    assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10)) == 100
+    assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10, sampler=SubsetRandomSampler(range(30)))) == 30

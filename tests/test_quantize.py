@@ -77,3 +77,14 @@ def test_rnn_attention_and_embedding_weights_are_coded():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     # a quarter of the float32 bytes at most, biases raw
     assert len(data) < sum(t.numel() for t in sd.values()) * 4 / 4
+
+
+@pytest.mark.parametrize("scale", [0.1, 1e-3])
+def test_a_layer_the_floor_saves_keeps_values_of_its_own_scale(scale):
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(1000, 1000, generator=g) * 0.05, "b.weight": torch.randn(100, 100, generator=g) * 0.05 * scale}
+    out = prune_and_cluster(sd, prune=0.9, clusters=16)["b.weight"]
+    kept = out != 0
+    assert int(kept.sum()) == 250
+    relative = float((out[kept] - sd["b.weight"][kept]).abs().mean() / sd["b.weight"][kept].abs().mean())
+    assert relative < 0.1  # snapped to values near its own, not to the big layer's codebook

@@ -372,3 +372,44 @@ def test_register_architecture_lets_a_file_name_your_model(tmp_path):
             swsformat.register_architecture("test-tiny-net")(torch.nn.Linear)
     finally:
         ARCHITECTURES.pop("test-tiny-net", None)
+
+
+@pytest.mark.parametrize(
+    "record",
+    ['{"normalization":"standard","mean":' + "9" * 400 + ',"std":1}', '{"normalization":"standard","mean":0,"std":1e-320}',
+     '{"normalization":"unit","shape":[]}', '{"normalization":"unit","shape":' + str([1] * 70) + "}",
+     '{"normalization":"unit","shape":[100000,100000]}', "[1]", "not json"],
+)
+def test_hostile_input_records_are_format_errors_and_never_block_loading(record, tmp_path):
+    path = tmp_path / "m.sws"
+    swsformat.encode({"w.weight": torch.zeros(2, 2)}, path, metadata={"sws.input": record})
+    assert main(["info", str(path)]) == 0
+    with pytest.raises(swsformat.SwsFormatError, match="not an input record"):
+        swsformat.open(path).input_spec()
+    with pytest.warns(UserWarning, match="sws.input metadata ignored"):
+        model = swsformat.load_model(path, _one_weight())
+    assert model.sws_input is None
+    with pytest.raises(swsformat.SwsFormatError):
+        swsformat.load_model(path, _one_weight(), normalize_inputs=True)
+
+
+def _one_weight() -> torch.nn.Module:
+    m = torch.nn.Module()
+    m.w = torch.nn.Linear(2, 2, bias=False)
+    return m
+
+
+def test_normalize_inputs_applies_once_however_often_a_module_is_loaded(tmp_path):
+    path = tmp_path / "m.sws"
+    record = '{"data":"mnist","normalization":"standard","shape":[2],"scale":0.5,"mean":0.5,"std":0.25}'
+    layer = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(2))
+    swsformat.encode({"weight": layer.weight.detach()}, path, metadata={"sws.input": record})
+    target = torch.nn.Linear(2, 2, bias=False)
+    for _ in range(3):
+        model = swsformat.load_model(path, target, normalize_inputs=True)
+    assert torch.equal(model(torch.tensor([1.0, 0.5])), torch.tensor([2.0, 0.0]))
+    assert model.sws_input["applied_by_model"] is True
+    model = swsformat.load_model(path, target)
+    assert torch.equal(model(torch.tensor([1.0, 0.5])), torch.tensor([1.0, 0.5]))

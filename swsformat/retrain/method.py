@@ -8,7 +8,7 @@
         sws.add_complexity_grad_()          # or: (loss + sws.complexity_loss()).backward()
         opt.step()
     sws.finalize_()                         # merge, prune, snap every weight to a mixture mean
-    swsformat.encode(model, "model.sws")
+    swsformat.encode(model, "model.sws", compress=sws.coded_names())
 
 :func:`~swsformat.retrain.pipeline.compress` is the same method driven by the library's
 own loop, with quantization-aware and codebook fine-tuning after :meth:`finalize_`.
@@ -16,12 +16,15 @@ own loop, with quantization-aware and codebook fine-tuning after :meth:`finalize
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import SwsTrainingError
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import Mixture, MixturePrior, PriorConfig, merge_components
 from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
@@ -57,14 +60,19 @@ class SoftWeightSharing:
         tau: float = 0.05,
         filter_fn: FilterFn | None = None,
     ) -> None:
-        if not isinstance(dataset_size, int) or dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive int (training samples), got {dataset_size!r}")
-        if not tau >= 0:
-            raise ValueError(f"tau must be >= 0, got {tau}")
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer (training samples), got {dataset_size!r}")
+        if not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+        dataset_size = int(dataset_size)
         self.model = model
         self.named_weights = compressible_parameters(model, filter_fn)
         if not self.named_weights:
             raise ValueError("no weights to put under the prior: the model has no layer filter_fn selects")
+        odd = sorted({str(p.dtype) for _, p in self.named_weights} - {"torch.float32", "torch.float64"})
+        if odd:
+            raise ValueError(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in "
+                             "float32 (mixed precision through torch.autocast keeps float32 weights)")
         self.weights = [p for _, p in self.named_weights]
         self.prior: MixturePrior = default_prior(model, prior, self.weights)
         self.tau, self.dataset_size = tau, dataset_size
@@ -105,6 +113,12 @@ class SoftWeightSharing:
 
         mixture, merged = merge_components(Mixture.from_prior(self.prior), merge_threshold)
         masks = prune_masks(self.model, mixture, assign, self.named_weights)
+        empty = [n for (n, _), m in zip(self.named_weights, masks) if not bool(m.any())]
+        if empty:
+            raise SwsTrainingError(
+                f"finalizing would zero every weight of {empty} (the model is unchanged): train longer under the "
+                "prior so that the mixture fits the weights, lower tau, or lower PriorConfig.pi_zero"
+            )
         fraction, used = quantize_model_(self.model, mixture, masks, self.named_weights)
         self.mixture, self.masks = mixture, masks
         return Finalized(mixture, merged, masks, fraction, used)

@@ -33,13 +33,13 @@ FilterFn = Callable[[str, nn.Module, nn.Parameter], bool]
 
 def default_filter(name: str, module: nn.Module, param: nn.Parameter) -> bool:
     """Linear, conv, transposed conv, embedding and bilinear weights, RNN/LSTM/GRU gate
-    matrices, attention input projections (its output projection is a Linear) and GPT-2's
+    matrices (layers and cells), attention input projections (its output projection is a Linear) and GPT-2's
     ``Conv1D``; never biases, norms or 1-D parameters."""
     if param.dim() < 2 or not param.is_floating_point():
         return False
     if isinstance(module, WEIGHT_MODULES) or type(module).__name__ == "Conv1D":
         return name == "weight"
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return name.startswith("weight_")
     if isinstance(module, nn.MultiheadAttention):
         return name in ATTENTION_WEIGHTS

@@ -448,6 +448,8 @@ def compress(
     """
     from .method import SoftWeightSharing
 
+    if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
+        raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
     measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()

@@ -81,9 +81,11 @@ def dataset_size(data: Data) -> int:
     """N in the prior's ``tau/N`` scaling: samples in a Split or a DataLoader's dataset."""
     if isinstance(data, Split):
         return len(data)
+    # A DataLoader's sampler decides how many samples an epoch sees (a subset sampler fewer than the dataset).
+    sampler = getattr(data, "sampler", None)
     dataset = getattr(data, "dataset", None)
     try:
-        return len(dataset if dataset is not None else data)
+        return len(sampler if sampler is not None else dataset if dataset is not None else data)
     except TypeError:
         raise TypeError(
             "cannot tell how many training samples the data has; pass a Split, a DataLoader over a sized "
@@ -159,8 +161,11 @@ def train_epoch(
     device = next(model.parameters()).device
     total = task_total = extra = 0.0
     n = 0
-    for x, y in tqdm(batches, desc=desc, leave=False, disable=not progress):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
+                            "loader's batches to pairs and read them in loss_fn(model, inputs, targets)")
+        x, y = (t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
         if before_forward is not None:
             before_forward()
         loss = loss_fn(model, x, y)
