@@ -14,11 +14,18 @@ import torch
 from .encoder import default_selector
 
 
-def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
-    """Lloyd's k-means on a 1-D sample, initialised at quantiles; returns sorted centres."""
+def kmeans_1d(values: np.ndarray, k: int, iters: int = 30, init: str = "quantile") -> np.ndarray:
+    """Lloyd's k-means on a 1-D sample; returns sorted centres. ``init="quantile"`` starts at
+    quantiles (dense regions get more values), ``"linear"`` evenly over [min, max], which keeps
+    the rare large weights well represented (Deep Compression's measured best)."""
     if values.size == 0:
         return np.zeros(0)
-    centres = np.unique(np.quantile(values, (np.arange(k) + 0.5) / k))
+    if init == "linear":
+        centres = np.unique(np.linspace(values.min(), values.max(), k))
+    elif init == "quantile":
+        centres = np.unique(np.quantile(values, (np.arange(k) + 0.5) / k))
+    else:
+        raise ValueError(f"init must be 'quantile' or 'linear', got {init!r}")
     for _ in range(iters):
         edges = (centres[1:] + centres[:-1]) / 2
         idx = np.searchsorted(edges, values)
@@ -48,6 +55,26 @@ def keep_mask(magnitudes: np.ndarray, prune: float) -> np.ndarray:
     elif keep > 0:
         mask[np.argpartition(magnitudes, n - keep)[n - keep:]] = True
     return mask
+
+
+def magnitude_masks(
+    values: Mapping[str, np.ndarray], prune: float, prune_scope: str = "model", min_layer_keep: float = 0.25
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Keep-masks (flat) pruning ``prune`` of the weights by magnitude, and the layers whose
+    share the floor raised (see :func:`prune_and_cluster` for the scopes)."""
+    floored: list[str] = []
+    if prune_scope == "model":
+        flat = np.concatenate(list(values.values()))
+        mask = keep_mask(np.abs(flat), prune)
+        masks = dict(zip(values, np.split(mask, np.cumsum([v.size for v in values.values()])[:-1])))
+        for n, v in values.items():
+            floor = int(np.ceil(min_layer_keep * (1.0 - prune) * v.size))
+            if masks[n].sum() < floor:
+                masks[n] = keep_mask(np.abs(v), 1.0 - floor / v.size)
+                floored.append(n)
+    else:
+        masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
+    return masks, floored
 
 
 @torch.no_grad()
@@ -90,18 +117,7 @@ def prune_and_cluster(
         if not np.isfinite(v).all():
             bad = int(np.count_nonzero(~np.isfinite(v)))
             raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
-    floored: list[str] = []
-    if prune_scope == "model":
-        flat = np.concatenate(list(values.values()))
-        mask = keep_mask(np.abs(flat), prune)
-        masks = dict(zip(names, np.split(mask, np.cumsum([v.size for v in values.values()])[:-1])))
-        for n, v in values.items():
-            floor = int(np.ceil(min_layer_keep * (1.0 - prune) * v.size))
-            if masks[n].sum() < floor:
-                masks[n] = keep_mask(np.abs(v), 1.0 - floor / v.size)
-                floored.append(n)
-    else:
-        masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
+    masks, floored = magnitude_masks(values, prune, prune_scope, min_layer_keep)
     # A layer the floor saved has weights of another scale than the model's: the shared
     # codebook would snap them to values far from their own, so it gets its own codebook.
     shared = [n for n in names if n not in floored]

@@ -192,3 +192,26 @@ def test_dataset_size_follows_the_sampler():
     x, y = blobs(100, 0)
     assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10)) == 100
     assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10, sampler=SubsetRandomSampler(range(30)))) == 30
+
+
+def test_deep_compression_prunes_iteratively_and_shares_values(tmp_path):
+    from swsformat.retrain.deep_compression import DeepCompressionConfig, deep_compress
+
+    model = trained_mlp()
+    x, y = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    from swsformat.retrain.data import Split
+
+    cfg = DeepCompressionConfig(prune_schedule=(0.5, 0.8, 0.9), retrain_epochs=2, clusters=8, finetune_epochs=1,
+                                batch_size=50)
+    result = deep_compress(model, Split(x, y), Split(xt, yt), cfg, path=tmp_path / "dc.sws", progress=False)
+    assert [s["prune"] for s in result.step_errors] == [0.5, 0.8, 0.9]
+    for layer in (model[0].weight, model[2].weight):
+        assert 1 <= torch.unique(layer[layer != 0]).numel() <= 8
+    assert result.nonzero_fraction == pytest.approx(0.1, abs=0.02)
+    assert result.quantized_error < 5
+    back = swsformat.load_model(tmp_path / "dc.sws", copy.deepcopy(model))
+    assert error(back, xt, yt) == result.quantized_error
+    assert "deep-compression" in swsformat.open(tmp_path / "dc.sws").metadata()["sws.method"]
+    with pytest.raises(ValueError, match="must not decrease"):
+        DeepCompressionConfig(prune_schedule=(0.9, 0.5))

@@ -23,6 +23,8 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, str)
     if kind.startswith("tuple["):
         parts = [p.strip() for p in kind[6:-1].split(",")]
+        if len(parts) == 2 and parts[1] == "...":  # tuple[X, ...]: any length
+            return isinstance(value, tuple | list) and all(_fits(v, parts[0]) for v in value)
         return isinstance(value, tuple | list) and len(value) == len(parts) and all(_fits(v, p) for v, p in zip(value, parts))
     return True  # a type this checker does not know: left to the field's own checks
 
