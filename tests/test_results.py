@@ -68,3 +68,15 @@ def test_committed_json_config_is_what_its_command_runs_today(path):
     assert json.loads(json.dumps(config.to_dict())) == record["config"]  # tuples as JSON lists
     assert record["pretrain_epochs"] == best["pretrain_epochs"]
     assert record["normalization"] == best.get("normalization", "unit")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted((ROOT / "results" / "methods").glob("*.sws")), ids=lambda p: p.stem)
+def test_other_methods_files_match_their_json(path, mnist):
+    """Files of the other methods (Deep Compression) decode to the error their JSON records."""
+    record = json.loads(path.with_suffix(".json").read_text())
+    f = swsformat.open(path)
+    _, test = data.load("mnist", download=False, normalization=f.input_spec()["normalization"])
+    assert evaluate(swsformat.load_model(path), test) == pytest.approx(record["quantized_error"])
+    assert path.stat().st_size == record["file_bytes"]
+    assert json.loads(f.metadata()["sws.method"])["method"] in path.stem
