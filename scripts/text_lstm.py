@@ -39,6 +39,9 @@ class ByteLSTM(nn.Module):
         self.emb = nn.Embedding(256, embed)
         self.lstm = nn.LSTM(embed, hidden, batch_first=True)
         self.out = nn.Linear(hidden, 256)
+        # Small embeddings, as language models initialise them (GPT-2: std 0.02): torch's N(0, 1)
+        # would put the embedding on a scale 20x the LSTM's, and one mixture serves all weights.
+        nn.init.normal_(self.emb.weight, std=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.lstm(self.emb(x))[0])
@@ -99,7 +102,7 @@ def train(model, steps, lr, data, sws=None, desc="train"):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps; retraining takes as many")
-    p.add_argument("--tau", type=float, default=0.002)
+    p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--bytes", type=int, default=3_000_000)
     p.add_argument("--out", default=str(ROOT / "results" / "text-lstm"))
     p.add_argument("--seed", type=int, default=0)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     retrained = bits_per_byte(model, held)
     done = sws.finalize_()
     snapped = bits_per_byte(model, held)
-    sws.finetune_([next(data) for _ in range(max(a.steps // 10, 1))], epochs=2, lr=3e-4, loss_fn=lm_loss,
+    sws.finetune_([next(data) for _ in range(max(a.steps // 4, 1))], epochs=2, lr=3e-4, loss_fn=lm_loss,
                   batch_size=32, progress=True)
     final = bits_per_byte(model, held)
     out = Path(a.out)
