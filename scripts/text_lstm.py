@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000, help="pretraining steps; retraining takes as many")
     p.add_argument("--tau", type=float, default=0.02)
+    p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
+                   help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
     p.add_argument("--bytes", type=int, default=3_000_000)
     p.add_argument("--out", default=str(ROOT / "results" / "text-lstm"))
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     pre = bits_per_byte(model, held)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
     windows = text.numel() // 128
-    sws = swsformat.SoftWeightSharing(model, PriorConfig(init_std=0.05), dataset_size=windows, tau=a.tau)
+    prior = PriorConfig(init_std=0.05, init_zero_std=a.init_zero_std)
+    sws = swsformat.SoftWeightSharing(model, prior, dataset_size=windows, tau=a.tau)
     train(model, a.steps, 1e-3, data, sws, desc="soft weight-sharing")
     retrained = bits_per_byte(model, held)
     done = sws.finalize_()

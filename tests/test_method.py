@@ -153,7 +153,7 @@ def test_text_lstm_script_runs_at_toy_size(tmp_path):
 
     from .conftest import ROOT
 
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "text_lstm.py"), "--steps", "5", "--bytes", "100000",
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "text_lstm.py"), "--steps", "5", "--bytes", "100000", "--init-zero-std", "0.01",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
