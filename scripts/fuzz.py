@@ -579,6 +579,8 @@ class Runner:
         )
         ready, _, _ = select.select([self.proc.stdout], [], [], 900)
         if not ready or self.proc.stdout.readline() != b"ready\n":
+            self.proc.kill()
+            self.close()  # no pipes left open behind the error
             raise RuntimeError("fuzz worker failed to start")
 
     def run(self, data: bytes) -> str:
