@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     baseline = ByteLSTM()
     baseline.load_state_dict(prune_and_cluster(pretrained, prune=1 - kept / total, clusters=done.values_used))
     summary = {
-        "command": "python scripts/text_lstm.py " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python", "scripts/text_lstm.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": "byte-level LSTM (embedding 64, LSTM 256, linear 256)",
         "text": {"train_bytes": text.numel(), "held_out_bytes": held.numel(), "source": "stdlib *.py"},
         "steps": a.steps, "tau": a.tau, "seed": a.seed,
