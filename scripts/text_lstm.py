@@ -30,6 +30,7 @@ import swsformat
 from swsformat.provenance import provenance
 from swsformat.quantize import prune_and_cluster
 from swsformat.retrain import PriorConfig
+from swsformat.retrain.train import cosine_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def bits_per_byte(model: nn.Module, text: torch.Tensor, seq: int = 256) -> float
 
 def train(model, steps, lr, data, sws=None, desc="train"):
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": lr}, *(sws.param_groups() if sws else [])])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = cosine_schedule(opt, steps)
     bar = tqdm(range(steps), desc=desc)
     for step in bar:
         if sws is not None and step % 200 == 0:

@@ -43,7 +43,8 @@ def printable(text: str) -> str:
 
 def import_factory(spec: str) -> Callable[[], torch.nn.Module]:
     """``--module pkg.mod:Net`` or ``path/to/models.py:Net``: a callable of no arguments that
-    returns the user's module (a class or a function), imported and built once to check it."""
+    returns the user's module (a class or a function); errors of the build are one-line UsageErrors
+    too, so callers build it before any work."""
     import importlib
     import importlib.util
 
@@ -88,7 +89,6 @@ def import_factory(spec: str) -> Callable[[], torch.nn.Module]:
             raise UsageError(f"--module {spec}: {attr}() returned {type(built).__name__}, not a torch.nn.Module")
         return built
 
-    factory()
     return factory
 
 

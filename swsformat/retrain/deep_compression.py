@@ -26,7 +26,7 @@ from ..quantize import kmeans_1d, magnitude_masks, snap
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
 from .pipeline import BIAS_DTYPES, check_not_collapsed, check_split, finetune_codebook_, round_biases_
-from .train import Data, LossFn, adam, batches_of, cross_entropy, evaluate, train_epoch
+from .train import Data, LossFn, adam, batches_of, cross_entropy, evaluate, train_epoch, zero_pruned_
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,7 @@ def _masked_training(
     cfg: DeepCompressionConfig, loss_fn: LossFn, gen: torch.Generator, progress: bool, desc: str,
 ) -> None:
     """Retrain with the pruned weights held at exactly zero (gradients masked, weights re-zeroed)."""
-    opt = adam(model.parameters(), lr=cfg.lr)
-    for group in opt.param_groups:
-        group["weight_decay"] = cfg.weight_decay
+    opt = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def mask_grads() -> float:
         for p, m in zip(params, masks):
@@ -90,14 +88,9 @@ def _masked_training(
                 p.grad.mul_(m)
         return 0.0
 
-    @torch.no_grad()
-    def keep_zeros() -> None:
-        for p, m in zip(params, masks):
-            p.mul_(m)
-
     for epoch in range(1, epochs + 1):
         train_epoch(model, opt, batches_of(train, cfg.batch_size, gen), loss_fn=loss_fn, after_backward=mask_grads,
-                    after_step=keep_zeros, desc=f"{desc} epoch {epoch}", progress=progress)
+                    after_step=lambda: zero_pruned_(params, masks), desc=f"{desc} epoch {epoch}", progress=progress)
 
 
 def deep_compress(
@@ -131,9 +124,7 @@ def deep_compress(
         values = {n: (p.detach() * m).cpu().double().numpy().ravel() for (n, p), m in zip(named, masks)}
         flat_masks, _ = magnitude_masks(values, fraction)
         masks = [torch.from_numpy(flat_masks[n]).view(p.shape).to(p.device) for n, p in named]
-        with torch.no_grad():
-            for p, m in zip(params, masks):
-                p.mul_(m)
+        zero_pruned_(params, masks)
         pruned = measure(model)
         _masked_training(model, params, masks, train, config.retrain_epochs, config, loss_fn, gen, progress,
                          f"pruned {fraction:.0%}")

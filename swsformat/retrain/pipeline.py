@@ -34,7 +34,9 @@ from .train import (
     dataset_size,
     evaluate,
     retrain,
+    steps_per_epoch,
     train_epoch,
+    zero_pruned_,
 )
 
 # The weights under the prior, by state_dict name; None means compressible_parameters(model).
@@ -139,17 +141,6 @@ def _named(model: nn.Module, weights: Named) -> list[tuple[str, nn.Parameter]]:
     return weights if weights is not None else compressible_parameters(model)
 
 
-def steps_per_epoch(data: Data, batch_size: int) -> int:
-    """Optimizer steps in one epoch of ``data`` (see :func:`~swsformat.retrain.train.batches_of`)."""
-    if isinstance(data, Split):
-        return -(-len(data) // batch_size)
-    try:
-        return len(data)
-    except TypeError:
-        raise TypeError("the training batches must have a length (a DataLoader has one) to schedule the "
-                        "learning rate") from None
-
-
 def check_split(data: Data, n: int = 10000) -> Split:
     """Up to ``n`` training samples in memory, for the bias checks (never the test set)."""
     if isinstance(data, Split):
@@ -221,9 +212,7 @@ def quantization_aware_finetune_(
     params = [p for _, p in _named(model, weights)]
     device = params[0].device
     values, mids = _nonzero_grid(mixture, device)
-    with torch.no_grad():
-        for p, m in zip(params, masks):
-            p.mul_(m)
+    zero_pruned_(params, masks)
     opt = adam(model.parameters(), lr=lr)
     sched = cosine_schedule(opt, epochs * steps_per_epoch(train, batch_size))
     gen = torch.Generator().manual_seed(seed)
@@ -242,11 +231,6 @@ def quantization_aware_finetune_(
             p.grad.mul_(m)
         return 0.0
 
-    @torch.no_grad()
-    def keep_zeros() -> None:
-        for p, m in zip(params, masks):
-            p.mul_(m)
-
     def distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -262,7 +246,7 @@ def quantization_aware_finetune_(
         loss, _, _ = train_epoch(
             model, opt, batches_of(train, batch_size, gen), loss_fn=distilled if teacher is not None else loss_fn,
             before_forward=quantize_forward,
-            after_backward=restore_float_weights, after_step=keep_zeros, scheduler=sched,
+            after_backward=restore_float_weights, after_step=lambda: zero_pruned_(params, masks), scheduler=sched,
             desc=f"epoch {epoch}", progress=progress,
         )
         bar.set_postfix(loss=f"{loss:.4f}")
