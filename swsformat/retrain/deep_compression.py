@@ -143,7 +143,8 @@ def deep_compress(
     check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
-    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
+    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named,
+                        advice="Prune less (a gentler prune_schedule) or retrain longer after each step (retrain_epochs)")
     total = sum(p.numel() for p in params)
     nonzero = sum(int(p.count_nonzero()) for p in params)
     result = DeepCompressionResult(model, pre, steps, quant, nonzero / total, values_per_layer,

@@ -370,7 +370,9 @@ def round_biases_(
 
 
 def check_not_collapsed(
-    model: nn.Module, test: Data | None, before: float, after: float, weights: Named = None
+    model: nn.Module, test: Data | None, before: float, after: float, weights: Named = None,
+    advice: str = "Lower the prior's pull (smaller retrain.tau), keep more weights (lower prior.pi_zero) or retrain "
+    "longer (more epochs)",
 ) -> None:
     """Refuse a result that lost a whole layer or fell to chance level (nothing is written).
     Chance level is known for a classification Split; with another ``test`` only empty layers count."""
@@ -390,8 +392,7 @@ def check_not_collapsed(
     what = f"layers {empty} lost every weight" if empty else f"test error {after:.2f}% is near chance ({chance:.0f}%)"
     raise SwsTrainingError(
         f"compression collapsed the model: {what}; {kept} of {total} weights non-zero ({100 * kept / max(total, 1):.3f}%), "
-        f"test error {before:.2f}% before and {after:.2f}% after. Nothing was written. Lower the prior's pull "
-        "(smaller retrain.tau), keep more weights (lower prior.pi_zero) or retrain longer (more epochs)"
+        f"test error {before:.2f}% before and {after:.2f}% after. Nothing was written. {advice}"
     )
 
 
