@@ -54,13 +54,15 @@ def seeds() -> list[bytes]:
     import swsformat
 
     g = torch.Generator().manual_seed(0)
-    out = [(ROOT / "tests" / "data" / f"golden-v{v}.sws").read_bytes() for v in (1, 2)]
+    out = [(ROOT / "tests" / "data" / f"golden-v{v}.sws").read_bytes() for v in (1, 2, 3)]
     cases = [((6, 20), 0.3, 5, None), ((4, 1, 3, 3), 0.5, 3, 2), ((3, 200), 0.02, 9, "auto"), ((2, 2), 1.0, 2, 1)]
     for i, (shape, density, k, bits) in enumerate(cases):
         vals = torch.linspace(-1, 1, k)
         w = torch.where(torch.rand(shape, generator=g) < density, vals[torch.randint(0, k, shape, generator=g)], torch.zeros(()))
-        sd = {"a.weight": w, "a.bias": torch.ones(shape[0])}
-        out.append(swsformat.encode_bytes(sd, index_bits=bits, smallest=False, version=1 if i == 3 else 2))
+        sd = {"a.weight": w, "a.bias": torch.ones(shape[0]), "tied.weight": w}
+        for version in (1,) if i == 3 else (2, 3):
+            out.append(swsformat.encode_bytes(sd, index_bits=bits, smallest=False, version=version))
+        out.append(swsformat.encode_bytes(sd, smallest=False, coder="context"))
     odd = {
         "z.weight": torch.zeros(5, 7),
         "h.weight": torch.tensor([[0.0, 0.5], [0.25, 0.0]], dtype=torch.float16),
@@ -157,6 +159,8 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         return bytes(b)
     if op == 4:
         return bytes(b[: rng.randrange(len(b))])
+    if data[8] == 3:
+        return mutate3(data, rng)
     version, header, payload = _split(data)
     if op == 8:
         if version == 2 and data[10] == 1:
@@ -199,6 +203,81 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     else:
         t[field] = max(0, t[field] + rng.choice([-2, -1, 1, 2, 1000]))
     return _rebuild(header, payload, True, version)
+
+
+def mutate3(data: bytes, rng: random.Random) -> bytes:
+    """A version 3 file with its index bytes edited (CRC fixed), or its tensors' fields or
+    payloads changed and re-written with every CRC and length recomputed, unchecked."""
+    import numpy as np
+
+    from swsformat.container import (
+        HEADER_DEFLATE,
+        HEADER_MSGPACK,
+        AliasTensor,
+        ContextTensor,
+        RawTensor,
+        _serialize3,
+        decode_header,
+        pack_head,
+        parse,
+        read_prelude,
+    )
+
+    op = rng.randrange(5)
+    if op <= 1:  # index bytes: flips, random bytes, inserted varints, deletions
+        p = read_prelude(data)
+        b = bytearray(decode_header(data, p))
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(b) + 1)
+            how = rng.randrange(4)
+            if how == 0 and i < len(b):
+                b[i] ^= 1 << rng.randrange(8)
+            elif how == 1 and i < len(b):
+                b[i] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.getrandbits(8)])
+            elif how == 2:
+                b[i:i] = bytes([0xFF] * rng.randint(1, 10) + [rng.getrandbits(7)])
+            else:
+                del b[i : i + rng.randint(1, 4)]
+        try:
+            head = pack_head(bytes(b), 3, HEADER_DEFLATE if op == 1 and rng.random() < 0.5 else HEADER_MSGPACK)
+        except Exception:  # an edit the deflate limits refuse: store it plain
+            head = pack_head(bytes(b), 3, HEADER_MSGPACK)
+        return head + data[p.data_start :]
+    c = parse(data)
+    t = rng.choice(c.tensors)
+    i = c.tensors.index(t)
+    if op == 2 and isinstance(t, ContextTensor | RawTensor) and t.data.size:  # payload, CRCs fixed
+        d = bytearray(t.data.tobytes())
+        for _ in range(rng.randint(1, 6)):
+            j = rng.randrange(len(d) + 1)
+            if rng.random() < 0.7 and j < len(d):
+                d[j] = rng.getrandbits(8)
+            elif rng.random() < 0.5:
+                d[j:j] = bytes([rng.getrandbits(8)])
+            else:
+                del d[j : j + 1]
+        t.data = np.frombuffer(bytes(d), dtype=np.uint8)
+    elif op == 3 and isinstance(t, AliasTensor):
+        t.target = rng.choice([x.name for x in c.tensors] + ["missing"])
+    elif not isinstance(t, AliasTensor):  # a field set to an odd value
+        field = rng.choice(["shape", "nonzeros", "codebook", "dtype"])
+        if field == "shape":
+            t.shape = tuple(rng.choice([0, 1, 2, 3, 7, 2**31, 2**40, *t.shape]) for _ in range(rng.randint(0, 4)))
+        elif field == "nonzeros" and hasattr(t, "nonzeros"):
+            t.nonzeros = max(0, min(2**62, t.nonzeros + rng.choice([-2, -1, 1, 2, 1000, 2**40])))
+        elif field == "codebook" and hasattr(t, "codebook"):
+            t.codebook = t.codebook[: rng.randrange(t.codebook.size + 1)]
+        elif field == "dtype":
+            t.dtype = rng.choice(["float16", "bfloat16", "float64", "float32", "int8", "bool"])
+            if hasattr(t, "codebook") and t.dtype in ("float16", "bfloat16", "float64", "float32"):
+                from swsformat.spec import SWS_DTYPES
+                t.codebook = t.codebook.astype(SWS_DTYPES[t.dtype])
+    if rng.random() < 0.2:  # a tensor moved
+        c.tensors.insert(rng.randrange(len(c.tensors) + 1), c.tensors.pop(i))
+    try:
+        return _serialize3(c, check=False)
+    except Exception:  # a field the writer cannot even pack (e.g. an int8 codebook): a truncation instead
+        return data[: rng.randrange(len(data))]
 
 
 # ------------------------------------------------------------------------ structure mutations
@@ -315,6 +394,8 @@ def _clip(v: int) -> int:
 
 def mutate_structure(data: bytes, rng: random.Random) -> bytes:
     """Decode the header, edit its structure, re-encode it consistently."""
+    if data[8] == 3:
+        return mutate3(data, rng)
     version, header, payload = _split(data)
     tensors = header["tensors"]
     op = rng.randrange(12)

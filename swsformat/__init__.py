@@ -13,7 +13,7 @@ Public API, flat in the spirit of ``safetensors.torch``::
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .architectures import register_architecture  # noqa: E402
 from .encoder import encode, encode_bytes  # noqa: E402

@@ -325,10 +325,19 @@ def cmd_info(a: argparse.Namespace) -> int:
         if t["kind"] == "raw":
             print(f"{t['name']:<16}{shape:<16}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
             continue
+        if t["kind"] == "alias":
+            print(f"{t['name']:<16}{shape:<16}{'tie':<5} same tensor as {printable(t['alias_of'])}")
+            continue
+        if t["coder"] == "context":
+            print(f"{t['name']:<16}{shape:<16}{'ctx':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{'':>3}"
+                  f"{'':>7}{t['coded_bits']:>8}{'':>8}{'':>8}{t['value_entropy_bits']:>8.0f}"
+                  f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
+            continue
         print(f"{t['name']:<16}{shape:<16}{'sws':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{t['index_bits']:>3}"
               f"{t['row_bits']:>7}{t['gap_bits']:>8}{t['gap_entropy_bits']:>8.0f}{t['value_bits']:>8}{t['value_entropy_bits']:>8.0f}"
               f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
     print(f"(K = shared non-zero values, b = index bits; bits per part; (H) = empirical entropy bound of the stream; "
+          f"ctx = context-coded: positions and values in one stream, shown under gaps; "
           f"header {rep['header_bytes']} bytes, "
           f"overhead {rep['overhead_bytes']} bytes)")
     return 0

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
+from . import format3 as f3
 from . import kernels
 from .errors import SwsChecksumError, SwsEncodeError, SwsFormatError, where
 from .spec import (
@@ -79,10 +80,38 @@ class SwsTensor:
     gaps: Stream
     values: Stream
     kind: str = field(default="sws", init=False)
+    coder: str = field(default="huffman", init=False)
 
     @property
     def matrix(self) -> tuple[int, int]:
         return matrix_shape(self.shape)
+
+
+@dataclass
+class ContextTensor:
+    """A weight tensor coded by the context-modelled range coder of format 3 (SPEC.md 9)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codebook: np.ndarray  # bit patterns (unsigned ints) of the non-zero values
+    nonzeros: int
+    data: np.ndarray  # uint8, the range coder's bytes
+    kind: str = field(default="sws", init=False)
+    coder: str = field(default="context", init=False)
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        return matrix_shape(self.shape)
+
+
+@dataclass
+class AliasTensor:
+    """A name for an earlier tensor of the same file (tied weights; format 3)."""
+
+    name: str
+    target: str
+    kind: str = field(default="alias", init=False)
 
 
 @dataclass
@@ -96,7 +125,7 @@ class RawTensor:
     kind: str = field(default="raw", init=False)
 
 
-Tensor = SwsTensor | RawTensor
+Tensor = SwsTensor | ContextTensor | RawTensor | AliasTensor
 
 
 @dataclass
@@ -113,6 +142,7 @@ class Container:
     raw_header: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     header_bytes: int = field(default=0, repr=False, compare=False)
     header_size: int = field(default=0, repr=False, compare=False)
+    index_bytes: list[int] = field(default_factory=list, repr=False, compare=False)  # version 3, per tensor
 
 
 @dataclass(frozen=True)
@@ -150,7 +180,7 @@ def pack_head(header: bytes, version: int = FORMAT_VERSION, coding: int | None =
         if coding not in (None, HEADER_MSGPACK):
             raise ValueError("version 1 headers are plain msgpack")
         head = MAGIC + struct.pack("<HHI", 1, 0, len(header)) + header
-    elif version == 2:
+    elif version in (2, 3):
         if coding not in (None, HEADER_MSGPACK, HEADER_DEFLATE):
             raise ValueError(f"unknown header coding {coding}")
         stored = header
@@ -164,7 +194,7 @@ def pack_head(header: bytes, version: int = FORMAT_VERSION, coding: int | None =
             if coding == HEADER_DEFLATE or (len(packed) < len(header) and not expands):
                 stored = packed
         coding = HEADER_DEFLATE if stored is not header else HEADER_MSGPACK
-        head = MAGIC + struct.pack("<HBBII", 2, coding, 0, len(stored), len(header)) + stored
+        head = MAGIC + struct.pack("<HBBII", version, coding, 0, len(stored), len(header)) + stored
     else:
         raise ValueError(f"cannot write format version {version} (versions {VERSIONS})")
     head += struct.pack("<I", zlib.crc32(head) & 0xFFFFFFFF)
@@ -181,9 +211,80 @@ def section_start(end: int, version: int, aligned: bool) -> int:
     return align(end) if aligned or version == 1 else end
 
 
+def _serialize3(c: Container, check: bool = True) -> bytes:
+    """Version 3: binary index, per-tensor CRCs, shared codebooks, aliases (SPEC.md 8).
+    ``check=False`` writes what it is given unchecked (the fuzz campaign's hostile files)."""
+    end = 0
+    payload: list[tuple[int, np.ndarray]] = []
+    records: list[bytes] = []
+    position = {t.name: i for i, t in enumerate(c.tensors)}
+    codebooks: dict[tuple[str, bytes], int] = {}
+    previous = b""
+
+    def place(arrays: list[np.ndarray], aligned: bool) -> int:
+        nonlocal end
+        crc = 0
+        for k, arr in enumerate(arrays):
+            arr = np.ascontiguousarray(arr, dtype=np.uint8)
+            here = section_start(end, 3, aligned and k == 0)
+            payload.append((here, arr))
+            end = here + arr.size
+            crc = zlib.crc32(arr, crc)
+        return crc & 0xFFFFFFFF
+
+    for i, t in enumerate(c.tensors):
+        name = t.name.encode("utf-8")
+        if isinstance(t, AliasTensor):
+            target = position.get(t.target)
+            if check and (target is None or target >= i or isinstance(c.tensors[target], AliasTensor)):
+                raise SwsEncodeError(f"{where(t.name)}an alias must name an earlier tensor that is not an alias")
+            target = i + 1 if target is None else target
+            fields = f3.varint(target)
+            kind = f3.KIND_ALIAS
+        elif isinstance(t, RawTensor):
+            kind = f3.KIND_RAW
+            fields = f3.shape_fields(t.dtype, t.shape) + struct.pack("<I", place([t.data], True))
+        else:
+            key = (t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes())
+            fields = f3.shape_fields(t.dtype, t.shape) + f3.codebook_fields(t.codebook, t.dtype, codebooks.get(key))
+            codebooks.setdefault(key, i)
+            fields += f3.varint(int(t.nonzeros))
+            if isinstance(t, ContextTensor):
+                kind = f3.KIND_CONTEXT
+                fields += f3.varint(int(t.data.size)) + struct.pack("<I", place([t.data], False))
+            else:
+                kind = f3.KIND_HUFFMAN
+                fields += f3.huffman_fields(t.index_bits, t.entries, t.row_bits, t.gaps.code_lengths, t.gaps.bits,
+                                            t.values.code_lengths, t.values.bits)
+                fields += struct.pack("<I", place([t.row_counts, t.gaps.data, t.values.data], False))
+        records.append(f3.tensor_record(name, previous, kind, fields))
+        previous = name
+    try:
+        index = f3.pack_index(c.library, c.architecture, dict(c.metadata), records)
+        if len(index) > MAX_HEADER:
+            raise SwsFormatError(f"index of {len(index)} bytes exceeds the {MAX_HEADER}-byte limit")
+        head = pack_head(index, 3)
+        # The reader's own checks, so that a file is never written that readers refuse.
+        if check:
+            check_header(index, Prelude(3, HEADER_MSGPACK, len(index), len(index)))
+    except SwsFormatError as exc:
+        raise SwsEncodeError(f"the file would not be readable: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # msgpack cannot pack the architecture
+        raise SwsEncodeError(f"the header cannot be written: {type(exc).__name__}: {exc}") from None
+    out = bytearray(len(head) + end)
+    out[: len(head)] = head
+    for off, arr in payload:
+        out[len(head) + off : len(head) + off + arr.size] = arr.tobytes()
+    return bytes(out)
+
+
 def serialize(c: Container) -> bytes:
     """The canonical byte form of ``c`` (deterministic for a given zlib: same container,
     same bytes; the decoded header and the data area are the same with any zlib)."""
+    if c.version == 3:
+        return _serialize3(c)
+    if any(isinstance(t, AliasTensor | ContextTensor) for t in c.tensors):
+        raise SwsEncodeError(f"format version {c.version} has no aliases or context-coded tensors (version 3 has)")
     end = 0
     entries = []
     payload: list[tuple[int, np.ndarray]] = []
@@ -339,9 +440,9 @@ def unpack_header(raw: bytes) -> Any:
         raise SwsFormatError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
 
 
-def decode_header(buf: Buffer, prelude: Prelude) -> dict:
+def decode_header(buf: Buffer, prelude: Prelude) -> dict | bytes:
     """Check the header CRC, inflate it if deflated and unpack its msgpack map with
-    hostile-input limits."""
+    hostile-input limits (version 3: the index bytes, parsed by :func:`check_header`)."""
     start = prelude.length
     need = start + prelude.stored + 4
     if len(buf) < need:
@@ -352,6 +453,8 @@ def decode_header(buf: Buffer, prelude: Prelude) -> dict:
     raw = bytes(buf[start : need - 4])
     if prelude.coding == HEADER_DEFLATE:
         raw = _inflate(raw, prelude.size)
+    if prelude.version == 3:
+        return raw
     header = unpack_header(raw)
     if not isinstance(header, dict):
         raise SwsFormatError("header is not a msgpack map")
@@ -404,6 +507,10 @@ class Entry:
     gap_bits: int = 0
     value_lengths: np.ndarray | None = None
     value_bits: int = 0
+    coder: str = "huffman"  # of a coded tensor: "huffman" or (version 3) "context"
+    alias_of: str | None = None  # version 3: the earlier tensor this name stands for
+    crc: int | None = None  # version 3: CRC-32 of all its sections' bytes (None: one per section)
+    index_bytes: int = 0  # version 3: bytes of its index record
 
     @property
     def numel(self) -> int:
@@ -415,7 +522,7 @@ class Entry:
 
     @property
     def output_bytes(self) -> int:
-        return output_bytes(self.kind, self.dtype, self.shape, self.nonzeros)
+        return 0 if self.kind == "alias" else output_bytes(self.kind, self.dtype, self.shape, self.nonzeros)
 
     @property
     def stored_bytes(self) -> int:
@@ -444,7 +551,8 @@ class Header:
     def container(self, tensors: list[Tensor]) -> Container:
         """The whole file, given its materialized tensors."""
         return Container(tensors, self.metadata, self.architecture, self.library, self.version,
-                         raw_header=self.raw, header_bytes=self.stored, header_size=self.size)
+                         raw_header=self.raw, header_bytes=self.stored, header_size=self.size,
+                         index_bytes=[e.index_bytes for e in self.entries])
 
 
 class _Check:
@@ -638,12 +746,91 @@ def _entry(i: int, tv: Any, layout: _Layout, names: set[str]) -> Entry:
     )
 
 
-def check_header(header: dict, prelude: Prelude) -> Header:
-    """Validate a decoded header map against the schema, the limits and the canonical layout.
+def _check_index3(index: bytes, prelude: Prelude) -> Header:
+    library, arch, meta, records, cur = f3.read_index_records(index)
+    layout = _Layout(3)
+    entries: list[Entry] = []
+    names: set[str] = set()
+    for i, rec in enumerate(records):
+        name = rec["name"]
+        cur.tensor = name
+        if name in names:
+            raise SwsFormatError(f"{where(name, 'name')}duplicate tensor name")
+        names.add(name)
+        start = layout.end
+        kind = rec["kind"]
+        if kind == f3.KIND_ALIAS:
+            t = rec["target"]
+            if t >= i or entries[t].kind == "alias":
+                raise SwsFormatError(f"{where(name, 'alias')}target #{t} is not an earlier tensor that is not an alias")
+            e = entries[t]
+            entries.append(Entry(name, "alias", e.dtype, e.shape, (), start, start, alias_of=e.name,
+                                 index_bytes=rec["index_bytes"]))
+            continue
+        dtype, shape = rec["dtype"], rec["shape"]
+        numel = math.prod(shape)
+        if kind == f3.KIND_RAW:
+            data = layout.take([section_start(layout.end, 3, True), numel * RAW_DTYPES[dtype].itemsize, 0], name, "data", True)
+            entries.append(Entry(name, "raw", dtype, shape, (data,), start, layout.end, crc=rec["crc"],
+                                 index_bytes=rec["index_bytes"]))
+            continue
+        rows, _ = matrix_shape(shape)
+        cb, nz = rec["codebook"], rec["nonzeros"]
+        if kind == f3.KIND_CONTEXT:
+            if rec["length"] < 4:
+                raise SwsFormatError(f"{where(name, 'payload')}{rec['length']} bytes; a context-coded stream has at least 4")
+            sec = layout.take([layout.end, rec["length"], 0], name, "payload")
+            entries.append(Entry(name, "sws", dtype, shape, (sec,), start, layout.end, codebook=cb, nonzeros=nz,
+                                 entries=nz, coder="context", crc=rec["crc"], index_bytes=rec["index_bytes"]))
+            continue
+        sections = [layout.take([layout.end, (rows * rec["row_bits"] + 7) // 8, 0], name, "row_counts")]
+        tables = []
+        for fld, raw, bits, alphabet in (("gaps", rec["gap_code"], rec["gap_bits"], 1 << rec["index_bits"]),
+                                         ("values", rec["value_code"], rec["value_bits"], cb.size + 1)):
+            code, shortest, wrong = _code_table(raw, alphabet, rec["entries"] > 0)
+            if wrong is not None:
+                raise SwsFormatError(f"{where(name, fld)}{wrong}")
+            if bits > rec["entries"] * MAX_CODE_LENGTH or bits < rec["entries"] * shortest:
+                raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {rec['entries']} symbols")
+            sections.append(layout.take([layout.end, (bits + 7) // 8, 0], name, fld))
+            tables.append(code)
+        entries.append(Entry(
+            name, "sws", dtype, shape, tuple(sections), start, layout.end, rec["index_bits"], cb, nz,
+            rec["entries"], rec["row_bits"], tables[0], rec["gap_bits"], tables[1], rec["value_bits"],
+            crc=rec["crc"], index_bytes=rec["index_bytes"],
+        ))
+    raw = {
+        "format": "sws", "version": 3, "library": library, "architecture": arch, "metadata": meta,
+        "tensors": [_entry_view(e) for e in entries],
+    }
+    return Header(3, library, arch, meta, entries, prelude.data_start, layout.end, prelude.stored, prelude.size, raw)
+
+
+def _entry_view(e: Entry) -> dict[str, Any]:
+    """A version 3 index record as a map like a version 2 header entry (for read_header)."""
+    v: dict[str, Any] = {"name": e.name, "kind": e.kind, "dtype": e.dtype, "shape": list(e.shape)}
+    if e.kind == "alias":
+        v["alias_of"] = e.alias_of
+    elif e.kind == "sws":
+        v.update(coder=e.coder, nonzeros=e.nonzeros, codebook=e.codebook.tobytes())
+        if e.coder == "huffman":
+            v.update(index_bits=e.index_bits, entries=e.entries, row_bits=e.row_bits)
+    if e.crc is not None:
+        v["crc"] = e.crc
+    return v
+
+
+def check_header(header: dict | bytes, prelude: Prelude) -> Header:
+    """Validate a decoded header map against the schema, the limits and the canonical layout
+    (version 3: parse and validate the binary index).
 
     Needs no payload: the result says how long the data area must be and where every
     section lies, so a reader can check the file size before reading further.
     """
+    if prelude.version == 3:
+        if not isinstance(header, bytes):
+            raise SwsFormatError("a version 3 index must be bytes")
+        return _check_index3(header, prelude)
     top = _Check(header, None, "header")
     top.keys(_TOP_KEYS)
     top.str("format", {"sws"})
@@ -684,25 +871,37 @@ def read_index(buf: Buffer) -> Header:
 def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
     """The tensor ``e`` from ``chunk``, the data area bytes ``[e.start, e.end)``: checks the
     zero padding and (with ``verify``) every section's CRC-32; arrays are views of ``chunk``."""
+    if e.kind == "alias":
+        return AliasTensor(e.name, e.alias_of or "")
     mv = memoryview(chunk).cast("B") if not isinstance(chunk, bytes) else memoryview(chunk)
     if len(mv) != e.end - e.start:
         raise SwsFormatError(f"{where(e.name)}file truncated: {len(mv)} of {e.end - e.start} bytes of its sections")
-    names = ("data",) if e.kind == "raw" else ("row_counts", "gaps", "values")
+    if e.kind == "raw":
+        names: tuple[str, ...] = ("data",)
+    else:
+        names = ("payload",) if e.coder == "context" else ("row_counts", "gaps", "values")
     arrays = []
     pos = 0
+    crc = 0
     for fld, s in zip(names, e.sections):
         off = s.offset - e.start
         if any(mv[pos:off]):
             raise SwsFormatError(f"{where(e.name, fld)}padding before the section is not zero")
         part = mv[off : off + s.length]
-        if verify and zlib.crc32(part) & 0xFFFFFFFF != s.crc:
+        if e.crc is not None:
+            crc = zlib.crc32(part, crc)
+        elif verify and zlib.crc32(part) & 0xFFFFFFFF != s.crc:
             raise SwsChecksumError(f"{where(e.name, fld)}CRC-32 mismatch: section corrupted")
         arrays.append(np.frombuffer(part, dtype=np.uint8))
         pos = off + s.length
+    if verify and e.crc is not None and crc & 0xFFFFFFFF != e.crc:
+        raise SwsChecksumError(f"{where(e.name)}CRC-32 mismatch: the tensor's bytes are corrupted")
     if e.kind == "raw":
         if e.dtype == "bool" and arrays[0].size and int(arrays[0].max()) > 1:
             raise SwsFormatError(f"{where(e.name, 'data')}a bool byte is not 0 or 1")
         return RawTensor(e.name, e.dtype, e.shape, arrays[0])
+    if e.coder == "context":
+        return ContextTensor(e.name, e.dtype, e.shape, e.codebook, e.nonzeros, arrays[0])
     rows, _ = matrix_shape(e.shape)
     for fld, arr, bits in (("row_counts", arrays[0], rows * e.row_bits), ("gaps", arrays[1], e.gap_bits),
                            ("values", arrays[2], e.value_bits)):

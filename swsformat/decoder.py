@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import kernels
-from .container import RawTensor, SwsTensor
+from . import ctxcoder, kernels
+from .container import ContextTensor, RawTensor, SwsTensor
 from .errors import SwsDecodeError, where
 from .huffman import decode_table
 from .spec import RAW_DTYPES, matrix_shape
@@ -62,10 +62,28 @@ def _fail(t: SwsTensor, status: int, row: int) -> None:
         raise SwsDecodeError(f"{where(t.name, 'payload')}{kernels.STATUS[status]}{at}")
 
 
-def decode_dense_array(t: SwsTensor) -> np.ndarray:
+def _context_symbols(t: ContextTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR ``(crow, columns, symbols 1..K-1)`` of a context-coded tensor."""
+    rows, cols = matrix_shape(t.shape)
+    crow = np.zeros(rows + 1, dtype=np.int64)
+    col = np.zeros(t.nonzeros, dtype=np.int64)
+    syms = np.zeros(t.nonzeros, dtype=np.int64)
+    status, row = ctxcoder.decode(t.data, rows, cols, ctxcoder.kernel_size(t.shape), ctxcoder.negative_symbols(t.codebook),
+                                  t.nonzeros, crow, col, syms)
+    if status != kernels.OK:
+        at = f" (row {row})" if row >= 0 else ""
+        raise SwsDecodeError(f"{where(t.name, 'payload')}{ctxcoder.STATUS[status]}{at}")
+    return crow, col, syms
+
+
+def decode_dense_array(t: SwsTensor | ContextTensor) -> np.ndarray:
     """Bit patterns of the dense tensor, shaped like the original."""
     rows, cols = matrix_shape(t.shape)
     out = np.zeros(rows * cols, dtype=t.codebook.dtype)
+    if isinstance(t, ContextTensor):
+        crow, col, syms = _context_symbols(t)
+        ctxcoder.scatter(crow, col, syms, t.codebook, cols, out)
+        return out.reshape(t.shape)
     if t.entries == 0:  # nothing coded: no per-row work, whatever the row count
         return out.reshape(t.shape)
     p = _prepare(t)
@@ -77,9 +95,12 @@ def decode_dense_array(t: SwsTensor) -> np.ndarray:
     return out.reshape(t.shape)
 
 
-def decode_csr_arrays(t: SwsTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_csr_arrays(t: SwsTensor | ContextTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(crow_indices, col_indices, value patterns)`` of the tensor's 2-D view."""
     rows, cols = matrix_shape(t.shape)
+    if isinstance(t, ContextTensor):
+        crow, col, syms = _context_symbols(t)
+        return crow, col, t.codebook[syms - 1]
     crow = np.zeros(rows + 1, dtype=np.int64)
     col = np.zeros(t.nonzeros, dtype=np.int64)
     vals = np.zeros(t.nonzeros, dtype=t.codebook.dtype)
@@ -98,7 +119,7 @@ def _patterns_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(arr.view(arr.dtype.str.replace("u", "i"))).view(TORCH_DTYPES[dtype])
 
 
-def tensor_from_entry(t: SwsTensor | RawTensor, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
     """Decode one container entry to a torch tensor on ``device``."""
     if isinstance(t, RawTensor):
         arr = np.frombuffer(t.data, dtype=RAW_DTYPES[t.dtype]).copy()
@@ -118,15 +139,21 @@ def tensor_from_entry(t: SwsTensor | RawTensor, device: torch.device | str = "cp
     return _patterns_to_torch(decode_dense_array(t), t.dtype).to(device)
 
 
-def codebook_values(t: SwsTensor) -> np.ndarray:
+def codebook_values(t: SwsTensor | ContextTensor) -> np.ndarray:
     """The tensor's shared non-zero values as float64 (bfloat16 patterns included)."""
     torch_dtype = TORCH_DTYPES[t.dtype]
     bits = torch.from_numpy(t.codebook.view(t.codebook.dtype.str.replace("u", "i")).copy())
     return bits.view(torch_dtype).to(torch.float64).numpy()
 
 
-def symbol_counts(t: SwsTensor, which: str) -> np.ndarray:
-    """How often each symbol of the ``gaps`` or ``values`` stream occurs (nothing dense)."""
+def symbol_counts(t: SwsTensor | ContextTensor, which: str) -> np.ndarray:
+    """How often each symbol of the ``gaps`` or ``values`` stream occurs (nothing dense);
+    a context-coded tensor has values only (symbol 0 counts nothing)."""
+    if isinstance(t, ContextTensor):
+        if which != "values":
+            raise ValueError(f"a context-coded tensor has no {which!r} stream")
+        syms = _context_symbols(t)[2]
+        return np.bincount(syms, minlength=t.codebook.size + 1)
     s = getattr(t, which)
     if t.entries == 0:
         return np.zeros(s.code_lengths.size, dtype=np.int64)
@@ -137,6 +164,6 @@ def symbol_counts(t: SwsTensor, which: str) -> np.ndarray:
     return np.bincount(symbols, minlength=s.code_lengths.size)
 
 
-def value_counts(t: SwsTensor) -> np.ndarray:
+def value_counts(t: SwsTensor | ContextTensor) -> np.ndarray:
     """How many weights take each codebook value."""
     return symbol_counts(t, "values")[1:]

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, kernels
-from .container import Container, RawTensor, Stream, SwsTensor, output_bytes, serialize
+from . import __version__, ctxcoder, kernels
+from .container import AliasTensor, Container, ContextTensor, RawTensor, Stream, SwsTensor, output_bytes, serialize
 from .errors import SwsEncodeError, where
 from .files import atomic_write
 from .huffman import canonical_codes, code_lengths
@@ -38,6 +38,10 @@ from .spec import (
 
 IndexBits = int | str | None | Mapping[str, int | str]
 AUTO_RANGE = range(1, 13)
+CODERS = ("auto", "context", "huffman")
+# Above this many elements "auto" codes with Huffman only: the context coder decodes every
+# position (dense work, ~NS ns each) where Huffman decodes only stored entries.
+CONTEXT_AUTO_MAX = 1 << 22
 
 _TORCH_DTYPES = {
     torch.float64: "float64",
@@ -137,7 +141,8 @@ def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Itera
     return int(best)
 
 
-def _sws(name: str, t: torch.Tensor, index_bits: int | str | None) -> SwsTensor:
+def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
+    """(dtype, codebook patterns sorted, one uint8 symbol per element: 0 = zero, s = codebook[s-1])."""
     dtype = _TORCH_DTYPES[t.dtype]
     pats = _patterns(t, dtype)
     if dtype != "bfloat16":
@@ -165,12 +170,16 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None) -> SwsTensor:
     else:
         codebook = uniq
         sym_of_uniq = np.arange(1, uniq.size + 1, dtype=np.int64)
-    symbols = sym_of_uniq[inverse.reshape(-1)].astype(np.uint8)
-    rows, cols = matrix_shape(tuple(t.shape))
+    return dtype, codebook, sym_of_uniq[inverse.reshape(-1)].astype(np.uint8)
+
+
+def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,
+                    index_bits: int | str | None) -> SwsTensor:
+    rows, cols = matrix_shape(shape)
     if index_bits == "auto":
         bits = best_index_bits(symbols, rows, cols)
     else:
-        bits = default_index_bits(t.dim()) if index_bits is None else int(index_bits)
+        bits = default_index_bits(len(shape)) if index_bits is None else int(index_bits)
         if not 1 <= bits <= MAX_INDEX_BITS:
             raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
     counts, gaps, vals = kernels.build_entries(symbols, rows, cols, bits)
@@ -180,7 +189,7 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None) -> SwsTensor:
     return SwsTensor(
         name=name,
         dtype=dtype,
-        shape=tuple(int(s) for s in t.shape),
+        shape=shape,
         index_bits=bits,
         codebook=codebook,
         nonzeros=int(np.count_nonzero(symbols)),
@@ -190,6 +199,38 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None) -> SwsTensor:
         gaps=_huffman(gaps, 1 << bits),
         values=_huffman(vals, codebook.size + 1),
     )
+
+
+def _context_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray,
+                    symbols: np.ndarray) -> ContextTensor:
+    rows, cols = matrix_shape(shape)
+    nonzeros = int(np.count_nonzero(symbols))
+    out = np.zeros(ctxcoder.max_coded_bytes(rows, cols, nonzeros, codebook.size), dtype=np.uint8)
+    status, n = ctxcoder.encode(symbols, rows, cols, ctxcoder.kernel_size(shape), ctxcoder.value_depth(codebook.size),
+                                ctxcoder.negative_symbols(codebook), out)
+    if status != kernels.OK:  # the bound is proven; this would be a bug, not bad input
+        raise SwsEncodeError(f"{where(name)}the context coder ran out of room ({status})")
+    return ContextTensor(name, dtype, shape, codebook, nonzeros, out[:n].copy())
+
+
+def _sws(name: str, t: torch.Tensor, index_bits: int | str | None, coder: str = "huffman") -> SwsTensor | ContextTensor:
+    """The tensor coded by ``coder`` ("huffman", "context", or "auto": the smaller of the two
+    for tensors of at most CONTEXT_AUTO_MAX elements, Huffman above)."""
+    dtype, codebook, symbols = _symbols(name, t)
+    shape = tuple(int(s) for s in t.shape)
+    if coder == "context" or (coder == "auto" and symbols.size <= CONTEXT_AUTO_MAX):
+        ctx = _context_tensor(name, dtype, shape, codebook, symbols)
+        if coder == "context":
+            return ctx
+        huff = _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
+        return ctx if ctx.data.size < _huffman_bytes(huff) else huff
+    return _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
+
+
+def _huffman_bytes(t: SwsTensor) -> int:
+    """Payload and index bytes of a Huffman-coded tensor beyond what a context-coded one has."""
+    return t.row_counts.size + t.gaps.data.size + t.values.data.size + (t.gaps.code_lengths.size + 1) // 2 \
+        + (t.values.code_lengths.size + 1) // 2 + 6
 
 
 def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -208,7 +249,7 @@ def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dic
 SMALLEST_CHECK_BYTES = 1 << 20
 
 
-def _entry_bytes(t: RawTensor | SwsTensor, version: int) -> int:
+def _entry_bytes(t: RawTensor | SwsTensor | ContextTensor, version: int) -> int:
     """Size of a file that holds ``t`` alone: its header entry (deflated with the rest of the
     header in version 2), code tables and sections."""
     return len(serialize(Container([t], {}, None, "", version)))
@@ -223,11 +264,18 @@ def to_container(
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
     smallest: bool = True,
+    coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
 ) -> Container:
     """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
     if version not in VERSIONS:
         raise SwsEncodeError(f"cannot write format version {version!r} (versions {list(VERSIONS)})")
+    chosen_coders = dict(coder) if isinstance(coder, Mapping) else {}
+    for c in [coder] if isinstance(coder, str) else list(chosen_coders.values()):
+        if c not in CODERS:
+            raise SwsEncodeError(f"coder must be one of {list(CODERS)} (or a mapping of names to them), got {c!r}")
+        if version < 3 and c == "context":
+            raise SwsEncodeError(f"format version {version} has no context coder; write version 3 or use coder='huffman'")
     sd = _state_dict(model_or_state_dict)
     keep = set(keep)
     if callable(compress):
@@ -244,13 +292,22 @@ def to_container(
         selector = lambda n, t: n in chosen  # noqa: E731
     else:
         selector = default_selector
-    tensors = []
+    tensors: list[RawTensor | SwsTensor | ContextTensor | AliasTensor] = []
+    stored: dict[tuple, str] = {}
     for name, t in sd.items():
+        if version >= 3 and t.numel():
+            # Tied weights (one tensor under several names) are stored once.
+            key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+            if key in stored:
+                tensors.append(AliasTensor(name, stored[key]))
+                continue
+            stored[key] = name
         if name not in keep and selector(name, t):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} is not a floating type and cannot be coded")
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
-            coded = _sws(name, t, ib)
+            how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
+            coded = _sws(name, t, ib, how if version >= 3 else "huffman")
             if smallest and t.numel() * t.element_size() <= SMALLEST_CHECK_BYTES:
                 raw = _raw(name, t)
                 if _entry_bytes(raw, version) <= _entry_bytes(coded, version):
@@ -274,15 +331,17 @@ def encode_bytes(
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
     smallest: bool = True,
+    coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
 ) -> bytes:
     """Like :func:`encode` but return the file's bytes."""
     c = to_container(
         model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
-        architecture=architecture, smallest=smallest, version=version,
+        architecture=architecture, smallest=smallest, coder=coder, version=version,
     )
     data = serialize(c)
-    needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0)) for t in c.tensors)
+    needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0))
+                 for t in c.tensors if not isinstance(t, AliasTensor))
     if needed > max(MIN_OUTPUT_LIMIT, MAX_EXPANSION * len(data)):
         warnings.warn(
             f"the file decodes to {needed} bytes, more than readers allow by default for a {len(data)}-byte file: "
@@ -302,6 +361,7 @@ def encode(
     metadata: Mapping[str, str] | None = None,
     architecture: str | Mapping[str, Any] | None = None,
     smallest: bool = True,
+    coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
 ) -> int:
     """Write a quantized model to a ``.sws`` file atomically; return the file size in bytes.
@@ -323,8 +383,14 @@ def encode(
         smallest: store a selected tensor raw when a file holding that tensor alone is not
             larger that way (default; small tensors such as biases: a codebook and code
             tables cost ~150-300 bytes). Both forms decode to the same bit patterns.
-        version: format version to write: 2 (default) or 1, for readers older than
-            swsformat 0.2 (a plain msgpack header, every section aligned).
+        coder: how coded tensors are entropy coded (version 3): ``"auto"`` (default: per
+            tensor the smaller of the two, for tensors of at most 4M elements; Huffman above,
+            where its decode is faster), ``"context"`` (context-modelled range coder:
+            smallest files, decode touches every position) or ``"huffman"`` (relative-index
+            CSR with Huffman codes: decode work per stored entry), or a mapping of tensor
+            names to those (others: ``"auto"``).
+        version: format version to write: 3 (default), 2 (for readers older than swsformat
+            0.3) or 1 (older than 0.2). Versions 1 and 2 store tied tensors once per name.
 
     Example:
         >>> import torch, swsformat
@@ -334,7 +400,7 @@ def encode(
     """
     data = encode_bytes(
         model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
-        architecture=architecture, smallest=smallest, version=version,
+        architecture=architecture, smallest=smallest, coder=coder, version=version,
     )
     atomic_write(path, data)
     return len(data)

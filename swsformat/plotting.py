@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .container import SwsTensor
+from .container import ContextTensor, SwsTensor
 from .decoder import codebook_values, value_counts
 from .reader import PathLike, read_container
 
@@ -32,7 +32,7 @@ def plot_file(path: PathLike, prefix: str | None = None, max_output_bytes: int |
         raise ImportError("plots need matplotlib: pip install 'swsformat[plots]'") from exc
     c = read_container(path, max_output_bytes)
     prefix = prefix or str(Path(path).with_suffix(""))
-    coded = [t for t in c.tensors if isinstance(t, SwsTensor)]
+    coded = [t for t in c.tensors if isinstance(t, SwsTensor | ContextTensor)]
     books = [codebook_values(t) for t in coded]
     everything = np.concatenate(books) if books else np.zeros(0)
     _, label = _scaled(everything)

@@ -228,15 +228,26 @@ class SwsFile:
         return materialize(e, self._chunk(e))
 
     def get_tensor(self, name: str, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
-        """Decode one tensor; with ``sparse`` a coded tensor of 2+ dimensions comes back as
-        ``torch.sparse_csr_tensor`` of its 2-D view ``(shape[0], prod(shape[1:]))``."""
-        return tensor_from_entry(self.tensor(name), device, sparse)
+        """Decode one tensor (reading only its own bytes); with ``sparse`` a coded tensor of
+        2+ dimensions comes back as ``torch.sparse_csr_tensor`` of its 2-D view
+        ``(shape[0], prod(shape[1:]))``. An alias decodes the tensor it names."""
+        e = self.entry(name)
+        if e.alias_of is not None:
+            e = self.entry(e.alias_of)
+        return tensor_from_entry(self.tensor(e.name), device, sparse)
 
     def state_dict(self, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
-        """Every tensor, decoded (the whole output is checked against the limit first)."""
+        """Every tensor, decoded (the whole output is checked against the limit first).
+        Tied tensors (aliases) come back as one tensor object under each of their names."""
         self._reserve(self.header.entries)
         self._load_all()
-        return {e.name: tensor_from_entry(materialize(e, self._chunk(e)), device, sparse) for e in self.header.entries}
+        out: dict[str, torch.Tensor] = {}
+        for e in self.header.entries:
+            if e.alias_of is not None:
+                out[e.name] = out[e.alias_of]
+            else:
+                out[e.name] = tensor_from_entry(materialize(e, self._chunk(e)), device, sparse)
+        return out
 
     def container(self) -> Container:
         """The whole file as a :class:`Container` (all sections read and checked)."""
@@ -450,6 +461,8 @@ def load_model(
             def coded_csr(name: str) -> torch.Tensor | None:
                 """The file's own CSR decode of a coded weight (no dense detour)."""
                 e = f._by_name.get(name)
+                if e is not None and e.alias_of is not None:
+                    e = f._by_name[e.alias_of]
                 if e is None or e.kind != "sws" or len(e.shape) < 2:
                     return None
                 # Already counted against the output limit by the state_dict above.

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from .container import RawTensor, SwsTensor
+from .container import AliasTensor, ContextTensor, RawTensor, SwsTensor
 from .decoder import symbol_counts
 from .huffman import entropy_bits
 from .reader import PathLike, SwsFile
@@ -16,7 +16,14 @@ from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 FP32_BITS = 32
 
 
-def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) -> dict[str, Any]:
+def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | AliasTensor, header_bits: int, entropy: bool,
+                   target: dict[str, Any] | None = None) -> dict[str, Any]:
+    if isinstance(t, AliasTensor):
+        assert target is not None
+        # A tie costs its index record only; its elements count once, with the tensor it names.
+        return {"name": t.name, "kind": "alias", "alias_of": t.target, "dtype": target["dtype"],
+                "shape": target["shape"], "numel": 0, "fp32_bits": 0, "dtype_bits": 0,
+                "header_bits": header_bits, "total_bits": header_bits}
     numel = math.prod(t.shape)
     r: dict[str, Any] = {"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape), "numel": numel}
     r["fp32_bits"] = numel * FP32_BITS if t.dtype in SWS_DTYPES else numel * RAW_DTYPES[t.dtype].itemsize * 8
@@ -27,6 +34,16 @@ def _tensor_report(t: SwsTensor | RawTensor, header_bits: int, entropy: bool) ->
         r["total_bits"] = r["raw_bits"] + header_bits
         return r
     rows, cols = matrix_shape(t.shape)
+    r["coder"] = t.coder
+    if isinstance(t, ContextTensor):
+        r.update(rows=rows, cols=cols, nonzeros=t.nonzeros, codebook_size=int(t.codebook.size),
+                 coded_bits=t.data.size * 8, codebook_bits=int(t.codebook.size) * SWS_DTYPES[t.dtype].itemsize * 8)
+        r["payload_bits"] = r["coded_bits"] + r["codebook_bits"]
+        r["total_bits"] = r["payload_bits"] + header_bits
+        if entropy:
+            r["value_entropy_bits"] = entropy_bits(symbol_counts(t, "values"))
+        r["compression_rate"] = r["fp32_bits"] / max(r["total_bits"], 1)
+        return r
     r.update(
         rows=rows,
         cols=cols,
@@ -75,8 +92,16 @@ def size_report(
         with SwsFile(path_or_bytes, max_output_bytes=max_output_bytes) as f:
             c, file_bytes = f.container(), f.header.file_size
     hlen = c.header_bytes
-    shares = _header_share(c.raw_header, hlen, c.header_size)
-    tensors = [_tensor_report(t, s, entropy) for t, s in zip(c.tensors, shares)]
+    if c.version == 3:  # the index's bytes per tensor are exact
+        shares = [8 * e for e in c.index_bytes]
+    else:
+        shares = _header_share(c.raw_header, hlen, c.header_size)
+    tensors: list[dict[str, Any]] = []
+    by_name: dict[str, dict[str, Any]] = {}
+    for t, s in zip(c.tensors, shares):
+        r = _tensor_report(t, s, entropy, by_name.get(t.target) if isinstance(t, AliasTensor) else None)
+        by_name[t.name] = r
+        tensors.append(r)
     sws = [r for r in tensors if r["kind"] == "sws"]
     total_bits = file_bytes * 8
     fp32_bits = sum(r["fp32_bits"] for r in tensors)
@@ -99,11 +124,14 @@ def size_report(
         "tensors": tensors,
     }
     out["nonzero_fraction"] = out["nonzeros"] / max(out["coded_weights"], 1)
+    out["aliases"] = sum(r["kind"] == "alias" for r in tensors)
     if entropy:
-        out["gap_bits"] = sum(r["gap_bits"] for r in sws)
-        out["gap_entropy_bits"] = sum(r["gap_entropy_bits"] for r in sws)
-        out["value_bits"] = sum(r["value_bits"] for r in sws)
+        huff = [r for r in sws if r["coder"] == "huffman"]
+        out["gap_bits"] = sum(r["gap_bits"] for r in huff)
+        out["gap_entropy_bits"] = sum(r["gap_entropy_bits"] for r in huff)
+        out["value_bits"] = sum(r["value_bits"] for r in huff)
         out["value_entropy_bits"] = sum(r["value_entropy_bits"] for r in sws)
+        out["context_bits"] = sum(r["coded_bits"] for r in sws if r["coder"] == "context")
     return out
 
 
@@ -118,8 +146,12 @@ def inspect(path: PathLike) -> list[dict[str, Any]]:
     out = []
     for e in entries:
         info: dict[str, Any] = {"name": e.name, "kind": e.kind, "dtype": e.dtype, "shape": list(e.shape)}
+        if e.kind == "alias":
+            info["alias_of"] = e.alias_of
         if e.kind == "sws":
-            info.update(nonzeros=e.nonzeros, entries=e.entries, index_bits=e.index_bits, codebook_size=int(e.codebook.size))
+            info.update(coder=e.coder, nonzeros=e.nonzeros, codebook_size=int(e.codebook.size))
+            if e.coder == "huffman":
+                info.update(entries=e.entries, index_bits=e.index_bits)
             info["bytes"] = e.stored_bytes + e.codebook.nbytes
         else:
             info["bytes"] = e.stored_bytes

@@ -1,16 +1,16 @@
-"""Constants of the ``.sws`` format, versions 1 and 2 (see ``SPEC.md`` for the byte layout)."""
+"""Constants of the ``.sws`` format, versions 1 to 3 (see ``SPEC.md`` for the byte layout)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 MAGIC = b"\x89SWS\r\n\x1a\n"
-FORMAT_VERSION = 2  # what the writer produces by default
-VERSIONS = (1, 2)  # what the reader reads
+FORMAT_VERSION = 3  # what the writer produces by default
+VERSIONS = (1, 2, 3)  # what the reader reads
 # Prelude length by version. v1: magic (8), version u16, reserved u16, header length u32.
 # v2: magic (8), version u16, header coding u8, reserved u8, stored header length u32,
 # decoded header length u32.
-PRELUDE = {1: 16, 2: 20}
+PRELUDE = {1: 16, 2: 20, 3: 20}  # v3: as v2, the header being the binary index
 MAX_PRELUDE = 20
 HEADER_MSGPACK = 0  # v2 header coding: the msgpack bytes as they are
 HEADER_DEFLATE = 1  # v2 header coding: raw deflate (RFC 1951) of the msgpack bytes

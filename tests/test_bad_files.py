@@ -18,7 +18,7 @@ from swsformat.errors import SwsChecksumError, SwsFormatError
 from .conftest import DATA, quantized
 
 GOLDEN = (DATA / "golden-v1.sws").read_bytes()
-GOLDENS = {1: GOLDEN, 2: (DATA / "golden-v2.sws").read_bytes()}
+GOLDENS = {v: (DATA / f"golden-v{v}.sws").read_bytes() for v in (1, 2, 3)}
 
 
 def small_file(version: int = 2) -> bytes:
@@ -42,14 +42,14 @@ def split(data: bytes) -> tuple[dict, bytes]:
     return decode_header(data, prelude), data[prelude.data_start :]
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_truncation_at_every_offset_is_rejected(version):
     golden = GOLDENS[version]
     for n in range(len(golden)):
         rejects(golden[:n])
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_every_single_bit_flip_is_detected(version):
     data = small_file(version)
     for i in range(len(data)):
@@ -134,7 +134,7 @@ def test_hostile_msgpack():
 
 def test_bad_prelude():
     rejects(b"PK\x03\x04" + GOLDEN[4:], "magic")
-    rejects(GOLDEN[:8] + b"\x03\x00" + GOLDEN[10:], "version 3")
+    rejects(GOLDEN[:8] + b"\x04\x00" + GOLDEN[10:], "version 4")
     rejects(GOLDEN[:12] + struct.pack("<I", 2**31), "header length")
     rejects(GOLDEN[:10] + b"\x01\x00" + GOLDEN[12:], "reserved")
 
@@ -242,7 +242,7 @@ def test_checksum_error_names_the_section():
 
 def test_small_file_declaring_huge_tensor_is_refused_quickly():
     sd = {"w.weight": torch.zeros(1, 1)}
-    header, payload = split(swsformat.encode_bytes(sd, smallest=False))
+    header, payload = split(swsformat.encode_bytes(sd, smallest=False, version=2))
     header["tensors"][0]["shape"] = [1 << 15, 1 << 15]  # 4 GiB of float32, all zeros
     data = rebuild(header, payload)
     assert len(data) < 1024

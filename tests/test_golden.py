@@ -23,11 +23,18 @@ GOLDEN = DATA / f"golden-v{FORMAT_VERSION}.sws"
 GOLDEN_SETTINGS = {"index_bits": None, "smallest": False}
 
 
-def golden_state_dict() -> dict[str, torch.Tensor]:
+def golden_settings(version: int) -> dict:
+    """Version 3 codes two tensors with Huffman so that the file holds both coders."""
+    if version < 3:
+        return GOLDEN_SETTINGS
+    return {**GOLDEN_SETTINGS, "coder": {"gap.weight": "huffman", "half.weight": "huffman"}}
+
+
+def golden_state_dict(version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
     t = torch.zeros(3, 40)
     t[0, 39] = 0.5
     t[2, [0, 1, 35]] = torch.tensor([-0.25, 0.5, -0.25])
-    return {
+    sd = {
         "conv.weight": quantized((6, 2, 3, 3), 0.3, 5, seed=3),
         "conv.bias": torch.tensor([0.1, -0.2, 0.3, 0.0, 1.0, -1.0]),
         "fc.weight": quantized((10, 54), 0.15, 7, seed=4),
@@ -36,26 +43,34 @@ def golden_state_dict() -> dict[str, torch.Tensor]:
         "half.weight": quantized((4, 9), 0.5, 3, seed=5, dtype=torch.bfloat16),
         "steps": torch.tensor(7),
     }
+    if version >= 3:
+        sd["tied.weight"] = sd["fc.weight"]  # one tensor under two names: stored once
+    return sd
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_golden_file_decodes_to_the_same_tensors(version):
     if os.environ.get("SWSFORMAT_REGEN_GOLDEN") and version == FORMAT_VERSION:
-        swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"}, **GOLDEN_SETTINGS)
+        swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"}, **golden_settings(version))
     path = DATA / f"golden-v{version}.sws"
     assert parse(path.read_bytes()).version == version
     sd = swsformat.load_state_dict(path)
-    want = golden_state_dict()
+    want = golden_state_dict(version)
     assert list(sd) == list(want)
     for k in want:
         assert sd[k].dtype == want[k].dtype and torch.equal(sd[k], want[k]), k
+    if version >= 3:
+        assert sd["tied.weight"] is sd["fc.weight"]
+        coders = {swsformat.open(path).entry(k).coder for k in sd if swsformat.open(path).entry(k).kind == "sws"}
+        assert coders == {"huffman", "context"}  # the file exercises both coders
 
 
 def _rewrite(version: int) -> tuple[bytes, bytes]:
     """Today's writer on the golden tensors at ``version``, with the golden file's library
     string (the only field allowed to differ between releases), and the golden file."""
     golden = (DATA / f"golden-v{version}.sws").read_bytes()
-    c = to_container(golden_state_dict(), metadata={"purpose": "golden"}, version=version, **GOLDEN_SETTINGS)
+    c = to_container(golden_state_dict(version), metadata={"purpose": "golden"}, version=version,
+                     **golden_settings(version))
     c.library = parse(golden).library
     return serialize(c), golden
 
@@ -78,7 +93,7 @@ def test_writer_still_produces_the_current_golden_file():
 def test_exact_bytes_of_a_tiny_layer():
     """One layer small enough to check by hand against SPEC.md."""
     w = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, -0.5]])
-    c = swsformat.encode_bytes({"w.weight": w}, index_bits=2, metadata={}, smallest=False)
+    c = swsformat.encode_bytes({"w.weight": w}, index_bits=2, metadata={}, smallest=False, version=2)
     from swsformat.container import parse
 
     t = parse(c).tensors[0]

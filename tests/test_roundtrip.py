@@ -174,16 +174,19 @@ def test_sparse_csr_layout():
 def test_both_format_versions_round_trip_and_unknown_ones_are_refused():
     sd = {"a.weight": quantized((30, 40), 0.1, 6), "a.bias": torch.randn(30), "b.weight": quantized((8, 3, 3, 3), 0.3, 4)}
     sizes = {}
-    for version in (1, 2):
+    for version in (1, 2, 3):
         data = swsformat.encode_bytes(sd, version=version)
         assert read_prelude(data).version == version
         out = swsformat.load(data)
         for k in sd:
             assert torch.equal(out[k].view(torch.uint8), sd[k].view(torch.uint8)), (version, k)
         sizes[version] = len(data)
-    assert sizes[2] < sizes[1]
-    with pytest.raises(swsformat.SwsEncodeError, match="version 3"):
-        swsformat.encode_bytes(sd, version=3)
+    assert sizes[3] < sizes[2] < sizes[1]
+    assert len(swsformat.encode_bytes(sd)) == sizes[3]  # the default
+    with pytest.raises(swsformat.SwsEncodeError, match="version 4"):
+        swsformat.encode_bytes(sd, version=4)
+    with pytest.raises(swsformat.SwsEncodeError, match="no context coder"):
+        swsformat.encode_bytes(sd, version=2, coder="context")
 
 
 @pytest.mark.parametrize("compress", [True, 3, "w.weight"])

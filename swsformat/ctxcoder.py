@@ -1,0 +1,372 @@
+"""The context-modelled coder of format 3: positions and values of a quantized tensor
+through an adaptive binary range coder, integer arithmetic only (SPEC.md section 9).
+
+Every decision is a binary event coded with an adaptive probability chosen by a context
+(what the coder has already seen), so the same bytes decode the same way on every machine.
+The model, in coding order, over the tensor's 2-D view ``rows x cols``:
+
+1. *row mask*: is row ``r`` all zero? (context: was the previous row?)
+2. *column mask*: is column ``c`` all zero? (context: the previous column and, for
+   kernels, the same tap one input channel back): dead units and dead inputs cost ~nothing;
+3. *non-zero flags* inside live rows x live columns, context = how dense this column has
+   been in earlier rows, how dense this row has been so far, and two neighbours; a flag
+   the masks force (the last chance for a live row or column) is not coded;
+4. *values*: the codebook symbol of every non-zero through an adaptive binary tree.
+
+Kernels trust only validated sizes; everything that depends on payload bytes is checked
+(stream overrun, trailing bytes, non-zero count), errors come back as status codes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import ERR_NONZEROS, ERR_OVERRUN, ERR_TRAILING, OK, jit
+from .kernels import STATUS as _STATUS
+
+PROB_BITS = 16
+ONE = 1 << PROB_BITS
+P_MIN = 64
+P_MAX = ONE - 64
+FAST, SLOW = 4, 7  # adaptation shifts of the two estimators averaged per context
+TOP = 1 << 24
+
+ROW_CTX = 0  # 2 contexts
+COL_CTX = 2  # 4 contexts
+FLAG_CTX = 6  # 8 x 8 x 2 x 2 contexts
+VALUE_CTX = FLAG_CTX + 256  # per node of the value tree (at most 256) x sign of the row's previous value
+N_CTX = VALUE_CTX + 3 * 256
+ERR_CAPACITY = -10
+ERR_SYMBOL = -11
+ERR_MASK = -12
+STATUS = {
+    **_STATUS,
+    ERR_OVERRUN: "the range coder's bytes end before all positions and values are decoded",
+    ERR_TRAILING: "the range coder's bytes continue past the last decoded value",
+    ERR_SYMBOL: "a value symbol past the end of the codebook",
+    ERR_MASK: "live rows but no live column",
+}
+
+
+def value_depth(codebook_size: int) -> int:
+    """Bits of the value tree for ``codebook_size`` non-zero values: symbol ``s`` (1-based)
+    is coded as ``s - 1`` in that many bits, most significant first."""
+    return max(codebook_size - 1, 0).bit_length()
+
+
+def kernel_size(shape: tuple[int, ...]) -> int:
+    """Elements per (output, input) pair of a kernel (1 for a matrix): the distance to a
+    position's second neighbour, the same tap one input channel back."""
+    k = 1
+    for s in shape[2:]:
+        k *= s
+    return k
+
+
+def negative_symbols(codebook: np.ndarray) -> np.ndarray:
+    """1 for each symbol (0 = zero, then the codebook) whose value is negative (sign bit set)."""
+    sign = np.asarray(codebook >> (codebook.dtype.itemsize * 8 - 1), dtype=np.uint8) & 1
+    return np.concatenate([np.zeros(1, np.uint8), sign])
+
+
+def max_coded_bytes(rows: int, cols: int, nonzeros: int, codebook_size: int) -> int:
+    """An upper bound on the coded size: every coded bit costs at most ~10 bits (P_MIN)."""
+    events = rows + cols + rows * cols + nonzeros * value_depth(codebook_size)
+    return (events * 11) // 8 + 16
+
+
+@jit
+def _density(count: int, seen: int) -> int:
+    """Bucket 0..7 of ``count`` non-zeros among ``seen`` earlier positions."""
+    if seen == 0:
+        return 0
+    if count == 0:
+        return 1 if seen < 8 else 2
+    q = (count * 16) // seen
+    if q < 1:
+        return 3
+    if q < 2:
+        return 4
+    if q < 4:
+        return 5
+    if q < 8:
+        return 6
+    return 7
+
+
+@jit
+def _p(pa, pb, ctx):
+    p = (pa[ctx] + pb[ctx]) >> 1
+    if p < P_MIN:
+        return P_MIN
+    if p > P_MAX:
+        return P_MAX
+    return p
+
+
+@jit
+def _update(pa, pb, ctx, bit):
+    if bit:
+        pa[ctx] += (ONE - pa[ctx]) >> FAST
+        pb[ctx] += (ONE - pb[ctx]) >> SLOW
+    else:
+        pa[ctx] -= pa[ctx] >> FAST
+        pb[ctx] -= pb[ctx] >> SLOW
+
+
+@jit
+def _shift_low(st, out):
+    # st: low, range, cache, pending (0xFF bytes held back for a carry), out position
+    low = st[0]
+    if low < 0xFF000000 or low >= 0x100000000:
+        carry = low >> 32
+        if st[4] + 1 + st[3] > out.size:
+            return ERR_CAPACITY
+        if st[5]:  # the very first byte is always 0 and is not written
+            out[st[4]] = (st[2] + carry) & 0xFF
+            st[4] += 1
+        st[5] = 1
+        while st[3] > 0:
+            out[st[4]] = (0xFF + carry) & 0xFF
+            st[4] += 1
+            st[3] -= 1
+        st[2] = (low >> 24) & 0xFF
+    else:
+        st[3] += 1
+    st[0] = (low & 0x00FFFFFF) << 8
+    return OK
+
+
+@jit
+def _encode_bit(st, out, pa, pb, ctx, bit):
+    p = _p(pa, pb, ctx)
+    bound = (st[1] >> PROB_BITS) * p
+    if bit:
+        st[1] = bound
+    else:
+        st[0] += bound
+        st[1] -= bound
+    _update(pa, pb, ctx, bit)
+    while st[1] < TOP:
+        st[1] = (st[1] << 8) & 0xFFFFFFFF
+        if _shift_low(st, out) != OK:
+            return ERR_CAPACITY
+    return OK
+
+
+@jit
+def _decode_bit(st, data, pa, pb, ctx):
+    # st: code, range, input position, status
+    p = _p(pa, pb, ctx)
+    bound = (st[1] >> PROB_BITS) * p
+    if st[0] < bound:
+        st[1] = bound
+        bit = 1
+    else:
+        st[0] -= bound
+        st[1] -= bound
+        bit = 0
+    _update(pa, pb, ctx, bit)
+    while st[1] < TOP:
+        st[1] = (st[1] << 8) & 0xFFFFFFFF
+        if st[2] >= data.size:
+            st[3] = ERR_OVERRUN
+            return 0
+        st[0] = ((st[0] << 8) | data[st[2]]) & 0xFFFFFFFF
+        st[2] += 1
+    return bit
+
+
+@jit
+def _flag_ctx(colcnt, alive_seen, rowcnt, j, left, back):
+    return FLAG_CTX + ((_density(colcnt, alive_seen) * 8 + _density(rowcnt, j)) * 2 + left) * 2 + back
+
+
+@jit
+def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, negative: np.ndarray, out: np.ndarray):
+    """Code the (rows*cols) symbol matrix (0 = zero) into ``out``; ``negative[s]`` is 1 when
+    symbol ``s`` stands for a negative value. Returns (status, bytes written)."""
+    pa = np.full(N_CTX, ONE // 2, dtype=np.int64)
+    pb = np.full(N_CTX, ONE // 2, dtype=np.int64)
+    st = np.zeros(6, dtype=np.int64)
+    st[1] = 0xFFFFFFFF
+    row_alive = np.zeros(rows, dtype=np.uint8)
+    col_alive = np.zeros(cols, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            if symbols[r * cols + c] != 0:
+                row_alive[r] = 1
+                col_alive[c] = 1
+    prev = 0
+    last_row = -1
+    for r in range(rows):
+        if _encode_bit(st, out, pa, pb, ROW_CTX + prev, row_alive[r]) != OK:
+            return ERR_CAPACITY, 0
+        prev = row_alive[r]
+        if prev:
+            last_row = r
+    if last_row < 0:
+        return _finish(st, out)
+    last_col = -1
+    for c in range(cols):
+        a = col_alive[c - 1] if c >= 1 else 0
+        b = col_alive[c - kernel] if c >= kernel and kernel > 1 else (col_alive[c - 2] if c >= 2 and kernel == 1 else 0)
+        if _encode_bit(st, out, pa, pb, COL_CTX + a * 2 + b, col_alive[c]) != OK:
+            return ERR_CAPACITY, 0
+        if col_alive[c]:
+            last_col = c
+    colcnt = np.zeros(cols, dtype=np.int64)
+    flags = np.zeros(cols, dtype=np.uint8)  # this row's flags so far
+    alive_seen = 0
+    for r in range(rows):
+        if not row_alive[r]:
+            continue
+        rowcnt = 0
+        j = 0
+        sign = 0
+        for c in range(cols):
+            flags[c] = 0
+        for c in range(cols):
+            if not col_alive[c]:
+                continue
+            s = symbols[r * cols + c]
+            bit = 1 if s != 0 else 0
+            forced = (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0)
+            if not forced:
+                left = flags[c - 1] if c >= 1 else 0
+                back = flags[c - kernel] if c >= kernel and kernel > 1 else (flags[c - 2] if c >= 2 and kernel == 1 else 0)
+                ctx = _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back)
+                if _encode_bit(st, out, pa, pb, ctx, bit) != OK:
+                    return ERR_CAPACITY, 0
+            if bit:
+                flags[c] = 1
+                rowcnt += 1
+                colcnt[c] += 1
+                node = 1
+                v = s - 1
+                for i in range(depth - 1, -1, -1):
+                    b = (v >> i) & 1
+                    if _encode_bit(st, out, pa, pb, VALUE_CTX + sign * 256 + node, b) != OK:
+                        return ERR_CAPACITY, 0
+                    node = node * 2 + b
+                sign = 1 + negative[s]
+            j += 1
+        alive_seen += 1
+    return _finish(st, out)
+
+
+@jit
+def _finish(st, out):
+    for _ in range(5):
+        if _shift_low(st, out) != OK:
+            return ERR_CAPACITY, 0
+    # The flush writes the whole of ``low``; bytes a decoder never reads are dropped (it
+    # reads 4 bytes to start, then one per renormalisation, which is exactly what was shifted).
+    return OK, st[4]
+
+
+@jit
+def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.ndarray, nonzeros: int,
+           crow: np.ndarray, colidx: np.ndarray, syms: np.ndarray):
+    """Inverse of :func:`encode` into CSR form: ``crow`` (rows + 1), column index and symbol
+    (1..codebook_size) of each of the ``nonzeros`` non-zeros; ``negative`` as in :func:`encode`
+    (``codebook_size + 1`` entries). Returns (status, row where it failed or -1)."""
+    codebook_size = negative.size - 1
+    depth = 0
+    while (1 << depth) < codebook_size:
+        depth += 1
+    pa = np.full(N_CTX, ONE // 2, dtype=np.int64)
+    pb = np.full(N_CTX, ONE // 2, dtype=np.int64)
+    st = np.zeros(4, dtype=np.int64)
+    st[1] = 0xFFFFFFFF
+    for i in range(4):
+        if i >= data.size:
+            return ERR_OVERRUN, -1
+        st[0] = (st[0] << 8) | data[i]
+    st[2] = 4
+    row_alive = np.zeros(rows, dtype=np.uint8)
+    prev = 0
+    last_row = -1
+    for r in range(rows):
+        prev = _decode_bit(st, data, pa, pb, ROW_CTX + prev)
+        if st[3] != OK:
+            return st[3], r
+        row_alive[r] = prev
+        if prev:
+            last_row = r
+    crow[0] = 0
+    n = 0
+    if last_row >= 0:
+        # Allocated only now: a live row means the tensor has elements, so ``cols`` is
+        # bounded by the element count the caller has checked.
+        col_alive = np.zeros(cols, dtype=np.uint8)
+        last_col = -1
+        for c in range(cols):
+            a = col_alive[c - 1] if c >= 1 else 0
+            b = col_alive[c - kernel] if c >= kernel and kernel > 1 else (col_alive[c - 2] if c >= 2 and kernel == 1 else 0)
+            col_alive[c] = _decode_bit(st, data, pa, pb, COL_CTX + a * 2 + b)
+            if st[3] != OK:
+                return st[3], -1
+            if col_alive[c]:
+                last_col = c
+        if last_col < 0:
+            return ERR_MASK, -1
+        colcnt = np.zeros(cols, dtype=np.int64)
+        flags = np.zeros(cols, dtype=np.uint8)
+        alive_seen = 0
+        for r in range(rows):
+            if row_alive[r]:
+                rowcnt = 0
+                j = 0
+                sign = 0
+                for c in range(cols):
+                    flags[c] = 0
+                for c in range(cols):
+                    if not col_alive[c]:
+                        continue
+                    if (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0):
+                        bit = 1
+                    else:
+                        left = flags[c - 1] if c >= 1 else 0
+                        back = flags[c - kernel] if c >= kernel and kernel > 1 else (flags[c - 2] if c >= 2 and kernel == 1 else 0)
+                        bit = _decode_bit(st, data, pa, pb, _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back))
+                        if st[3] != OK:
+                            return st[3], r
+                    if bit:
+                        if n >= nonzeros:
+                            return ERR_NONZEROS, r
+                        flags[c] = 1
+                        rowcnt += 1
+                        colcnt[c] += 1
+                        node = 1
+                        for _ in range(depth):
+                            node = node * 2 + _decode_bit(st, data, pa, pb, VALUE_CTX + sign * 256 + node)
+                            if st[3] != OK:
+                                return st[3], r
+                        sym = node - (1 << depth) + 1
+                        if sym > codebook_size:
+                            return ERR_SYMBOL, r
+                        colidx[n] = c
+                        syms[n] = sym
+                        sign = 1 + negative[sym]
+                        n += 1
+                    j += 1
+                alive_seen += 1
+            crow[r + 1] = n
+    else:
+        for r in range(rows):
+            crow[r + 1] = 0
+    if n != nonzeros:
+        return ERR_NONZEROS, -1
+    if st[2] != data.size:
+        return ERR_TRAILING, -1
+    return OK, -1
+
+
+@jit
+def scatter(crow, colidx, syms, codebook, cols, out):
+    """Dense bit patterns from the CSR symbols of :func:`decode` (``syms`` are 1-based)."""
+    for r in range(crow.size - 1):
+        base = r * cols
+        for k in range(crow[r], crow[r + 1]):
+            out[base + colidx[k]] = codebook[syms[k] - 1]
