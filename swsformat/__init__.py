@@ -9,6 +9,7 @@ Public API, flat in the spirit of ``safetensors.torch``::
     model = swsformat.load_model("model.sws")            # built-in architectures
     model = swsformat.load_model("model.sws", MyNet())  # your own module
     swsformat.size_report("model.sws")
+    swsformat.remove_dead_units_(model, example_batch)  # zero what cannot change the output
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def __getattr__(name: str):
         from . import retrain
 
         return getattr(retrain, name)
+    if name == "remove_dead_units_":
+        from .exact import remove_dead_units_
+
+        return remove_dead_units_
     raise AttributeError(f"module 'swsformat' has no attribute {name!r}")
 
 
@@ -65,5 +70,6 @@ __all__ = [
     "open",
     "read_header",
     "register_architecture",
+    "remove_dead_units_",
     "size_report",
 ]

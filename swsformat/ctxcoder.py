@@ -370,3 +370,4 @@ def scatter(crow, colidx, syms, codebook, cols, out):
         base = r * cols
         for k in range(crow[r], crow[r + 1]):
             out[base + colidx[k]] = codebook[syms[k] - 1]
+

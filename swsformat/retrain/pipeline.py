@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..encoder import encode
-from ..errors import SwsTrainingError
+from ..errors import SwsError, SwsTrainingError
 from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
@@ -64,6 +65,7 @@ class CompressConfig:
     bias_tolerance: float = 0.1
     bias_dtype: str = "float16"
     index_bits: int | str | None = "auto"
+    remove_dead: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +111,7 @@ class CompressResult:
     components_left: int
     merged: int
     seconds: float
+    dead_removed: int = 0  # weights and biases zeroed by exact pruning (outputs bit-identical)
     file_bytes: int | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -122,6 +125,7 @@ class CompressResult:
             "merged": self.merged,
             "seconds": self.seconds,
             "file_bytes": self.file_bytes,
+            "dead_removed": self.dead_removed,
         }
 
 
@@ -396,6 +400,29 @@ def check_not_collapsed(
     )
 
 
+def _remove_dead(model: nn.Module, test: Data, samples: int = 10000) -> int:
+    """Zero the weights that cannot change the output (:mod:`swsformat.exact`), proven
+    bit-identical on up to ``samples`` test inputs; 0 with a warning for a model torch.fx
+    cannot trace."""
+    from ..exact import remove_dead_units_verified_
+
+    device = next(model.parameters()).device
+    batches: list[torch.Tensor] = []
+    seen = 0
+    source = [(test.x[i : i + 1000], None) for i in range(0, len(test), 1000)] if isinstance(test, Split) else test
+    for x, _ in source:
+        batches.append(x.to(device))
+        seen += len(x)
+        if seen >= samples:
+            break
+    try:
+        removed = remove_dead_units_verified_(model, batches)
+    except SwsError as exc:
+        warnings.warn(f"dead units left in place: {exc}", stacklevel=3)
+        return 0
+    return sum(removed.values())
+
+
 def compress(
     model: nn.Module,
     train: Data,
@@ -464,8 +491,13 @@ def compress(
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
+    dead = _remove_dead(model, test) if config.remove_dead else 0
+    if dead:
+        weights = [p for _, p in _named(model, named)]
+        frac = sum(int((p != 0).sum()) for p in weights) / max(sum(p.numel() for p in weights), 1)
     result = CompressResult(
-        model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0
+        model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0,
+        dead_removed=dead,
     )
     if path is not None:
         meta = dict(metadata or {})
