@@ -212,6 +212,10 @@ def cmd_encode(a: argparse.Namespace) -> int:
         raise UsageError(f"--prune must be in [0, 1), got {a.prune}")
     if a.prune and not a.clusters:
         raise UsageError("--prune works with --clusters K (prune, then share K values); add --clusters")
+    if a.remove_dead and not a.data:
+        raise UsageError("--remove-dead needs --data (and --architecture or --module): the result is proven on its test set")
+    if a.format_version < 3 and a.coder == "context":
+        raise UsageError(f"--coder context needs --format-version 3 (version {a.format_version} has Huffman only)")
     if not 0 <= a.clusters <= 255:
         raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
     check_output(a.output, a.input)
@@ -235,6 +239,20 @@ def cmd_encode(a: argparse.Namespace) -> int:
     if a.clusters:
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer,
                                prune_scope="layer" if a.prune_each_layer else "model")
+    if a.remove_dead:
+        from .architectures import build_model
+        from .exact import remove_dead_units_verified_
+
+        model = build_model(a.architecture) if factory is None else factory()
+        _fit(model, sd, "the quantized tensors")
+        batches = [test.x[i : i + 1000] for i in range(0, len(test), 1000)]
+        try:
+            removed = remove_dead_units_verified_(model, batches)
+        except SwsError as exc:
+            raise UsageError(f"--remove-dead: {exc}") from None
+        sd = {k: v.to(sd[k].dtype) if k in sd else v for k, v in model.state_dict().items()}
+        print(f"exact pruning: {sum(removed.values())} non-zeros that cannot change the output zeroed "
+              f"(outputs bit-identical on the {len(test)} test images)")
     meta = {"source": Path(a.input).name}
     if a.module:
         meta["sws.module"] = a.module
@@ -242,7 +260,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
         meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
     try:
-        data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True)
+        data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
+                            coder=a.coder if a.format_version == 3 else "huffman", version=a.format_version)
     except SwsEncodeError as exc:
         if a.clusters or "distinct non-zero values" not in str(exc):
             raise
@@ -511,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune every layer by --prune (default: rank the whole model's weights, each layer keeping "
                         "at least a quarter of the target share)")
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
+    e.add_argument("--coder", default="auto", choices=["auto", "context", "huffman"],
+                   help="entropy coder of coded tensors: auto (default: the smaller per tensor, Huffman above "
+                        "4M elements), context (smallest files) or huffman (fastest decode)")
+    e.add_argument("--format-version", type=int, default=3, choices=[1, 2, 3],
+                   help="file format to write (default 3; 2 and 1 for readers older than swsformat 0.3 / 0.2)")
+    e.add_argument("--remove-dead", action="store_true",
+                   help="zero the weights that cannot change the output (needs --data: proven on its test set)")
     e.add_argument("--architecture", default=None, choices=ARCHITECTURES,
                    help="built-in architecture name to record (and to evaluate)")
     e.add_argument("--module", default=None, metavar="MODULE:CALLABLE",
