@@ -76,10 +76,14 @@ def _context_symbols(t: ContextTensor) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return crow, col, syms
 
 
-def decode_dense_array(t: SwsTensor | ContextTensor) -> np.ndarray:
-    """Bit patterns of the dense tensor, shaped like the original."""
+def decode_dense_array(t: SwsTensor | ContextTensor, out: np.ndarray | None = None) -> np.ndarray:
+    """Bit patterns of the dense tensor, shaped like the original; into ``out`` (1-D, the
+    codebook's dtype, zeroed here) when given."""
     rows, cols = matrix_shape(t.shape)
-    out = np.zeros(rows * cols, dtype=t.codebook.dtype)
+    if out is None:
+        out = np.zeros(rows * cols, dtype=t.codebook.dtype)
+    else:
+        out.fill(0)
     if isinstance(t, ContextTensor):
         crow, col, syms = _context_symbols(t)
         ctxcoder.scatter(crow, col, syms, t.codebook, cols, out)
@@ -137,6 +141,23 @@ def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor, device: torch.de
             )
         return out.to(device)
     return _patterns_to_torch(decode_dense_array(t), t.dtype).to(device)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def decode_into(t: SwsTensor | ContextTensor | RawTensor, target: torch.Tensor) -> bool:
+    """Decode ``t`` straight into ``target``'s memory (no second copy) when it is a contiguous
+    CPU tensor of the same dtype and shape; False (nothing written) otherwise."""
+    if (target.device.type != "cpu" or target.layout != torch.strided or not target.is_contiguous()
+            or target.dtype != TORCH_DTYPES[t.dtype] or tuple(target.shape) != tuple(t.shape)):
+        return False
+    flat = target.detach().reshape(-1).view(_SAME_SIZE_INT[target.element_size()]).numpy()
+    if isinstance(t, RawTensor):
+        flat[:] = np.frombuffer(t.data, dtype=flat.dtype)
+    else:
+        decode_dense_array(t, flat.view(t.codebook.dtype))
+    return True
 
 
 def codebook_values(t: SwsTensor | ContextTensor) -> np.ndarray:

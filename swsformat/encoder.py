@@ -145,32 +145,23 @@ def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
     """(dtype, codebook patterns sorted, one uint8 symbol per element: 0 = zero, s = codebook[s-1])."""
     dtype = _TORCH_DTYPES[t.dtype]
     pats = _patterns(t, dtype)
-    if dtype != "bfloat16":
-        vals = pats.view(SWS_DTYPES[dtype].str.replace("u", "f"))
-        if not np.all(np.isfinite(vals)):
-            raise SwsEncodeError(f"{where(name)}holds NaN or infinite values, which cannot be coded")
-    elif np.any((pats & 0x7F80) == 0x7F80):
-        raise SwsEncodeError(f"{where(name)}holds NaN or infinite values, which cannot be coded")
-    uniq, inverse = np.unique(pats, return_inverse=True)
-    zero_at = np.searchsorted(uniq, 0)
-    has_zero = zero_at < uniq.size and uniq[zero_at] == 0
-    nonzero_values = uniq.size - int(has_zero)
-    if nonzero_values > MAX_CODEBOOK:
+    # One pass with a small hash table (no sort of the whole tensor): at most 255 non-zero
+    # values plus zero can be coded, so the table stops as soon as there are more.
+    count, distinct, index = kernels.symbolize(pats, MAX_CODEBOOK + 1)
+    if count > MAX_CODEBOOK + 1 or (count == MAX_CODEBOOK + 1 and not np.any(distinct == 0)):
+        nonzero_values = int(np.unique(pats).size) - int(np.any(pats == 0))
         raise SwsEncodeError(
             f"{where(name)}has {nonzero_values} distinct non-zero values; a .sws tensor may hold at most "
             f"{MAX_CODEBOOK}. Quantize it first (swsformat.compress for soft weight-sharing, or "
             "swsformat.quantize.prune_and_cluster for post-training k-means), or keep it raw via keep=[...]"
         )
+    finite = (distinct & 0x7F80) != 0x7F80 if dtype == "bfloat16" else np.isfinite(distinct.view(dtype))
+    if not np.all(finite):
+        raise SwsEncodeError(f"{where(name)}holds NaN or infinite values, which cannot be coded")
     # Symbol 0 is zero; 1..K-1 index the codebook (sorted by bit pattern, deterministic).
-    if has_zero:
-        codebook = np.delete(uniq, zero_at)
-        sym_of_uniq = np.arange(uniq.size, dtype=np.int64)
-        sym_of_uniq[zero_at] = 0
-        sym_of_uniq[:zero_at] += 1
-    else:
-        codebook = uniq
-        sym_of_uniq = np.arange(1, uniq.size + 1, dtype=np.int64)
-    return dtype, codebook, sym_of_uniq[inverse.reshape(-1)].astype(np.uint8)
+    codebook = np.sort(distinct[distinct != 0])
+    sym_of_index = np.where(distinct == 0, 0, np.searchsorted(codebook, distinct) + 1).astype(np.uint8)
+    return dtype, codebook, sym_of_index[index]
 
 
 def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,

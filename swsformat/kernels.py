@@ -89,6 +89,42 @@ def build_entries(symbols: np.ndarray, rows: int, cols: int, index_bits: int):
 
 
 @jit
+def symbolize(patterns: np.ndarray, max_distinct: int):
+    """One pass: the distinct bit patterns (in order of first appearance) and, per element,
+    the index of its pattern (uint8). Stops with ``count = max_distinct + 1`` as soon as there
+    are more distinct patterns than that (a table of 1024 slots, open addressing)."""
+    size = 1024
+    mask = size - 1
+    keys = np.zeros(size, dtype=patterns.dtype)
+    used = np.zeros(size, dtype=np.int64)  # 0: empty, else 1 + index into distinct
+    distinct = np.zeros(max_distinct + 1, dtype=patterns.dtype)
+    index = np.empty(patterns.size, dtype=np.uint8)
+    count = 0
+    last_key = patterns[0] if patterns.size else patterns.dtype.type(0)
+    last_idx = -1
+    for i in range(patterns.size):
+        v = patterns[i]
+        if v == last_key and last_idx >= 0:
+            index[i] = last_idx
+            continue
+        h = (np.uint64(v) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(54)
+        slot = np.int64(h) & mask
+        while used[slot] != 0 and keys[slot] != v:
+            slot = (slot + 1) & mask
+        if used[slot] == 0:
+            if count == max_distinct:
+                return max_distinct + 1, distinct, index
+            keys[slot] = v
+            distinct[count] = v
+            count += 1
+            used[slot] = count
+        last_key = v
+        last_idx = used[slot] - 1
+        index[i] = last_idx
+    return count, distinct[:count], index
+
+
+@jit
 def nonzero_distances(symbols: np.ndarray, rows: int, cols: int):
     """For each non-zero: the zeros before it since the previous one in its row, and its row."""
     n = 0

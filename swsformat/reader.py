@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -29,7 +30,7 @@ from torch import nn
 
 from .container import Container, Entry, Tensor, check_padding, decode_header, materialize, read_index, read_prelude
 from .container import check_header as _check_header
-from .decoder import tensor_from_entry
+from .decoder import decode_into, tensor_from_entry
 from .errors import SwsFormatError
 from .spec import MAX_EXPANSION, MAX_PRELUDE, MIN_OUTPUT_LIMIT
 
@@ -241,13 +242,25 @@ class SwsFile:
         Tied tensors (aliases) come back as one tensor object under each of their names."""
         self._reserve(self.header.entries)
         self._load_all()
-        out: dict[str, torch.Tensor] = {}
-        for e in self.header.entries:
-            if e.alias_of is not None:
-                out[e.name] = out[e.alias_of]
-            else:
-                out[e.name] = tensor_from_entry(materialize(e, self._chunk(e)), device, sparse)
-        return out
+        own = [e for e in self.header.entries if e.alias_of is None]
+        tensors = [materialize(e, self._chunk(e)) for e in own]
+        decoded = dict(zip((e.name for e in own), _decode_all(tensors, device, sparse)))
+        return {e.name: decoded[e.alias_of if e.alias_of is not None else e.name] for e in self.header.entries}
+
+    def state_dict_into(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Like :meth:`state_dict`, but tensors that match one of ``module``'s parameters or
+        buffers (CPU, same dtype and shape, contiguous) are decoded into it in place; the
+        returned dict holds those parameters themselves, so ``module.load_state_dict`` of it
+        copies nothing for them. Nothing is written when any shape differs."""
+        targets = module.state_dict(keep_vars=True)
+        if any(e.name in targets and tuple(targets[e.name].shape) != e.shape for e in self.header.entries):
+            return self.state_dict()
+        self._reserve(self.header.entries)
+        self._load_all()
+        own = [e for e in self.header.entries if e.alias_of is None]
+        tensors = [materialize(e, self._chunk(e)) for e in own]
+        decoded = dict(zip((e.name for e in own), _decode_all(tensors, "cpu", False, [targets.get(e.name) for e in own])))
+        return {e.name: decoded[e.alias_of if e.alias_of is not None else e.name] for e in self.header.entries}
 
     def container(self) -> Container:
         """The whole file as a :class:`Container` (all sections read and checked)."""
@@ -271,6 +284,31 @@ class SwsFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _decode_all(tensors: list[Tensor], device: torch.device | str, sparse: bool,
+                targets: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """Decode tensors on up to ``torch.get_num_threads()`` threads (the kernels release the
+    GIL), largest first so that one big tensor does not start last; into ``targets[i]``
+    where :func:`~swsformat.decoder.decode_into` can."""
+
+    def one(i: int) -> torch.Tensor:
+        target = targets[i] if targets is not None else None
+        if target is not None and decode_into(tensors[i], target):
+            return target
+        return tensor_from_entry(tensors[i], device, sparse)
+
+    workers = min(torch.get_num_threads(), len(tensors))
+    if workers <= 1:
+        return [one(i) for i in range(len(tensors))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(range(len(tensors)), key=lambda i: -math.prod(tensors[i].shape))
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    with ThreadPoolExecutor(workers) as pool:
+        for i, t in zip(order, pool.map(one, order)):
+            out[i] = t
+    return out  # type: ignore[return-value]
 
 
 def open(source: Source, *, max_output_bytes: int | None = None) -> SwsFile:  # noqa: A001 - like safetensors' safe_open
@@ -448,7 +486,11 @@ def load_model(
             sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
             target, name = built, f"its architecture {arch['name']!r}"
         else:
-            sd, target, name = f.state_dict(), module, f"the module ({type(module).__name__})"
+            # Decoded straight into the module's own tensors where they match (no second copy).
+            keys = set(module.state_dict())
+            fits = not strict or keys == set(f.keys())
+            sd = f.state_dict_into(module) if fits else f.state_dict()
+            target, name = module, f"the module ({type(module).__name__})"
         try:
             target.load_state_dict(sd, strict=True if module is None else strict, assign=module is None)
         except RuntimeError as e:

@@ -244,3 +244,24 @@ def test_index_crc_and_layout_are_as_specified():
     payload = data[-length:]
     assert struct.unpack("<I", rec[len(head) + 1 :])[0] == zlib.crc32(payload)
     assert len(data) == (24 + stored + 7) // 8 * 8 + length
+
+
+def test_load_model_decodes_into_the_modules_own_tensors(tmp_path):
+    m = quantized_tied()
+    path = tmp_path / "tied.sws"
+    swsformat.encode(m, path)
+    fresh = Tied()
+    with swsformat.open(path) as f:
+        sd = f.state_dict_into(fresh)
+    assert sd["emb.weight"] is fresh.emb.weight and sd["head.weight"] is fresh.emb.weight
+    assert sd["body.bias"] is fresh.body.bias  # a raw tensor, copied into place
+    for k, v in m.state_dict().items():
+        assert same_bits(sd[k].detach(), v), k
+    # Another dtype, or another shape, falls back to decoding then copying.
+    wide = Tied().double()
+    loaded = swsformat.load_model(path, wide)
+    assert loaded.body.weight.dtype == torch.float64 and torch.equal(loaded.body.weight.float(), m.body.weight)
+    small = Tied()
+    small.body = nn.Linear(16, 8)
+    with pytest.raises(SwsFormatError, match="do not fit"):
+        swsformat.load_model(path, small)
