@@ -108,7 +108,20 @@ def prune_and_cluster(
         raise ValueError(f"prune_scope must be 'model' or 'layer', got {prune_scope!r}")
     if not 0.0 <= min_layer_keep <= 1.0:
         raise ValueError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
-    names = [n for n, t in state_dict.items() if default_selector(n, t)]
+    # A tensor tied under several names (GPT-2's wte and lm_head) is ranked and clustered once,
+    # and every name gets the same result tensor, so the tie survives into the file.
+    first: dict[tuple, str] = {}
+    ties: dict[str, str] = {}
+    names = []
+    for n, t in state_dict.items():
+        if not default_selector(n, t):
+            continue
+        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if t.numel() and key in first:
+            ties[n] = first[key]
+        else:
+            first[key] = n
+            names.append(n)
     out = dict(state_dict)
     if not names:
         return out
@@ -131,4 +144,6 @@ def prune_and_cluster(
             t = state_dict[n]
             q = np.where(masks[n], snap(values[n], centres) if centres.size else 0.0, 0.0)
             out[n] = torch.from_numpy(q.reshape(tuple(t.shape))).to(t.dtype).to(t.device)
+    for n, target in ties.items():
+        out[n] = out[target]
     return out

@@ -88,3 +88,17 @@ def test_a_layer_the_floor_saves_keeps_values_of_its_own_scale(scale):
     assert int(kept.sum()) == 250
     relative = float((out[kept] - sd["b.weight"][kept]).abs().mean() / sd["b.weight"][kept].abs().mean())
     assert relative < 0.1  # snapped to values near its own, not to the big layer's codebook
+
+
+def test_tied_weights_stay_tied_through_post_training_quantization(tmp_path):
+    from torch import nn
+
+    emb = nn.Embedding(200, 32)
+    sd = {"emb.weight": emb.weight.detach(), "head.weight": emb.weight.detach(), "other.weight": torch.randn(32, 32)}
+    out = swsformat.quantize.prune_and_cluster(sd, prune=0.8, clusters=8)
+    assert out["head.weight"] is out["emb.weight"]
+    f = swsformat.open(swsformat.encode_bytes(out))
+    assert f.entry("head.weight").alias_of == "emb.weight"
+    # ranked once: 80% of the 200*32 + 32*32 distinct weights are zero, not of 2*200*32 + 32*32
+    nz = sum(int((out[k] != 0).sum()) for k in ("emb.weight", "other.weight"))
+    assert abs(nz - 0.2 * (200 * 32 + 32 * 32)) <= 2
