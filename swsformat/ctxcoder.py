@@ -179,7 +179,8 @@ def _decode_bit(st, data, pa, pb, ctx):
 
 @jit
 def _flag_ctx(colcnt, alive_seen, rowcnt, j, left, back):
-    return FLAG_CTX + ((_density(colcnt, alive_seen) * 8 + _density(rowcnt, j)) * 2 + left) * 2 + back
+    # int64 throughout: interpreted (NUMBA_DISABLE_JIT) numpy would wrap uint8 sums
+    return np.int64(FLAG_CTX) + ((np.int64(_density(colcnt, alive_seen)) * 8 + _density(rowcnt, j)) * 2 + left) * 2 + back
 
 
 @jit
@@ -200,7 +201,7 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
     prev = 0
     last_row = -1
     for r in range(rows):
-        if _encode_bit(st, out, pa, pb, ROW_CTX + prev, row_alive[r]) != OK:
+        if _encode_bit(st, out, pa, pb, ROW_CTX + np.int64(prev), row_alive[r]) != OK:
             return ERR_CAPACITY, 0
         prev = row_alive[r]
         if prev:
@@ -209,8 +210,8 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
         return _finish(st, out)
     last_col = -1
     for c in range(cols):
-        a = col_alive[c - 1] if c >= 1 else 0
-        b = col_alive[c - kernel] if c >= kernel and kernel > 1 else (col_alive[c - 2] if c >= 2 and kernel == 1 else 0)
+        a = np.int64(col_alive[c - 1]) if c >= 1 else 0
+        b = np.int64(col_alive[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(col_alive[c - 2]) if c >= 2 and kernel == 1 else 0)
         if _encode_bit(st, out, pa, pb, COL_CTX + a * 2 + b, col_alive[c]) != OK:
             return ERR_CAPACITY, 0
         if col_alive[c]:
@@ -233,8 +234,8 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
             bit = 1 if s != 0 else 0
             forced = (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0)
             if not forced:
-                left = flags[c - 1] if c >= 1 else 0
-                back = flags[c - kernel] if c >= kernel and kernel > 1 else (flags[c - 2] if c >= 2 and kernel == 1 else 0)
+                left = np.int64(flags[c - 1]) if c >= 1 else 0
+                back = np.int64(flags[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(flags[c - 2]) if c >= 2 and kernel == 1 else 0)
                 ctx = _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back)
                 if _encode_bit(st, out, pa, pb, ctx, bit) != OK:
                     return ERR_CAPACITY, 0
@@ -249,7 +250,7 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
                     if _encode_bit(st, out, pa, pb, VALUE_CTX + sign * 256 + node, b) != OK:
                         return ERR_CAPACITY, 0
                     node = node * 2 + b
-                sign = 1 + negative[s]
+                sign = 1 + np.int64(negative[s])
             j += 1
         alive_seen += 1
     return _finish(st, out)
@@ -302,8 +303,8 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
         col_alive = np.zeros(cols, dtype=np.uint8)
         last_col = -1
         for c in range(cols):
-            a = col_alive[c - 1] if c >= 1 else 0
-            b = col_alive[c - kernel] if c >= kernel and kernel > 1 else (col_alive[c - 2] if c >= 2 and kernel == 1 else 0)
+            a = np.int64(col_alive[c - 1]) if c >= 1 else 0
+            b = np.int64(col_alive[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(col_alive[c - 2]) if c >= 2 and kernel == 1 else 0)
             col_alive[c] = _decode_bit(st, data, pa, pb, COL_CTX + a * 2 + b)
             if st[3] != OK:
                 return st[3], -1
@@ -327,8 +328,8 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
                     if (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0):
                         bit = 1
                     else:
-                        left = flags[c - 1] if c >= 1 else 0
-                        back = flags[c - kernel] if c >= kernel and kernel > 1 else (flags[c - 2] if c >= 2 and kernel == 1 else 0)
+                        left = np.int64(flags[c - 1]) if c >= 1 else 0
+                        back = np.int64(flags[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(flags[c - 2]) if c >= 2 and kernel == 1 else 0)
                         bit = _decode_bit(st, data, pa, pb, _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back))
                         if st[3] != OK:
                             return st[3], r
@@ -348,7 +349,7 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
                             return ERR_SYMBOL, r
                         colidx[n] = c
                         syms[n] = sym
-                        sign = 1 + negative[sym]
+                        sign = 1 + np.int64(negative[sym])
                         n += 1
                     j += 1
                 alive_seen += 1

@@ -40,8 +40,8 @@ def test_fuzz_runner_detects_a_crash():
 
 
 def _digest_script() -> str:
-    """Digest of both golden files decoded dense and sparse, and of a truncation's error."""
-    goldens = [str(DATA / f"golden-v{v}.sws") for v in (1, 2)]
+    """Digest of the golden files decoded dense and sparse, and of a truncation's error."""
+    goldens = [str(DATA / f"golden-v{v}.sws") for v in (1, 2, 3)]
     return (
         "import hashlib, swsformat, torch\n"
         "h = hashlib.sha256()\n"
@@ -76,7 +76,8 @@ def test_format_and_reader_tests_pass_with_numba_bounds_checks(tmp_path):
     if os.environ.get("NUMBA_BOUNDSCHECK"):
         pytest.skip("already running with bounds checks")
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    tests = [str(ROOT / "tests" / f) for f in ("test_bad_files.py", "test_reader.py", "test_roundtrip.py", "test_golden.py")]
+    tests = [str(ROOT / "tests" / f) for f in ("test_bad_files.py", "test_reader.py", "test_roundtrip.py", "test_golden.py",
+                                                "test_format3.py")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
