@@ -101,7 +101,44 @@ def _fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], flag: str) -> None
         raise UsageError(f"{flag}: the checkpoint does not fit it ({detail})") from None
 
 
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The weight files of a checkpoint: the file itself, or those of a Hugging Face
+    ``save_pretrained`` folder (one file, or the shards its index names)."""
+    if not os.path.isdir(path):
+        return [path]
+    for name in _HF_WEIGHTS:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
+        try:
+            weight_map = json.loads(Path(f).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{f}: not a readable shard index ({type(exc).__name__}: {exc})") from None
+        for s in shards:
+            if not isinstance(s, str) or os.path.basename(s) != s:
+                raise UsageError(f"{f}: shard name {s!r} is not a file name in {path}")
+        return [os.path.join(path, s) for s in shards]
+    raise UsageError(f"{path}: a folder without weights (expected one of {', '.join(_HF_WEIGHTS)})")
+
+
 def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a .pt/.pth/.bin file (plain, or a training checkpoint's ``model`` /
+    ``state_dict`` / ``model_state_dict``), a .safetensors file, or a save_pretrained folder."""
+    if os.path.isdir(path):
+        sd: dict[str, torch.Tensor] = {}
+        for f in checkpoint_files(path):
+            part = _load_checkpoint(f)
+            clash = set(part) & set(sd)
+            if clash:
+                raise UsageError(f"{f}: tensor {sorted(clash)[0]!r} is also in another shard")
+            sd.update(part)
+        return sd
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     if path.endswith(".safetensors"):
@@ -272,7 +309,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
-    source = os.path.getsize(a.input)
+    source = sum(os.path.getsize(f) for f in checkpoint_files(a.input))
     print(f"wrote {printable(a.output)}: {len(data)} bytes, {source / len(data):.1f}x smaller than {printable(a.input)} "
           f"({source} bytes; {rep['compression_rate']:.1f}x against float32 tensors, "
           f"{rep['dtype_compression_rate']:.1f}x against their own dtypes), {100 * rep['nonzero_fraction']:.2f}% non-zero")

@@ -378,3 +378,40 @@ def test_options_that_cannot_work_are_refused_first(tmp_path, capsys):
     assert main(["eval", out]) == 2
     assert "records no input normalization; pass --normalization" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.json")
+
+
+def test_encode_reads_save_pretrained_folders_single_and_sharded(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    sd = build_model("lenet300-100").state_dict()
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(sd, str(single / "model.safetensors"))
+    (single / "config.json").write_text("{}")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = list(sd)
+    shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+    for fname, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(sharded / fname))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    outs = []
+    for folder in (single, sharded):
+        out = tmp_path / f"{folder.name}.sws"
+        assert main(["encode", str(folder), "-o", str(out), "--prune", "0.8", "--clusters", "8"]) == 0
+        outs.append(out)
+    a, b = (swsformat.load_state_dict(o) for o in outs)
+    assert set(a) == set(b) == set(sd)
+    assert all(torch.equal(a[k], b[k]) for k in sd)
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["encode", str(empty), "-o", str(tmp_path / "e.sws")]) == 2
+    assert "a folder without weights" in capsys.readouterr().err
+    index["weight_map"][names[0]] = "../elsewhere.safetensors"
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["encode", str(sharded), "-o", str(tmp_path / "x.sws"), "--prune", "0.8", "--clusters", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a file name in" in err[0]
+    assert not (tmp_path / "x.sws").exists()
