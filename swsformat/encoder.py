@@ -109,7 +109,9 @@ def _huffman(symbols: np.ndarray, alphabet: int) -> Stream:
 
 
 def _stream_bits(counts: np.ndarray) -> int:
-    return int((code_lengths(counts).astype(np.int64) * counts).sum())
+    """Huffman bits of a stream with these symbol counts (the 15-bit depth limit ignored: it
+    binds only for extremely skewed counts, and this only ranks index widths)."""
+    return int(kernels.huffman_cost(np.asarray(counts, dtype=np.int64)))
 
 
 def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[int] = AUTO_RANGE) -> int:
@@ -124,16 +126,21 @@ def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Itera
         return min(candidates)
     nz_vals = symbols[symbols != 0].astype(np.int64)
     val_base = np.bincount(nz_vals)
+    # Per candidate only the per-row filler sums touch every non-zero; the rest works on the
+    # histogram of distances (at most ``cols`` long).
+    hist = np.bincount(dist)
+    ks = np.arange(hist.size, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, row_of[1:] != row_of[:-1]])
+    per_row_entries = np.diff(np.r_[starts, dist.size])
     best, best_bits = candidates[0], None
     for b in candidates:
         span = 1 << b
-        fillers = dist >> b
-        nfill = int(fillers.sum())
-        gap_counts = np.bincount(dist & (span - 1), minlength=span)
+        nfill = int((hist * (ks >> b)).sum())
+        gap_counts = np.bincount(ks & (span - 1), weights=hist, minlength=span).astype(np.int64)
         gap_counts[span - 1] += nfill
         val_counts = val_base.copy()
         val_counts[0] += nfill
-        per_row = np.bincount(row_of, weights=fillers + 1, minlength=rows)
+        per_row = np.add.reduceat(dist >> b, starts) + per_row_entries
         table_bits = 4 * span
         total = _stream_bits(gap_counts) + _stream_bits(val_counts) + rows * int(per_row.max()).bit_length() + table_bits
         if best_bits is None or total < best_bits:

@@ -125,6 +125,35 @@ def symbolize(patterns: np.ndarray, max_distinct: int):
 
 
 @jit
+def huffman_cost(counts: np.ndarray) -> int:
+    """Bits of an optimal (unlimited-depth) Huffman code for ``counts``: the sum of the merged
+    weights, by the two-queue method over the sorted non-zero counts. Every optimal code has
+    this cost; a one-symbol stream costs one bit per symbol, as the format spends."""
+    leaves = np.sort(counts[counts > 0].astype(np.int64))
+    n = leaves.size
+    if n == 0:
+        return 0
+    if n == 1:
+        return leaves[0]
+    merged = np.empty(n, dtype=np.int64)
+    i = j = m = 0
+    total = 0
+    for _ in range(n - 1):
+        pair = 0
+        for _ in range(2):
+            if i < n and (j >= m or leaves[i] <= merged[j]):
+                pair += leaves[i]
+                i += 1
+            else:
+                pair += merged[j]
+                j += 1
+        merged[m] = pair
+        m += 1
+        total += pair
+    return total
+
+
+@jit
 def nonzero_distances(symbols: np.ndarray, rows: int, cols: int):
     """For each non-zero: the zeros before it since the previous one in its row, and its row."""
     n = 0

@@ -1,0 +1,198 @@
+"""Post-training encode of real architectures: sizes against safetensors and generic
+compressors of the same quantized tensors, encode and load times against torch.
+
+Models are built from their published configs with random initialisation (no downloads):
+GPT-2 small (tied embeddings) and BERT-base from ``transformers`` (``pip install
+transformers``), and an embedding + 2-layer LSTM language model. Each is pruned by magnitude
+over the whole model and clustered to 16 shared values (``prune_and_cluster``), then written
+as .sws (format 3, default coder), as safetensors, and as its raw quantized bytes and as
+uint8 CSR (gaps, symbols) under zstd -19, xz -6 and brotli (those installed).
+
+    python benchmarks/real_models.py --json benchmarks/real_models.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import swsformat
+from swsformat.provenance import provenance
+from swsformat.quantize import prune_and_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, vocab: int = 10000, dim: int = 650) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, num_layers=2, batch_first=True)
+        self.out = nn.Linear(dim, vocab)
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "lstm-lm":
+        return LSTMLM()
+    import transformers
+
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    if name == "bert-base":
+        return transformers.BertForMaskedLM(transformers.BertConfig())
+    raise ValueError(name)
+
+
+def csr_u8(sd: dict[str, torch.Tensor], coded: set[str]) -> bytes:
+    """Coded tensors as (codebook, uint32 row counts, uint8 gaps with 255-fillers, uint8 symbols);
+    the others as their bytes. Vectorised: no Python loop per weight."""
+    parts = []
+    seen: set[int] = set()
+    for name, t in sd.items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        a = t.detach().contiguous().view(t.shape[0] if t.dim() else 1, -1)
+        if name not in coded:
+            parts.append((a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy().tobytes())
+            continue
+        flat = a.numpy()
+        rows, cols = np.nonzero(flat)
+        vals = flat[rows, cols]
+        book, sym = np.unique(vals, return_inverse=True)
+        prev = np.empty_like(cols)
+        prev[0:1] = -1
+        prev[1:] = np.where(rows[1:] == rows[:-1], cols[:-1], -1)
+        gap = cols - prev - 1
+        fill = gap // 255
+        gaps = np.repeat(np.full(gap.size, 255, np.uint8), fill)  # fillers (with symbol 0) come first
+        order = np.concatenate([np.repeat(np.arange(gap.size), fill), np.arange(gap.size)])
+        g_all = np.concatenate([gaps, (gap % 255).astype(np.uint8)])
+        s_all = np.concatenate([np.zeros(fill.sum(), np.uint8), (sym + 1).astype(np.uint8)])
+        idx = np.argsort(order, kind="stable")
+        counts = np.bincount(rows, minlength=flat.shape[0]).astype("<u4")
+        parts.append(book.tobytes() + counts.tobytes() + g_all[idx].tobytes() + s_all[idx].tobytes())
+    return b"".join(parts)
+
+
+def generic(raw: bytes, fast: bool) -> dict[str, int]:
+    out = {"xz -6": len(lzma.compress(raw, preset=6))}
+    try:
+        import zstandard
+
+        out["zstd -19"] = len(zstandard.ZstdCompressor(level=19, threads=0).compress(raw))
+    except ImportError:
+        pass
+    try:
+        import brotli
+
+        out["brotli -q 9" if fast else "brotli -q 11"] = len(brotli.compress(raw, quality=9 if fast else 11))
+    except ImportError:
+        pass
+    return out
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path) -> dict:
+    from safetensors.torch import save_model
+
+    model = build(name).eval()
+    sd = model.state_dict()
+    t = time.perf_counter()
+    q = prune_and_cluster(sd, prune=prune, clusters=clusters)
+    cluster_s = time.perf_counter() - t
+    coded = {k for k in q if swsformat.encoder.default_selector(k, q[k])}
+    paths = {k: folder / f"{name}.{k}" for k in ("sws", "pt", "safetensors")}
+    encode_s = median_time(lambda: swsformat.encode(q, paths["sws"]), repeat)
+    save_s = median_time(lambda: torch.save(q, paths["pt"]), repeat)
+    model.load_state_dict(q)
+    save_model(model, str(paths["safetensors"]))  # ties once, as transformers does
+    load_s = median_time(lambda: swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40), repeat)
+    torch_load_s = median_time(lambda: torch.load(paths["pt"]), repeat)
+    seen: set[int] = set()
+    own = []
+    for t_ in q.values():
+        if t_.data_ptr() not in seen:
+            seen.add(t_.data_ptr())
+            own.append((t_.view(torch.int16) if t_.dtype == torch.bfloat16 else t_).contiguous().numpy().tobytes())
+    sizes = {f"own bytes | {k}": v for k, v in generic(b"".join(own), fast=True).items()}
+    sizes.update({f"uint8 CSR | {k}": v for k, v in generic(csr_u8(q, coded), fast=False).items()})
+    best = min(sizes, key=sizes.get)
+    rep = swsformat.size_report(paths["sws"], entropy=False, max_output_bytes=1 << 40)
+    f = swsformat.open(paths["sws"])
+    return {
+        "model": name,
+        "weights": sum(p.numel() for p in model.parameters()),
+        "prune": prune,
+        "clusters": clusters,
+        "nonzero_fraction": rep["nonzero_fraction"],
+        "aliases": [k for k in f.keys() if f.entry(k).kind == "alias"],
+        "coders": {c: sum(1 for k in f.keys() if f.entry(k).kind == "sws" and f.entry(k).coder == c)
+                   for c in ("context", "huffman")},
+        "sws_bytes": paths["sws"].stat().st_size,
+        "safetensors_bytes": paths["safetensors"].stat().st_size,
+        "torch_save_bytes": paths["pt"].stat().st_size,
+        "generic": sizes,
+        "best_generic": best,
+        "sws_over_best_generic": paths["sws"].stat().st_size / sizes[best],
+        "sws_over_best_generic_own_bytes": paths["sws"].stat().st_size
+        / min(v for k, v in sizes.items() if k.startswith("own bytes")),
+        "prune_and_cluster_s": cluster_s,
+        "encode_s": encode_s,
+        "torch_save_s": save_s,
+        "encode_over_torch_save": encode_s / save_s,
+        "load_s": load_s,
+        "torch_load_s": torch_load_s,
+        "load_over_torch_load": load_s / torch_load_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["lstm-lm", "gpt2", "bert-base"])
+    p.add_argument("--prune", type=float, default=0.9)
+    p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models:
+            r = measure(name, a.prune, a.clusters, a.repeat, Path(tmp))
+            rows.append(r)
+            print(f"{name}: {r['sws_bytes']:,} B .sws, safetensors {r['safetensors_bytes']:,} B "
+                  f"({r['safetensors_bytes'] / r['sws_bytes']:.1f}x), best generic {r['generic'][r['best_generic']]:,} B "
+                  f"({r['best_generic']}; .sws is {r['sws_over_best_generic']:.2f}x of it, "
+                  f"{r['sws_over_best_generic_own_bytes']:.2f}x of the best on the tensors' own bytes); "
+                  f"encode {r['encode_over_torch_save']:.2f}x torch.save, load {r['load_over_torch_load']:.2f}x torch.load; "
+                  f"aliases {r['aliases']}")
+            for f in Path(tmp).iterdir():
+                os.unlink(f)
+    if a.json:
+        a.json.write_text(json.dumps({"command": "python benchmarks/real_models.py " + " ".join(sys.argv[1:]),
+                                      "threads": torch.get_num_threads(), "provenance": provenance(ROOT),
+                                      "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
