@@ -51,7 +51,7 @@ from .spec import (
 
 Buffer = bytes | bytearray | memoryview
 INT64_MAX = (1 << 63) - 1
-MAX_SPAN = 1 << 60  # product of a shape's sizes (0 counted as 1): 8-byte strides stay below 2**63
+MAX_SPAN = 1 << 62  # product of a shape's sizes (0 counted as 1) times the item size: strides stay in int64
 
 
 @dataclass
@@ -473,14 +473,17 @@ class Section(NamedTuple):
         return self.offset + self.length
 
 
-def output_bytes(kind: str, dtype: str, shape: tuple[int, ...], nonzeros: int) -> int:
+def output_bytes(kind: str, dtype: str, shape: tuple[int, ...], nonzeros: int, coder: str = "huffman") -> int:
     """The most a decoder allocates for a tensor: its dense bytes and, for a coded tensor, a
-    count per row and a column index per non-zero (its sparse CSR form)."""
+    count per row and a column index per non-zero (its sparse CSR form); the context coder
+    also keeps a symbol per non-zero, a mask byte per row and 10 bytes per column."""
     dense = math.prod(shape) * (SWS_DTYPES if kind == "sws" else RAW_DTYPES)[dtype].itemsize
     if kind == "raw":
         return dense
-    rows, _ = matrix_shape(shape)
-    return dense + 8 * (rows + 1) + 8 * nonzeros
+    rows, cols = matrix_shape(shape)
+    # (column state exists only once a row is live, i.e. when the tensor has elements)
+    extra = 8 * nonzeros + rows + (10 * cols if rows * cols else 0) if coder == "context" else 0
+    return dense + 8 * (rows + 1) + 8 * nonzeros + extra
 
 
 @dataclass
@@ -522,7 +525,9 @@ class Entry:
 
     @property
     def output_bytes(self) -> int:
-        return 0 if self.kind == "alias" else output_bytes(self.kind, self.dtype, self.shape, self.nonzeros)
+        if self.kind == "alias":
+            return 0
+        return output_bytes(self.kind, self.dtype, self.shape, self.nonzeros, self.coder)
 
     @property
     def stored_bytes(self) -> int:
@@ -542,7 +547,17 @@ class Header:
     data_length: int
     stored: int  # header bytes in the file
     size: int  # decoded msgpack bytes
-    raw: dict[str, Any] = field(repr=False)
+    raw: dict[str, Any] | None = field(repr=False)  # versions 1-2: the header map (3: see header_map)
+
+    def header_map(self) -> dict[str, Any]:
+        """The header as a map: version 1-2's own; version 3's index in the same shape, built
+        on request (a small index can describe many tensors)."""
+        if self.raw is not None:
+            return self.raw
+        return {
+            "format": "sws", "version": self.version, "library": self.library, "architecture": self.architecture,
+            "metadata": self.metadata, "tensors": [_entry_view(e) for e in self.entries],
+        }
 
     @property
     def file_size(self) -> int:
@@ -590,16 +605,19 @@ class _Check:
         return v
 
 
-def _shape(v: Any, name: str) -> tuple[int, ...]:
+def _shape(v: Any, name: str, itemsize: int) -> tuple[int, ...]:
     if not isinstance(v, list) or len(v) > MAX_NDIM:
         raise SwsFormatError(f"{where(name, 'shape')}expected a list of at most {MAX_NDIM} sizes")
-    span = 1  # the element count with empty dimensions counted as 1: strides must fit in int64
+    # The element count with empty dimensions counted as 1, in bytes: byte strides (numpy's)
+    # must fit in int64 even for a tensor with no elements.
+    span = itemsize
     for s in v:
         if type(s) is not int or s < 0 or s > INT64_MAX:
             raise SwsFormatError(f"{where(name, 'shape')}size {s!r} is not a non-negative integer")
         span *= max(s, 1)
         if span > MAX_SPAN:
-            raise SwsFormatError(f"{where(name, 'shape')}sizes {v} overflow int64 strides (product over 2**60)")
+            raise SwsFormatError(f"{where(name, 'shape')}sizes {v} overflow int64 byte strides "
+                                 "(product times the item size over 2**62)")
     return tuple(v)
 
 
@@ -702,7 +720,7 @@ def _entry(i: int, tv: Any, layout: _Layout, names: set[str]) -> Entry:
     if kind == "raw":
         c.keys(_RAW_KEYS)
         dtype = c.str("dtype", RAW_DTYPES)
-        shape = _shape(c.m["shape"], name)
+        shape = _shape(c.m["shape"], name, RAW_DTYPES[dtype].itemsize)
         data = layout.take(c.m["data"], name, "data", aligned=True)
         numel = math.prod(shape)
         if data.length != numel * RAW_DTYPES[dtype].itemsize:
@@ -710,7 +728,7 @@ def _entry(i: int, tv: Any, layout: _Layout, names: set[str]) -> Entry:
         return Entry(name, kind, dtype, shape, (data,), start, layout.end)
     c.keys(_SWS_KEYS)
     dtype = c.str("dtype", SWS_DTYPES)
-    shape = _shape(c.m["shape"], name)
+    shape = _shape(c.m["shape"], name, SWS_DTYPES[dtype].itemsize)
     rows, cols = matrix_shape(shape)
     numel = rows * cols
     index_bits = c.int("index_bits", 1, MAX_INDEX_BITS)
@@ -799,11 +817,7 @@ def _check_index3(index: bytes, prelude: Prelude) -> Header:
             rec["entries"], rec["row_bits"], tables[0], rec["gap_bits"], tables[1], rec["value_bits"],
             crc=rec["crc"], index_bytes=rec["index_bytes"],
         ))
-    raw = {
-        "format": "sws", "version": 3, "library": library, "architecture": arch, "metadata": meta,
-        "tensors": [_entry_view(e) for e in entries],
-    }
-    return Header(3, library, arch, meta, entries, prelude.data_start, layout.end, prelude.stored, prelude.size, raw)
+    return Header(3, library, arch, meta, entries, prelude.data_start, layout.end, prelude.stored, prelude.size, None)
 
 
 def _entry_view(e: Entry) -> dict[str, Any]:

@@ -338,7 +338,7 @@ def encode_bytes(
         architecture=architecture, smallest=smallest, coder=coder, version=version,
     )
     data = serialize(c)
-    needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0))
+    needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0), getattr(t, "coder", "huffman"))
                  for t in c.tensors if not isinstance(t, AliasTensor))
     if needed > max(MIN_OUTPUT_LIMIT, MAX_EXPANSION * len(data)):
         warnings.warn(

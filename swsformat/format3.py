@@ -19,6 +19,7 @@ import numpy as np
 from .errors import SwsFormatError, where
 from .spec import (
     MAX_CODEBOOK,
+    MAX_HEADER,
     MAX_INDEX_BITS,
     MAX_NAME,
     MAX_NDIM,
@@ -64,13 +65,22 @@ def shared_ends(name: bytes, previous: bytes) -> tuple[int, int]:
     """(bytes of ``name`` equal to the start of ``previous``, then to its end): the longest
     common prefix, then the longest common suffix of what remains of both."""
     n = min(len(name), len(previous))
-    p = 0
-    while p < n and name[p] == previous[p]:
-        p += 1
-    q = 0
-    while q < n - p and name[len(name) - 1 - q] == previous[len(previous) - 1 - q]:
-        q += 1
-    return p, q
+    lo, hi = 0, n  # binary search over slice comparisons (each in C): O(n log n) bytes, no Python loop per byte
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if name[:mid] == previous[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    p = lo
+    lo, hi = 0, n - p
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if name[len(name) - mid :] == previous[len(previous) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return p, lo
 
 
 def pack_index(library: str, architecture: dict[str, Any] | None, metadata: dict[str, str],
@@ -171,12 +181,12 @@ def read_shape(cur: Cursor) -> tuple[str, tuple[int, ...]]:
     if ndim > MAX_NDIM:
         raise cur.fail("shape", f"{ndim} dimensions, at most {MAX_NDIM}")
     shape = []
-    span = 1
+    span = RAW_DTYPES[DTYPE_CODES[code]].itemsize
     for _ in range(ndim):
         s = cur.varint("shape")
         span *= max(s, 1)
-        if span > 1 << 60:
-            raise cur.fail("shape", "sizes overflow int64 strides (product over 2**60)")
+        if span > 1 << 62:
+            raise cur.fail("shape", "sizes overflow int64 byte strides (product times the item size over 2**62)")
         shape.append(s)
     return DTYPE_CODES[code], tuple(shape)
 
@@ -242,7 +252,9 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
         meta[k] = cur.text("metadata value", len(index))
     count = cur.varint("tensors", MAX_TENSORS)
     records = []
+    codebooks: list[tuple[str, np.ndarray] | None] = []  # per record, for references
     previous = b""
+    name_bytes = 0
     for i in range(count):
         start = cur.pos
         cur.tensor = f"#{i}"
@@ -250,6 +262,11 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
         q = cur.varint("name", len(previous) - p)
         mid = cur.take(cur.varint("name", MAX_NAME * 4), "name")
         raw_name = previous[:p] + mid + previous[len(previous) - q :]
+        # Shared ends make long names cheap to store; what they expand to is bounded like a
+        # version 2 header, which holds every name in full.
+        name_bytes += len(raw_name)
+        if name_bytes > MAX_HEADER:
+            raise cur.fail("name", f"names add up to more than {MAX_HEADER} bytes")
         if shared_ends(raw_name, previous) != (p, q):
             raise cur.fail("name", "its shared prefix and suffix lengths are not the longest ones (not canonical)")
         try:
@@ -268,7 +285,7 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
             if rec["kind"] != KIND_RAW:
                 if rec["dtype"] not in SWS_DTYPES:
                     raise cur.fail("dtype", f"{rec['dtype']} cannot be coded (one of {sorted(SWS_DTYPES)})")
-                rec["codebook"] = read_codebook(cur, rec["dtype"], [r.get("codebook_of") for r in records])
+                rec["codebook"] = read_codebook(cur, rec["dtype"], codebooks)
                 rec["codebook_of"] = (rec["dtype"], rec["codebook"])
                 rows, cols = matrix_shape(rec["shape"])
                 rec["nonzeros"] = cur.varint("nonzeros", rows * cols)
@@ -283,6 +300,7 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
             raise cur.fail("kind", f"{rec['kind']} is not 0 (raw), 1 (huffman), 2 (context) or 3 (alias)")
         rec["index_bytes"] = cur.pos - start
         records.append(rec)
+        codebooks.append(rec.get("codebook_of"))
     cur.tensor = None
     if cur.pos != len(index):
         raise cur.fail("index", f"{len(index) - cur.pos} bytes after the last tensor record")

@@ -357,7 +357,7 @@ def read_container(path: PathLike, max_output_bytes: int | None = None) -> Conta
 def read_header(path: PathLike) -> dict[str, Any]:
     """The validated header map (prelude and header only; nothing past them is read)."""
     with SwsFile(path) as f:
-        return f.header.raw
+        return f.header.header_map()
 
 
 def _short(obj: Any, limit: int = 200) -> str:

@@ -265,3 +265,28 @@ def test_load_model_decodes_into_the_modules_own_tensors(tmp_path):
     small.body = nn.Linear(16, 8)
     with pytest.raises(SwsFormatError, match="do not fit"):
         swsformat.load_model(path, small)
+
+
+def test_reviewed_attacks_are_refused_cheaply():
+    """Findings of an independent attack on the version 3 reader, each refused before work."""
+    base = parse(swsformat.encode_bytes({"w": torch.zeros(2, 2, dtype=torch.float64)}, compress=["w"], coder="context",
+                                        smallest=False))
+    # numpy's byte strides of an empty (0, 2**60) float64 tensor overflow int64
+    base.tensors[0].shape = (0, 1 << 60)
+    with pytest.raises(SwsFormatError, match="byte strides"):
+        swsformat.load(_serialize3(base, check=False))
+    # the context decoder's per-column state counts against the output limit: a 33M-column
+    # float16 row is 66 MB of output but needs 10 bytes per column more while decoding
+    c = parse(swsformat.encode_bytes({"w": torch.zeros(2, 2, dtype=torch.float16)}, compress=["w"], coder="context",
+                                     smallest=False))
+    c.tensors[0].shape = (1, 30_000_000)
+    peak = rejects_within(_serialize3(c, check=False), "over the limit")
+    assert peak < 1 << 20
+    # names cost a few bytes each when they share their ends with the previous one; what they
+    # expand to is bounded like a version 2 header
+    raw = swsformat.encode_bytes({"x": torch.zeros(1)})
+    c = parse(raw)
+    stem = "a" * 480
+    c.tensors += [AliasTensor(f"{stem}{i:05d}{stem}", "x") for i in range(20000)]
+    with pytest.raises(SwsFormatError, match="names add up"):
+        swsformat.load(_serialize3(c, check=False))

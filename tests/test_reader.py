@@ -125,7 +125,7 @@ def test_many_rows_over_zero_columns_count_against_the_limit(rows, tmp_path):
     else:
         for msg in every_reader(data, tmp_path, header_only=False):
             # load_model checks the architecture first; 2**62 rows overflow 8-byte strides
-            assert any(m in msg for m in ("max_output_bytes", "names no architecture", "overflow int64 strides")), msg
+            assert any(m in msg for m in ("max_output_bytes", "names no architecture", "overflow int64 byte strides")), msg
 
 
 def test_plot_obeys_the_output_limit(tmp_path):
