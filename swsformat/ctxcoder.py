@@ -82,14 +82,15 @@ def _density(count: int, seen: int) -> int:
         return 0
     if count == 0:
         return 1 if seen < 8 else 2
-    q = (count * 16) // seen
-    if q < 1:
+    # q = 16 * count // seen compared with 1, 2, 4, 8, without a division
+    c16 = count * 16
+    if c16 < seen:
         return 3
-    if q < 2:
+    if c16 < 2 * seen:
         return 4
-    if q < 4:
+    if c16 < 4 * seen:
         return 5
-    if q < 8:
+    if c16 < 8 * seen:
         return 6
     return 7
 

@@ -290,3 +290,17 @@ def test_reviewed_attacks_are_refused_cheaply():
     c.tensors += [AliasTensor(f"{stem}{i:05d}{stem}", "x") for i in range(20000)]
     with pytest.raises(SwsFormatError, match="names add up"):
         swsformat.load(_serialize3(c, check=False))
+
+
+def test_auto_takes_the_slow_context_coder_only_where_it_pays():
+    """iid sparsity (a pruned random layer): context saves almost nothing and decodes every
+    position, so auto keeps Huffman; structured sparsity (dead units) keeps the context coder."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 1024, generator=g)  # context saves 132 bytes of 88,944: not 1 per 4096 weights
+    w = torch.where(w.abs() > 1.645, (w * 4).round().clamp(-8, 8) / 4, 0.0)
+    f = swsformat.open(swsformat.encode_bytes({"a.weight": w}))
+    assert f.entry("a.weight").coder == "huffman"
+    w[::2] = 0
+    w[:, 200:400] = 0
+    f = swsformat.open(swsformat.encode_bytes({"a.weight": w}))
+    assert f.entry("a.weight").coder == "context"
