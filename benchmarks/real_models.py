@@ -104,6 +104,11 @@ def generic(raw: bytes, fast: bool) -> dict[str, int]:
     return out
 
 
+def touch(sd: dict[str, torch.Tensor]) -> float:
+    """Read every element: torch.load maps storages lazily, so an untouched load costs nothing."""
+    return float(sum(float(t.float().sum()) for t in sd.values()))
+
+
 def median_time(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -113,7 +118,7 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path) -> dict:
+def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, previous: dict | None = None) -> dict:
     from safetensors.torch import save_model
 
     model = build(name).eval()
@@ -127,16 +132,19 @@ def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path) -
     save_s = median_time(lambda: torch.save(q, paths["pt"]), repeat)
     model.load_state_dict(q)
     save_model(model, str(paths["safetensors"]))  # ties once, as transformers does
-    load_s = median_time(lambda: swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40), repeat)
-    torch_load_s = median_time(lambda: torch.load(paths["pt"]), repeat)
+    load_s = median_time(lambda: touch(swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40)), repeat)
+    torch_load_s = median_time(lambda: touch(torch.load(paths["pt"])), repeat)
     seen: set[int] = set()
     own = []
     for t_ in q.values():
         if t_.data_ptr() not in seen:
             seen.add(t_.data_ptr())
             own.append((t_.view(torch.int16) if t_.dtype == torch.bfloat16 else t_).contiguous().numpy().tobytes())
-    sizes = {f"own bytes | {k}": v for k, v in generic(b"".join(own), fast=True).items()}
-    sizes.update({f"uint8 CSR | {k}": v for k, v in generic(csr_u8(q, coded), fast=False).items()})
+    if previous is not None:  # --timing-only: sizes of generic compressors from the earlier run
+        sizes = previous["generic"]
+    else:
+        sizes = {f"own bytes | {k}": v for k, v in generic(b"".join(own), fast=True).items()}
+        sizes.update({f"uint8 CSR | {k}": v for k, v in generic(csr_u8(q, coded), fast=False).items()})
     best = min(sizes, key=sizes.get)
     rep = swsformat.size_report(paths["sws"], entropy=False, max_output_bytes=1 << 40)
     f = swsformat.open(paths["sws"])
@@ -174,11 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clusters", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--timing-only", action="store_true",
+                   help="take the generic compressors' sizes from the --json file of an earlier run (same models and settings)")
     a = p.parse_args(argv)
+    earlier = {}
+    if a.timing_only:
+        earlier = {r["model"]: r for r in json.loads(a.json.read_text())["results"]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
-            r = measure(name, a.prune, a.clusters, a.repeat, Path(tmp))
+            r = measure(name, a.prune, a.clusters, a.repeat, Path(tmp), earlier.get(name))
             rows.append(r)
             print(f"{name}: {r['sws_bytes']:,} B .sws, safetensors {r['safetensors_bytes']:,} B "
                   f"({r['safetensors_bytes'] / r['sws_bytes']:.1f}x), best generic {r['generic'][r['best_generic']]:,} B "
