@@ -400,16 +400,16 @@ def check_not_collapsed(
     )
 
 
-def _remove_dead(model: nn.Module, test: Data, samples: int = 10000) -> int:
+def _remove_dead(model: nn.Module, data: Data, samples: int = 10000) -> int:
     """Zero the weights that cannot change the output (:mod:`swsformat.exact`), proven
-    bit-identical on up to ``samples`` test inputs; 0 with a warning for a model torch.fx
-    cannot trace."""
+    bit-identical on up to ``samples`` inputs of ``data``; 0 with a warning for a model
+    torch.fx cannot trace."""
     from ..exact import remove_dead_units_verified_
 
     device = next(model.parameters()).device
     batches: list[torch.Tensor] = []
     seen = 0
-    source = [(test.x[i : i + 1000], None) for i in range(0, len(test), 1000)] if isinstance(test, Split) else test
+    source = [(data.x[i : i + 1000], None) for i in range(0, len(data), 1000)] if isinstance(data, Split) else data
     for x, _ in source:
         batches.append(x.to(device))
         seen += len(x)
@@ -491,7 +491,7 @@ def compress(
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
-    dead = _remove_dead(model, test) if config.remove_dead else 0
+    dead = _remove_dead(model, test if test is not None else train) if config.remove_dead else 0
     if dead:
         weights = [p for _, p in _named(model, named)]
         frac = sum(int((p != 0).sum()) for p in weights) / max(sum(p.numel() for p in weights), 1)
