@@ -179,6 +179,18 @@ def _decode_bit(st, data, pa, pb, ctx):
 
 
 @jit
+def _neighbours(bits, c, kernel):
+    """(left, back) of column ``c`` in ``bits`` as int64: ``c - 1``, and ``c - kernel`` for a
+    kernel (the same tap one input channel back) or ``c - 2`` for a matrix; 0 when missing."""
+    left = np.int64(bits[c - 1]) if c >= 1 else np.int64(0)
+    if kernel > 1:
+        back = np.int64(bits[c - kernel]) if c >= kernel else np.int64(0)
+    else:
+        back = np.int64(bits[c - 2]) if c >= 2 else np.int64(0)
+    return left, back
+
+
+@jit
 def _flag_ctx(colcnt, alive_seen, rowcnt, j, left, back):
     # int64 throughout: interpreted (NUMBA_DISABLE_JIT) numpy would wrap uint8 sums
     return np.int64(FLAG_CTX) + ((np.int64(_density(colcnt, alive_seen)) * 8 + _density(rowcnt, j)) * 2 + left) * 2 + back
@@ -211,8 +223,7 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
         return _finish(st, out)
     last_col = -1
     for c in range(cols):
-        a = np.int64(col_alive[c - 1]) if c >= 1 else 0
-        b = np.int64(col_alive[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(col_alive[c - 2]) if c >= 2 and kernel == 1 else 0)
+        a, b = _neighbours(col_alive, c, kernel)
         if _encode_bit(st, out, pa, pb, COL_CTX + a * 2 + b, col_alive[c]) != OK:
             return ERR_CAPACITY, 0
         if col_alive[c]:
@@ -235,8 +246,7 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
             bit = 1 if s != 0 else 0
             forced = (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0)
             if not forced:
-                left = np.int64(flags[c - 1]) if c >= 1 else 0
-                back = np.int64(flags[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(flags[c - 2]) if c >= 2 and kernel == 1 else 0)
+                left, back = _neighbours(flags, c, kernel)
                 ctx = _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back)
                 if _encode_bit(st, out, pa, pb, ctx, bit) != OK:
                     return ERR_CAPACITY, 0
@@ -304,8 +314,7 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
         col_alive = np.zeros(cols, dtype=np.uint8)
         last_col = -1
         for c in range(cols):
-            a = np.int64(col_alive[c - 1]) if c >= 1 else 0
-            b = np.int64(col_alive[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(col_alive[c - 2]) if c >= 2 and kernel == 1 else 0)
+            a, b = _neighbours(col_alive, c, kernel)
             col_alive[c] = _decode_bit(st, data, pa, pb, COL_CTX + a * 2 + b)
             if st[3] != OK:
                 return st[3], -1
@@ -329,8 +338,7 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
                     if (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0):
                         bit = 1
                     else:
-                        left = np.int64(flags[c - 1]) if c >= 1 else 0
-                        back = np.int64(flags[c - kernel]) if c >= kernel and kernel > 1 else (np.int64(flags[c - 2]) if c >= 2 and kernel == 1 else 0)
+                        left, back = _neighbours(flags, c, kernel)
                         bit = _decode_bit(st, data, pa, pb, _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back))
                         if st[3] != OK:
                             return st[3], r
