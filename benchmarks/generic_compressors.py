@@ -28,6 +28,9 @@ from swsformat.decoder import decode_csr_arrays
 from swsformat.provenance import provenance
 from swsformat.spec import matrix_shape
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layouts import uint8_csr  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,21 +76,7 @@ def layouts(path: Path) -> dict[str, bytes]:
         r = np.repeat(np.arange(rows), np.diff(crow))
         full[r * cols + col] = sym
         symbols.append(t.codebook.tobytes() + full.tobytes())
-        # CSR with uint8 gaps: a run of 255 or more zeros is bridged by 255 + a zero symbol
-        gaps, syms = [], []
-        for i in range(rows):
-            p = 0
-            for c, s in zip(col[crow[i] : crow[i + 1]], sym[crow[i] : crow[i + 1]]):
-                g = int(c) - p
-                while g >= 255:
-                    gaps.append(255)
-                    syms.append(0)
-                    g -= 255
-                gaps.append(g)
-                syms.append(int(s))
-                p = int(c) + 1
-        counts = np.diff(crow).astype("<u4")
-        csr.append(t.codebook.tobytes() + counts.tobytes() + bytes(gaps) + bytes(syms))
+        csr.append(t.codebook.tobytes() + uint8_csr(r, col, sym, rows))
     return {"tensors' own bytes": b"".join(own), "uint8 symbols": b"".join(symbols), "uint8 CSR": b"".join(csr)}
 
 

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layouts import touch  # noqa: E402
+
 WIDTH = 4096
 
 
@@ -42,11 +45,6 @@ def model(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
         left -= rows * WIDTH
         i += 1
     return sd
-
-
-def touch(sd: dict[str, torch.Tensor]) -> float:
-    """Read every element (lazy loads must pay for their bytes too)."""
-    return float(sum(float(t.sum()) if t.layout == torch.strided else float(t.values().sum()) for t in sd.values()))
 
 
 def write_all(n: int, folder: Path) -> dict[str, Path]:

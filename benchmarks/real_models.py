@@ -31,6 +31,9 @@ import swsformat
 from swsformat.provenance import provenance
 from swsformat.quantize import prune_and_cluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layouts import touch, uint8_csr  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,20 +73,8 @@ def csr_u8(sd: dict[str, torch.Tensor], coded: set[str]) -> bytes:
             continue
         flat = a.numpy()
         rows, cols = np.nonzero(flat)
-        vals = flat[rows, cols]
-        book, sym = np.unique(vals, return_inverse=True)
-        prev = np.empty_like(cols)
-        prev[0:1] = -1
-        prev[1:] = np.where(rows[1:] == rows[:-1], cols[:-1], -1)
-        gap = cols - prev - 1
-        fill = gap // 255
-        gaps = np.repeat(np.full(gap.size, 255, np.uint8), fill)  # fillers (with symbol 0) come first
-        order = np.concatenate([np.repeat(np.arange(gap.size), fill), np.arange(gap.size)])
-        g_all = np.concatenate([gaps, (gap % 255).astype(np.uint8)])
-        s_all = np.concatenate([np.zeros(fill.sum(), np.uint8), (sym + 1).astype(np.uint8)])
-        idx = np.argsort(order, kind="stable")
-        counts = np.bincount(rows, minlength=flat.shape[0]).astype("<u4")
-        parts.append(book.tobytes() + counts.tobytes() + g_all[idx].tobytes() + s_all[idx].tobytes())
+        book, sym = np.unique(flat[rows, cols], return_inverse=True)
+        parts.append(book.tobytes() + uint8_csr(rows, cols, sym + 1, flat.shape[0]))
     return b"".join(parts)
 
 
@@ -102,11 +93,6 @@ def generic(raw: bytes, fast: bool) -> dict[str, int]:
     except ImportError:
         pass
     return out
-
-
-def touch(sd: dict[str, torch.Tensor]) -> float:
-    """Read every element: torch.load maps storages lazily, so an untouched load costs nothing."""
-    return float(sum(float(t.float().sum()) for t in sd.values()))
 
 
 def median_time(fn, repeat: int) -> float:

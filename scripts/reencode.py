@@ -28,6 +28,7 @@ from swsformat.container import parse, serialize
 from swsformat.encoder import to_container
 from swsformat.files import atomic_write
 from swsformat.provenance import provenance
+from swsformat.reader import build_architecture
 from swsformat.spec import FORMAT_VERSION, VERSIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +38,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
 
 
-def _logits(path_or_bytes, test_x: torch.Tensor) -> torch.Tensor:
-    model = swsformat.load_model(path_or_bytes if isinstance(path_or_bytes, Path) else _tmp(path_or_bytes))
+def _logits(data: bytes, test_x: torch.Tensor) -> torch.Tensor:
+    """The logits of the model a file's bytes describe (its named architecture)."""
+    model = build_architecture(swsformat.open(data).architecture).eval()
+    model.load_state_dict(swsformat.load(data))
     with torch.no_grad():
-        return torch.cat([model(test_x[i : i + 1000]) for i in range(0, len(test_x), 1000)])
-
-
-def _tmp(data: bytes) -> Path:
-    import tempfile
-
-    f = tempfile.NamedTemporaryFile(suffix=".sws", delete=False)
-    f.write(data)
-    f.close()
-    return Path(f.name)
+        return torch.cat([model(x) for x in test_x.split(1000)])
 
 
 def remove_dead(path: Path, sd: dict[str, torch.Tensor], data_root: str | None) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
@@ -64,8 +58,7 @@ def remove_dead(path: Path, sd: dict[str, torch.Tensor], data_root: str | None) 
         raise SystemExit(f"{path}: no input record, so no test set to prove exact pruning on")
     _, test = D.load(spec["data"], root=data_root, download=False, normalization=spec["normalization"])
     model = swsformat.load_model(path)
-    batches = [test.x[i : i + 1000] for i in range(0, len(test), 1000)]
-    removed = remove_dead_units_verified_(model, batches)
+    removed = remove_dead_units_verified_(model, test.x)
     new = {k: v.to(sd[k].dtype) for k, v in model.state_dict().items()}
     return new, sum(removed.values()), test.x
 
@@ -89,7 +82,7 @@ def reencode(path: Path, version: int, smallest: bool, dead: bool, data_root: st
     for name, t in sd.items():
         if not _same(t, again[name]):
             raise SystemExit(f"{path}: {name} changed; left unchanged")
-    if test_x is not None and not torch.equal(_logits(path, test_x), _logits(data, test_x)):
+    if test_x is not None and not torch.equal(_logits(original, test_x), _logits(data, test_x)):
         raise SystemExit(f"{path}: the logits changed; left unchanged")
     atomic_write(path, data)
     return {"before": len(original), "after": len(data), "dead_removed": removed}

@@ -282,9 +282,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
         model = build_model(a.architecture) if factory is None else factory()
         _fit(model, sd, "the quantized tensors")
-        batches = [test.x[i : i + 1000] for i in range(0, len(test), 1000)]
         try:
-            removed = remove_dead_units_verified_(model, batches)
+            removed = remove_dead_units_verified_(model, test.x)
         except SwsError as exc:
             raise UsageError(f"--remove-dead: {exc}") from None
         sd = {k: v.to(sd[k].dtype) if k in sd else v for k, v in model.state_dict().items()}

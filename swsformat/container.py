@@ -44,6 +44,7 @@ from .spec import (
     SWS_DTYPES,
     VERSIONS,
     align,
+    codebook_problem,
     matrix_shape,
     pack_nibbles,
     unpack_nibbles,
@@ -271,6 +272,11 @@ def _serialize3(c: Container, check: bool = True) -> bytes:
         raise SwsEncodeError(f"the file would not be readable: {exc}") from None
     except (TypeError, ValueError, OverflowError) as exc:  # msgpack cannot pack the architecture
         raise SwsEncodeError(f"the header cannot be written: {type(exc).__name__}: {exc}") from None
+    return _assemble(head, payload, end)
+
+
+def _assemble(head: bytes, payload: list[tuple[int, np.ndarray]], end: int) -> bytes:
+    """The file: ``head`` (prelude, header, CRC, padding), then each section at its offset."""
     out = bytearray(len(head) + end)
     out[: len(head)] = head
     for off, arr in payload:
@@ -340,12 +346,7 @@ def serialize(c: Container) -> bytes:
         raise SwsEncodeError(f"the file would not be readable: {exc}") from None
     except (TypeError, ValueError, OverflowError) as exc:  # msgpack cannot pack a value
         raise SwsEncodeError(f"the header cannot be written: {type(exc).__name__}: {exc}") from None
-    data_start = len(head)
-    out = bytearray(data_start + end)
-    out[:data_start] = head
-    for off, arr in payload:
-        out[data_start + off : data_start + off + arr.size] = arr.tobytes()
-    return bytes(out)
+    return _assemble(head, payload, end)
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -688,16 +689,22 @@ def _code_table(raw: bytes, alphabet: int, has_symbols: bool) -> tuple[np.ndarra
     return code, int(used.min()) if used.size else 0, None
 
 
+def _stream_code(name: str, fld: str, raw: bytes, alphabet: int, count: int, bits: int) -> np.ndarray:
+    """The code lengths of a Huffman stream of ``count`` symbols in ``bits`` bits, checked."""
+    code, shortest, wrong = _code_table(raw, alphabet, count > 0)
+    if wrong is not None:
+        raise SwsFormatError(f"{where(name, fld)}{wrong}")
+    if bits > count * MAX_CODE_LENGTH or (count and bits < count * shortest):
+        raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {count} symbols")
+    return code
+
+
 def _stream(v: Any, name: str, fld: str, alphabet: int, count: int, layout: _Layout) -> tuple[np.ndarray, int, Section]:
     c = _Check(v, name, fld)
     c.keys(_STREAM_KEYS)
     c.str("coder", {CODER_HUFFMAN})
-    code, shortest, wrong = _code_table(c.bytes("code"), alphabet, count > 0)
-    if wrong is not None:
-        raise SwsFormatError(f"{where(name, fld)}{wrong}")
-    bits = c.int("bits", 0, count * MAX_CODE_LENGTH)
-    if count and bits < count * shortest:
-        raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {count} symbols")
+    bits = c.int("bits", 0, INT64_MAX)
+    code = _stream_code(name, fld, c.bytes("code"), alphabet, count, bits)
     section = layout.take(c.m["section"], name, fld)
     if section.length != (bits + 7) // 8:
         raise SwsFormatError(f"{where(name, fld)}section of {section.length} bytes for {bits} bits")
@@ -737,14 +744,9 @@ def _entry(i: int, tv: Any, layout: _Layout, names: set[str]) -> Entry:
     if len(cb_raw) % itemsize or len(cb_raw) // itemsize > MAX_CODEBOOK:
         raise SwsFormatError(f"{where(name, 'codebook')}{len(cb_raw)} bytes is not a list of at most {MAX_CODEBOOK} {dtype}")
     codebook = np.frombuffer(cb_raw, dtype=SWS_DTYPES[dtype])
-    if codebook.size:
-        if np.any(codebook == 0):
-            raise SwsFormatError(f"{where(name, 'codebook')}holds the zero pattern, which is implicit")
-        if np.unique(codebook).size != codebook.size:
-            raise SwsFormatError(f"{where(name, 'codebook')}holds duplicate values")
-        finite = (codebook & 0x7F80) != 0x7F80 if dtype == "bfloat16" else np.isfinite(codebook.view(dtype))
-        if not np.all(finite):
-            raise SwsFormatError(f"{where(name, 'codebook')}holds a non-finite value")
+    wrong = codebook_problem(codebook, dtype)
+    if wrong is not None:
+        raise SwsFormatError(f"{where(name, 'codebook')}{wrong}")
     nonzeros = c.int("nonzeros", 0, numel)
     # Every entry either is a non-zero or bridges 2**index_bits zeros, so entries are bounded.
     entries = c.int("entries", nonzeros, nonzeros + numel // (1 << index_bits) + rows)
@@ -805,13 +807,8 @@ def _check_index3(index: bytes, prelude: Prelude) -> Header:
         tables = []
         for fld, raw, bits, alphabet in (("gaps", rec["gap_code"], rec["gap_bits"], 1 << rec["index_bits"]),
                                          ("values", rec["value_code"], rec["value_bits"], cb.size + 1)):
-            code, shortest, wrong = _code_table(raw, alphabet, rec["entries"] > 0)
-            if wrong is not None:
-                raise SwsFormatError(f"{where(name, fld)}{wrong}")
-            if bits > rec["entries"] * MAX_CODE_LENGTH or bits < rec["entries"] * shortest:
-                raise SwsFormatError(f"{where(name, fld)}{bits} bits cannot hold {rec['entries']} symbols")
+            tables.append(_stream_code(name, fld, raw, alphabet, rec["entries"], bits))
             sections.append(layout.take([layout.end, (bits + 7) // 8, 0], name, fld))
-            tables.append(code)
         entries.append(Entry(
             name, "sws", dtype, shape, tuple(sections), start, layout.end, rec["index_bits"], cb, nz,
             rec["entries"], rec["row_bits"], tables[0], rec["gap_bits"], tables[1], rec["value_bits"],
@@ -902,7 +899,7 @@ def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
         if any(mv[pos:off]):
             raise SwsFormatError(f"{where(e.name, fld)}padding before the section is not zero")
         part = mv[off : off + s.length]
-        if e.crc is not None:
+        if verify and e.crc is not None:
             crc = zlib.crc32(part, crc)
         elif verify and zlib.crc32(part) & 0xFFFFFFFF != s.crc:
             raise SwsChecksumError(f"{where(e.name, fld)}CRC-32 mismatch: section corrupted")

@@ -191,6 +191,13 @@ def _neighbours(bits, c, kernel):
 
 
 @jit
+def _forced(r, c, last_row, last_col, rowcnt, colcount):
+    """A flag the masks decide: the last live column of a row with no non-zero yet, or the
+    last live row for a column with none yet, must be 1 (not coded)."""
+    return (c == last_col and rowcnt == 0) or (r == last_row and colcount == 0)
+
+
+@jit
 def _flag_ctx(colcnt, alive_seen, rowcnt, j, left, back):
     # int64 throughout: interpreted (NUMBA_DISABLE_JIT) numpy would wrap uint8 sums
     return np.int64(FLAG_CTX) + ((np.int64(_density(colcnt, alive_seen)) * 8 + _density(rowcnt, j)) * 2 + left) * 2 + back
@@ -244,8 +251,7 @@ def encode(symbols: np.ndarray, rows: int, cols: int, kernel: int, depth: int, n
                 continue
             s = symbols[r * cols + c]
             bit = 1 if s != 0 else 0
-            forced = (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0)
-            if not forced:
+            if not _forced(r, c, last_row, last_col, rowcnt, colcnt[c]):
                 left, back = _neighbours(flags, c, kernel)
                 ctx = _flag_ctx(colcnt[c], alive_seen, rowcnt, j, left, back)
                 if _encode_bit(st, out, pa, pb, ctx, bit) != OK:
@@ -335,7 +341,7 @@ def decode(data: np.ndarray, rows: int, cols: int, kernel: int, negative: np.nda
                 for c in range(cols):
                     if not col_alive[c]:
                         continue
-                    if (c == last_col and rowcnt == 0) or (r == last_row and colcnt[c] == 0):
+                    if _forced(r, c, last_row, last_col, rowcnt, colcnt[c]):
                         bit = 1
                     else:
                         left, back = _neighbours(flags, c, kernel)

@@ -75,6 +75,12 @@ def default_selector(name: str, tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.dim() >= 2 and bool(_WEIGHT_NAME.fullmatch(name.rsplit(".", 1)[-1]))
 
 
+def tie_key(t: torch.Tensor) -> tuple:
+    """Equal for two state_dict entries that are one tensor under two names (tied weights):
+    same storage position, shape, strides, dtype and device."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+
+
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = obj.state_dict() if isinstance(obj, nn.Module) else dict(obj)
     for k, v in sd.items():
@@ -226,15 +232,9 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None, coder: str = 
         if coder == "context":
             return ctx
         huff = _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
-        saved = _huffman_bytes(huff) - ctx.data.size
+        saved = _entry_bytes(huff, 3) - _entry_bytes(ctx, 3)
         return ctx if saved > 0 and saved * CONTEXT_AUTO_POSITIONS >= symbols.size else huff
     return _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
-
-
-def _huffman_bytes(t: SwsTensor) -> int:
-    """Payload and index bytes of a Huffman-coded tensor beyond what a context-coded one has."""
-    return t.row_counts.size + t.gaps.data.size + t.values.data.size + (t.gaps.code_lengths.size + 1) // 2 \
-        + (t.values.code_lengths.size + 1) // 2 + 6
 
 
 def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -301,7 +301,7 @@ def to_container(
     for name, t in sd.items():
         if version >= 3 and t.numel():
             # Tied weights (one tensor under several names) are stored once.
-            key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+            key = tie_key(t)
             if key in stored:
                 tensors.append(AliasTensor(name, stored[key]))
                 continue

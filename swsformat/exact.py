@@ -164,9 +164,13 @@ def remove_dead_units_(model: nn.Module, example_input: torch.Tensor) -> dict[st
 
 
 @torch.no_grad()
-def remove_dead_units_verified_(model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, int]:
-    """:func:`remove_dead_units_`, then proof on ``inputs`` (batches): the model's outputs must
-    be bit-identical before and after, or every weight is put back and SwsError raised."""
+def remove_dead_units_verified_(model: nn.Module, inputs: torch.Tensor | list[torch.Tensor],
+                                batch_size: int = 1000) -> dict[str, int]:
+    """:func:`remove_dead_units_`, then proof on ``inputs`` (a tensor of samples, run in batches
+    of ``batch_size``, or a list of batches): the model's outputs must be bit-identical before
+    and after, or every weight is put back and SwsError raised."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = list(inputs.split(batch_size))
     if not inputs:
         raise SwsError("exact pruning needs at least one input batch to trace and verify on")
     was_training = model.training

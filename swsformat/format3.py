@@ -27,6 +27,7 @@ from .spec import (
     MAX_TENSORS,
     RAW_DTYPES,
     SWS_DTYPES,
+    codebook_problem,
     matrix_shape,
     pack_nibbles,
 )
@@ -201,14 +202,9 @@ def read_codebook(cur: Cursor, dtype: str, codebooks: list[tuple[str, np.ndarray
     n = cur.varint("codebook", MAX_CODEBOOK)
     pat = SWS_DTYPES[dtype]
     cb = np.frombuffer(cur.take(n * pat.itemsize, "codebook"), dtype=pat)
-    if cb.size:
-        if np.any(cb == 0):
-            raise cur.fail("codebook", "holds the zero pattern, which is implicit")
-        if np.unique(cb).size != cb.size:
-            raise cur.fail("codebook", "holds duplicate values")
-        finite = (cb & 0x7F80) != 0x7F80 if dtype == "bfloat16" else np.isfinite(cb.view(dtype))
-        if not np.all(finite):
-            raise cur.fail("codebook", "holds a non-finite value")
+    wrong = codebook_problem(cb, dtype)
+    if wrong is not None:
+        raise cur.fail("codebook", wrong)
     return cb
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .encoder import default_selector
+from .encoder import default_selector, tie_key
 
 
 def kmeans_1d(values: np.ndarray, k: int, iters: int = 30, init: str = "quantile") -> np.ndarray:
@@ -116,7 +116,7 @@ def prune_and_cluster(
     for n, t in state_dict.items():
         if not default_selector(n, t):
             continue
-        key = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        key = tie_key(t)
         if t.numel() and key in first:
             ties[n] = first[key]
         else:

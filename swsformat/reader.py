@@ -240,26 +240,27 @@ class SwsFile:
     def state_dict(self, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor, decoded (the whole output is checked against the limit first).
         Tied tensors (aliases) come back as one tensor object under each of their names."""
-        self._reserve(self.header.entries)
-        self._load_all()
-        own = [e for e in self.header.entries if e.alias_of is None]
-        tensors = [materialize(e, self._chunk(e)) for e in own]
-        decoded = dict(zip((e.name for e in own), _decode_all(tensors, device, sparse)))
-        return {e.name: decoded[e.alias_of if e.alias_of is not None else e.name] for e in self.header.entries}
+        return self._decode(device, sparse, {})
 
-    def state_dict_into(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def state_dict_into(self, module: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
         """Like :meth:`state_dict`, but tensors that match one of ``module``'s parameters or
         buffers (CPU, same dtype and shape, contiguous) are decoded into it in place; the
         returned dict holds those parameters themselves, so ``module.load_state_dict`` of it
-        copies nothing for them. Nothing is written when any shape differs."""
+        copies nothing for them. Nothing is written into the module unless every shape fits
+        and, with ``strict``, the names are the module's own: a load that is going to fail
+        leaves the module as it was."""
         targets = module.state_dict(keep_vars=True)
-        if any(e.name in targets and tuple(targets[e.name].shape) != e.shape for e in self.header.entries):
-            return self.state_dict()
+        fits = all(tuple(targets[e.name].shape) == e.shape for e in self.header.entries if e.name in targets)
+        if not fits or (strict and set(targets) != set(self._by_name)):
+            targets = {}
+        return self._decode("cpu", False, targets)
+
+    def _decode(self, device: torch.device | str, sparse: bool, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._reserve(self.header.entries)
         self._load_all()
         own = [e for e in self.header.entries if e.alias_of is None]
         tensors = [materialize(e, self._chunk(e)) for e in own]
-        decoded = dict(zip((e.name for e in own), _decode_all(tensors, "cpu", False, [targets.get(e.name) for e in own])))
+        decoded = dict(zip((e.name for e in own), _decode_all(tensors, device, sparse, [targets.get(e.name) for e in own])))
         return {e.name: decoded[e.alias_of if e.alias_of is not None else e.name] for e in self.header.entries}
 
     def container(self) -> Container:
@@ -287,13 +288,13 @@ class SwsFile:
 
 
 def _decode_all(tensors: list[Tensor], device: torch.device | str, sparse: bool,
-                targets: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                targets: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """Decode tensors on up to ``torch.get_num_threads()`` threads (the kernels release the
     GIL), largest first so that one big tensor does not start last; into ``targets[i]``
     where :func:`~swsformat.decoder.decode_into` can."""
 
     def one(i: int) -> torch.Tensor:
-        target = targets[i] if targets is not None else None
+        target = targets[i]
         if target is not None and decode_into(tensors[i], target):
             return target
         return tensor_from_entry(tensors[i], device, sparse)
@@ -487,10 +488,7 @@ def load_model(
             target, name = built, f"its architecture {arch['name']!r}"
         else:
             # Decoded straight into the module's own tensors where they match (no second copy).
-            keys = set(module.state_dict())
-            fits = not strict or keys == set(f.keys())
-            sd = f.state_dict_into(module) if fits else f.state_dict()
-            target, name = module, f"the module ({type(module).__name__})"
+            sd, target, name = f.state_dict_into(module, strict), module, f"the module ({type(module).__name__})"
         try:
             target.load_state_dict(sd, strict=True if module is None else strict, assign=module is None)
         except RuntimeError as e:

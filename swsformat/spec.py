@@ -62,6 +62,21 @@ SWS_DTYPES: dict[str, np.dtype] = {
 }
 
 
+def codebook_problem(codebook: np.ndarray, dtype: str) -> str | None:
+    """What is wrong with a stored codebook of ``dtype`` bit patterns, or None: the zero
+    pattern (implicit), a duplicate, or a value that is not finite."""
+    if not codebook.size:
+        return None
+    if np.any(codebook == 0):
+        return "holds the zero pattern, which is implicit"
+    if np.unique(codebook).size != codebook.size:
+        return "holds duplicate values"
+    finite = (codebook & 0x7F80) != 0x7F80 if dtype == "bfloat16" else np.isfinite(codebook.view(dtype))
+    if not np.all(finite):
+        return "holds a non-finite value"
+    return None
+
+
 def align(n: int) -> int:
     """Round ``n`` up to the next multiple of :data:`ALIGN`."""
     return (n + ALIGN - 1) // ALIGN * ALIGN

@@ -185,9 +185,11 @@ def quantize_model_(
         q = torch.where(m, _nearest(p.detach().float(), v, mids), torch.zeros((), device=p.device))
         p.copy_(q.to(p.dtype))
         used.update(torch.unique(q[m]).tolist())
-    total = sum(p.numel() for p in params)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in params)
-    return nonzero / max(total, 1), len(used)
+    return _nonzero_fraction(params), len(used)
+
+
+def _nonzero_fraction(params: list[torch.Tensor]) -> float:
+    return sum(int(torch.count_nonzero(p)) for p in params) / max(sum(p.numel() for p in params), 1)
 
 
 def quantization_aware_finetune_(
@@ -407,16 +409,17 @@ def _remove_dead(model: nn.Module, data: Data, samples: int = 10000) -> int:
     from ..exact import remove_dead_units_verified_
 
     device = next(model.parameters()).device
-    batches: list[torch.Tensor] = []
-    seen = 0
-    source = [(data.x[i : i + 1000], None) for i in range(0, len(data), 1000)] if isinstance(data, Split) else data
-    for x, _ in source:
-        batches.append(x.to(device))
-        seen += len(x)
-        if seen >= samples:
-            break
+    if isinstance(data, Split):
+        inputs: torch.Tensor | list[torch.Tensor] = data.x[:samples].to(device)
+    else:
+        inputs, seen = [], 0
+        for x, _ in data:
+            inputs.append(x.to(device))
+            seen += len(x)
+            if seen >= samples:
+                break
     try:
-        removed = remove_dead_units_verified_(model, batches)
+        removed = remove_dead_units_verified_(model, inputs)
     except SwsError as exc:
         warnings.warn(f"dead units left in place: {exc}", stacklevel=3)
         return 0
@@ -493,8 +496,7 @@ def compress(
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
     dead = _remove_dead(model, test if test is not None else train) if config.remove_dead else 0
     if dead:
-        weights = [p for _, p in _named(model, named)]
-        frac = sum(int((p != 0).sum()) for p in weights) / max(sum(p.numel() for p in weights), 1)
+        frac = _nonzero_fraction([p for _, p in _named(model, named)])
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0,
         dead_removed=dead,
