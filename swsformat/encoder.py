@@ -39,12 +39,12 @@ from .spec import (
 IndexBits = int | str | None | Mapping[str, int | str]
 AUTO_RANGE = range(1, 13)
 CODERS = ("auto", "context", "huffman")
-# "auto" and the context coder: it decodes every position (~24 ns each on one core) where
-# Huffman decodes only stored entries (~1 ns per position at 10% density), so "auto" takes it
-# only where every byte it saves pays for CONTEXT_AUTO_POSITIONS positions of decode (~0.1 ms
-# per 1 KB saved), and never above CONTEXT_AUTO_MAX elements. On the paper's nets it saves
-# 3-16% per layer and is kept; on the iid-looking sparsity of a pruned random-init GPT-2 layer
-# (1.8M positions) it saves 0.15% and would decode 20x slower.
+# "auto" and the context coder: it decodes every position of a live row (18 ns each on one core
+# for a 10%-dense layer) where Huffman decodes only stored entries (1 ns per position there;
+# benchmarks/coders.json), so "auto" takes it only where every byte it saves pays for
+# CONTEXT_AUTO_POSITIONS positions of decode (~75 us per byte saved), and never above
+# CONTEXT_AUTO_MAX elements. On the paper's nets it saves 1-19% per layer and is kept; on a
+# random 2304x768 layer pruned to 10% it saves 0.03% and would decode 18x slower.
 CONTEXT_AUTO_MAX = 1 << 22
 CONTEXT_AUTO_POSITIONS = 4096
 
@@ -389,7 +389,7 @@ def encode(
             tables cost ~150-300 bytes). Both forms decode to the same bit patterns.
         coder: how coded tensors are entropy coded (version 3): ``"auto"`` (default: per
             tensor the context coder where it saves at least a byte per 4096 elements, up to
-            4M elements; Huffman otherwise, whose decode is ~20x faster per position), ``"context"`` (context-modelled range coder:
+            4M elements; Huffman otherwise, whose decode can be ~18x faster per position), ``"context"`` (context-modelled range coder:
             smallest files, decode touches every position) or ``"huffman"`` (relative-index
             CSR with Huffman codes: decode work per stored entry), or a mapping of tensor
             names to those (others: ``"auto"``).
