@@ -86,6 +86,12 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
+        if type(v).__name__ == "DTensor":
+            raise SwsEncodeError(
+                f"{k!r} is sharded (a DTensor, e.g. from FSDP's fully_shard): gather the whole model first, e.g. "
+                "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                "full_state_dict=True, cpu_offload=True)) on every rank, then encode that on rank 0"
+            )
         if v.layout != torch.strided:  # e.g. a model or state_dict loaded with sparse=True
             sd[k] = v.to_dense()
     return sd

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+import swsformat
 from swsformat import SoftWeightSharing
 from swsformat.retrain import PriorConfig
 
@@ -71,3 +72,81 @@ def test_two_gloo_processes_match_one(tmp_path):
         # Within float32 summation order: the gradient is averaged in another order.
         assert torch.allclose(ranks[0][name], want, rtol=1e-4, atol=1e-6), name
     assert not torch.equal(single["model.0.weight"], _model().state_dict()["0.weight"])
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _qat_batches(rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _data()
+    return [(x[s : s + GLOBAL_BATCH].chunk(world)[rank], y[s : s + GLOBAL_BATCH].chunk(world)[rank])
+            for s in range(0, 400, GLOBAL_BATCH)]
+
+
+def _full(model: nn.Module, sws: SoftWeightSharing) -> dict[str, torch.Tensor]:
+    sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    return {**{f"model.{k}": v for k, v in sd.items()}, **{f"prior.{k}": v for k, v in sws.state_dict().items()}}
+
+
+def _fsdp_job(rank: int, world: int, sharded: bool) -> tuple[nn.Module, SoftWeightSharing, float, int]:
+    model = _model()
+    if sharded:
+        _shard(model)
+    sws = SoftWeightSharing(model, PriorConfig(init_zero_std=0.05, pi_zero=0.9), dataset_size=400, tau=0.5)
+    _train(model, sws, rank, world, model)
+    done = sws.finalize_()
+    sws.finetune_(_qat_batches(rank, world), epochs=1, progress=False)
+    return model, sws, done.nonzero_fraction, done.values_used
+
+
+def _fsdp_worker(rank: int, world: int, init: str, out: str, kernel: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from swsformat.retrain import prior as prior_module
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    if not kernel:  # the CUDA code path (autograd over local shards), run on CPU tensors
+        prior_module.KERNEL_DEVICES = ()
+    model, sws, fraction, used = _fsdp_job(rank, world, True)
+    torch.save((_full(model, sws), fraction, used), f"{out}.{rank}")
+    with pytest.raises(swsformat.SwsEncodeError, match="get_model_state_dict"):
+        swsformat.encode(model, f"{out}.{rank}.sws")
+    # The README's way: gather the whole state_dict on every rank, write it once on rank 0.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        swsformat.encode(full, f"{out}.sws", compress=sws.coded_names())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "autograd-path"])
+def test_fsdp2_sharded_weights_match_one_process(tmp_path, kernel, monkeypatch):
+    """FSDP2 (fully_shard): each rank trains, prunes, snaps and fine-tunes its shards; the
+    mixture's sums go over both ranks, so the prior and the gathered weights equal one process's."""
+    from swsformat.retrain import prior as prior_module
+
+    torch.set_num_threads(1)
+    if not kernel:
+        monkeypatch.setattr(prior_module, "KERNEL_DEVICES", ())
+    model, sws, fraction, used = _fsdp_job(0, 1, False)
+    single = _full(model, sws)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_fsdp_worker, args=(2, init, str(tmp_path / "state"), kernel), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"state.{r}", weights_only=True) for r in range(2)]
+    for _, frac, values in ranks:
+        assert frac == pytest.approx(fraction) and values == used
+    for name, want in single.items():
+        assert torch.equal(ranks[0][0][name], ranks[1][0][name]), name
+        assert torch.allclose(ranks[0][0][name], want, rtol=1e-4, atol=1e-6), name
+    assert 0 < fraction < 1
+    assert not (tmp_path / "state.0.sws").exists() and not (tmp_path / "state.1.sws").exists()
+    decoded = swsformat.load_state_dict(tmp_path / "state.sws")
+    for name, t in decoded.items():
+        assert torch.equal(t, ranks[0][0][f"model.{name}"]), name

@@ -215,3 +215,67 @@ def test_deep_compression_prunes_iteratively_and_shares_values(tmp_path):
     assert "deep-compression" in swsformat.open(tmp_path / "dc.sws").metadata()["sws.method"]
     with pytest.raises(ValueError, match="must not decrease"):
         DeepCompressionConfig(prune_schedule=(0.9, 0.5))
+
+
+def test_one_mixture_per_layer():
+    """groups="layer": each weight tensor has its own prior; the term and its gradient are the
+    sums of the separate priors', and each layer snaps to its own mixture's means."""
+    model = trained_mlp()
+    sws = SoftWeightSharing(model, PriorConfig(init_std=0.05), dataset_size=2000, tau=0.05, groups="layer")
+    assert len(sws.prior.priors) == 2 and sws.prior.keys == ["0.weight", "2.weight"]
+    assert [g["name"] for g in sws.param_groups()][:3] == ["means/0.weight", "log_precisions/0.weight",
+                                                           "mixing/0.weight"]
+    # Each prior starts from its own layer's range.
+    for prior, w in zip(sws.prior.priors, sws.weights):
+        means, w = prior.means.detach(), w.detach()
+        assert float(means.min()) >= float(w.min()) - 1e-6 and float(means.max()) <= float(w.max()) + 1e-6
+    twin = copy.deepcopy(model)
+    alone = [SoftWeightSharing(twin, PriorConfig(init_std=0.05), dataset_size=2000, tau=0.05,
+                               filter_fn=lambda n, m, p, k=k: p is twin[k].weight) for k in (0, 2)]
+    for a, p in zip(alone, sws.prior.priors):
+        a.prior.load_state_dict(p.state_dict())
+    value = sws.add_complexity_grad_()
+    assert value == pytest.approx(sum(a.add_complexity_grad_() for a in alone), rel=1e-9)
+    for k in (0, 2):
+        assert torch.equal(model[k].weight.grad, twin[k].weight.grad)
+    x, y = blobs(2000, 0)
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
+    for _ in range(8):
+        sws.new_epoch()
+        for idx in torch.randperm(2000).split(20):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            sws.add_complexity_grad_()
+            opt.step()
+    done = sws.finalize_()
+    assert isinstance(done.mixture, list) and len(done.mixture) == 2
+    for w, mix in zip(sws.weights, done.mixture):
+        values = w.detach().unique()
+        allowed = torch.tensor(mix.means, dtype=torch.float32)
+        assert all(bool((v == allowed).any()) for v in values), "a layer snapped to another layer's mean"
+    sws.finetune_([(x[i : i + 100], y[i : i + 100]) for i in range(0, 2000, 100)], epochs=1, progress=False)
+    by_key = SoftWeightSharing(trained_mlp(), dataset_size=10, groups=lambda name, p: "all")
+    assert len(by_key.prior.priors) == 1
+    with pytest.raises(ValueError, match="groups"):
+        SoftWeightSharing(trained_mlp(), dataset_size=10, groups="layers")
+    with pytest.raises(ValueError, match="string key"):
+        SoftWeightSharing(trained_mlp(), dataset_size=10, groups=lambda name, p: 3)
+    with pytest.raises(ValueError, match="prior_groups"):
+        CompressConfig(prior_groups="per-layer")
+
+
+@pytest.mark.slow
+def test_compress_with_one_mixture_per_layer(tmp_path):
+    x, y = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(0))
+    cfg = CompressConfig(prior=PriorConfig(init_std=0.05), retrain=RetrainConfig(epochs=8, tau=0.05), qat_epochs=2,
+                         finetune_epochs=1, prior_groups="layer")
+    model = trained_mlp()
+    result = swsformat.compress(model, loader, DataLoader(TensorDataset(xt, yt), batch_size=500), cfg,
+                                path=tmp_path / "m.sws", progress=False)
+    assert isinstance(result.mixture, list) and len(result.mixture) == 2
+    assert result.quantized_error < 5 and result.nonzero_fraction < 0.3
+    back = swsformat.load_model(tmp_path / "m.sws", copy.deepcopy(model))
+    assert error(back, xt, yt) == pytest.approx(result.quantized_error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,8 @@ from torch import nn
 
 from ..errors import SwsTrainingError
 from .models import FilterFn, compressible_parameters, tied_names
-from .prior import Mixture, MixturePrior, PriorConfig, merge_components
+from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups, merge_components
+from .shards import count_over_shards, is_sharded
 from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
 
 
@@ -34,7 +36,7 @@ from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
 class Finalized:
     """What :meth:`SoftWeightSharing.finalize_` did."""
 
-    mixture: Mixture
+    mixture: Mixture | list[Mixture]  # one per weight tensor (in ``named_weights`` order) with groups
     merged: int
     masks: list[torch.Tensor]
     nonzero_fraction: float
@@ -49,6 +51,13 @@ class SoftWeightSharing:
     the MNIST nets; smaller keeps more weights). ``filter_fn(name, module, param)`` chooses
     the weights (default: linear, conv, embedding, RNN and attention weight matrices). The
     prior starts from the model's current weights, so make it after pretraining.
+
+    ``groups`` gives weight tensors separate mixtures: ``None`` (one mixture for all, the
+    paper's choice and the measured best on the MNIST nets), ``"layer"`` (one per weight
+    tensor) or ``groups(name, param) -> key`` (one mixture per distinct key, e.g. embeddings
+    apart from the rest). Under FSDP2 (``fully_shard``), build it on the sharded model: each
+    rank works on its shards and the mixture's sums are all-reduced, so the mixture stays the
+    same on every rank.
     """
 
     def __init__(
@@ -59,6 +68,7 @@ class SoftWeightSharing:
         dataset_size: int,
         tau: float = 0.05,
         filter_fn: FilterFn | None = None,
+        groups: str | Callable[[str, nn.Parameter], str] | None = None,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive integer (training samples), got {dataset_size!r}")
@@ -74,7 +84,7 @@ class SoftWeightSharing:
             raise ValueError(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in "
                              "float32 (mixed precision through torch.autocast keeps float32 weights)")
         self.weights = [p for _, p in self.named_weights]
-        self.prior: MixturePrior = default_prior(model, prior, self.weights)
+        self.prior: MixturePrior | PriorGroups = make_prior(model, prior, self.named_weights, groups)
         self.tau, self.dataset_size = tau, dataset_size
         self._hook = PriorGradient(self.prior, self.weights)
 
@@ -91,7 +101,11 @@ class SoftWeightSharing:
 
     def complexity_loss(self) -> torch.Tensor:
         """``tau/N *`` the prior's negative log-likelihood of the weights plus its hyper-priors,
-        to add to the task loss (autograd; any device)."""
+        to add to the task loss (autograd; any device). Not for FSDP-sharded weights: there the
+        sums run over all ranks' shards, which :meth:`add_complexity_grad_` does."""
+        if any(is_sharded(w) for w in self.weights):
+            raise SwsTrainingError("complexity_loss() cannot see the other ranks' shards of an FSDP model: call "
+                                   "sws.add_complexity_grad_() after loss.backward() instead")
         return self.scale * self.prior.complexity(self.weights)
 
     def add_complexity_grad_(self) -> float:
@@ -111,9 +125,10 @@ class SoftWeightSharing:
         and snap every other weight to its nearest non-zero mean, in place."""
         from .pipeline import prune_masks, quantize_model_
 
-        mixture, merged = merge_components(Mixture.from_prior(self.prior), merge_threshold)
+        mixture, merged = merged_mixtures(self.prior, merge_threshold)
         masks = prune_masks(self.model, mixture, assign, self.named_weights)
-        empty = [n for (n, _), m in zip(self.named_weights, masks) if not bool(m.any())]
+        kept = count_over_shards(self.weights, [int(m.sum()) for m in masks])
+        empty = [n for (n, _), k in zip(self.named_weights, kept) if k == 0]
         if empty:
             raise SwsTrainingError(
                 f"finalizing would zero every weight of {empty} (the model is unchanged): train longer under the "
@@ -148,6 +163,35 @@ class SoftWeightSharing:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prior.load_state_dict(state)
+
+
+def make_prior(
+    model: nn.Module, config: PriorConfig, named: list[tuple[str, nn.Parameter]],
+    groups: str | Callable[[str, nn.Parameter], str] | None,
+) -> MixturePrior | PriorGroups:
+    """One prior over all ``named`` weights, or one per group (see :class:`SoftWeightSharing`)."""
+    weights = [p for _, p in named]
+    if groups is None or groups == "shared":
+        return default_prior(model, config, weights)
+    if groups == "layer":
+        keys = [n for n, _ in named]
+    elif callable(groups):
+        keys = [groups(n, p) for n, p in named]
+        bad = [k for k in keys if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"groups(name, param) must return a string key, got {bad[0]!r}")
+    else:
+        raise ValueError(f"groups must be None, 'shared', 'layer' or a function (name, param) -> key, got {groups!r}")
+    return PriorGroups.build(weights, keys, config, lambda cfg, ws: default_prior(model, cfg, ws))
+
+
+def merged_mixtures(prior: MixturePrior | PriorGroups, threshold: float) -> tuple[Mixture | list[Mixture], int]:
+    """The learned mixture(s) with redundant components merged: one for a single prior, else one
+    per weight tensor (its group's); and the number of merges."""
+    if isinstance(prior, MixturePrior):
+        return merge_components(Mixture.from_prior(prior), threshold)
+    done = [merge_components(Mixture.from_prior(p), threshold) for p in prior.priors]
+    return [done[g][0] for g in prior.group_of()], sum(m for _, m in done)
 
 
 __all__ = ["Finalized", "SoftWeightSharing"]

@@ -7,7 +7,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +22,8 @@ from ..errors import SwsError, SwsTrainingError
 from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
-from .prior import Mixture, MixturePrior, PriorConfig, merge_components
+from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups
+from .shards import count_over_shards, is_sharded, local, sum_over_shards
 from .train import (
     Data,
     EpochLog,
@@ -42,6 +43,8 @@ from .train import (
 
 # The weights under the prior, by state_dict name; None means compressible_parameters(model).
 Named = list[tuple[str, nn.Parameter]] | None
+# One mixture for all weights under the prior, or one per weight tensor (per-group priors).
+Mixtures = Mixture | Sequence[Mixture]
 
 # Storage types for the biases of the coded layers (see :func:`round_biases_`).
 BIAS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -66,10 +69,14 @@ class CompressConfig:
     bias_dtype: str = "float16"
     index_bits: int | str | None = "auto"
     remove_dead: bool = True
+    prior_groups: str = "shared"
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.prior_groups not in ("shared", "layer"):
+            raise ValueError(f"prior_groups must be 'shared' (one mixture) or 'layer' (one per weight tensor), "
+                             f"got {self.prior_groups!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if not (self.index_bits in (None, "auto") or (type(self.index_bits) is int and 1 <= self.index_bits <= 12)):
@@ -100,8 +107,8 @@ class CompressResult:
     """What :func:`compress` measured; ``model`` holds the quantized weights."""
 
     model: nn.Module
-    prior: MixturePrior
-    mixture: Mixture
+    prior: MixturePrior | PriorGroups
+    mixture: Mixture | list[Mixture]  # one per weight tensor with prior_groups="layer"
     logs: list[EpochLog]
     pretrained_error: float
     retrained_error: float
@@ -130,14 +137,29 @@ class CompressResult:
 
 
 @torch.no_grad()
-def prune_masks(model: nn.Module, mixture: Mixture, rule: str = "map", weights: Named = None) -> list[torch.Tensor]:
-    """Boolean masks of the weights that survive: those ``rule`` does not give to the zero component."""
-    return [
-        torch.from_numpy(mixture.assign(p.detach().cpu().double().numpy().ravel(), rule) != 0)
-        .view(p.shape)
-        .to(p.device)
-        for _, p in _named(model, weights)
-    ]
+def prune_masks(
+    model: nn.Module, mixture: Mixtures, rule: str = "map", weights: Named = None
+) -> list[torch.Tensor]:
+    """Boolean masks of the weights that survive: those ``rule`` does not give to the zero
+    component (``mixture``: one for all weights or one per weight). For a weight sharded by
+    FSDP the mask covers this rank's shard."""
+    named = _named(model, weights)
+    out = []
+    for (_, p), mix in zip(named, per_weight(mixture, len(named))):
+        part = local(p).detach()
+        keep = mix.assign(part.cpu().double().numpy().ravel(), rule) != 0
+        out.append(torch.from_numpy(keep).view(part.shape).to(part.device))
+    return out
+
+
+def per_weight(mixture: Mixtures, count: int) -> list[Mixture]:
+    """``mixture`` repeated for ``count`` weights, or the given list of one per weight."""
+    if isinstance(mixture, Mixture):
+        return [mixture] * count
+    mixtures = list(mixture)
+    if len(mixtures) != count:
+        raise ValueError(f"{len(mixtures)} mixtures for {count} weight tensors: give one, or one per weight")
+    return mixtures
 
 
 def _named(model: nn.Module, weights: Named) -> list[tuple[str, nn.Parameter]]:
@@ -165,6 +187,12 @@ def _nonzero_grid(mixture: Mixture, device: torch.device) -> tuple[torch.Tensor,
     return values, (values[1:] + values[:-1]) / 2
 
 
+def _grids(mixtures: list[Mixture], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_nonzero_grid` of each weight's mixture, made once per distinct mixture."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    return [made.setdefault(id(m), _nonzero_grid(m, device)) for m in mixtures]
+
+
 def _nearest(w: torch.Tensor, values: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     """Each entry of ``w`` replaced by the nearest of the sorted ``values`` (``mids``: midpoints)."""
     return values[torch.bucketize(w, mids)]
@@ -172,28 +200,41 @@ def _nearest(w: torch.Tensor, values: torch.Tensor, mids: torch.Tensor) -> torch
 
 @torch.no_grad()
 def quantize_model_(
-    model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], weights: Named = None
+    model: nn.Module, mixture: Mixtures, masks: list[torch.Tensor], weights: Named = None
 ) -> tuple[float, int]:
-    """Snap in place: pruned weights to exactly 0, the others to the nearest non-zero mean.
+    """Snap in place: pruned weights to exactly 0, the others to the nearest non-zero mean of
+    their mixture (one for all weights or one per weight).
 
-    Returns (non-zero fraction, number of non-zero shared values used).
+    Returns (non-zero fraction, number of distinct non-zero values used).
     """
     params = [p for _, p in _named(model, weights)]
-    used: set[float] = set()
-    v, mids = _nonzero_grid(mixture, params[0].device)
-    for p, m in zip(params, masks):
-        q = torch.where(m, _nearest(p.detach().float(), v, mids), torch.zeros((), device=p.device))
-        p.copy_(q.to(p.dtype))
-        used.update(torch.unique(q[m]).tolist())
-    return _nonzero_fraction(params), len(used)
+    mixtures = per_weight(mixture, len(params))
+    candidates = np.unique(np.concatenate([m.means[1:] for m in mixtures]).astype(np.float32))
+    used = np.zeros(candidates.size)
+    for p, m, (v, mids) in zip(params, masks, _grids(mixtures, local(params[0]).device)):
+        part = local(p)
+        q = torch.where(m, _nearest(part.detach().float(), v, mids), torch.zeros((), device=part.device))
+        part.copy_(q.to(part.dtype))
+        seen = torch.unique(q[m]).cpu().numpy()
+        used[np.searchsorted(candidates, seen)] = 1.0
+    if any(is_sharded(p) for p in params):
+        used = sum_over_shards([(_world(), used)])
+    return _nonzero_fraction(params), int((used > 0).sum())
+
+
+def _world() -> tuple:
+    import torch.distributed as dist
+
+    return (dist.group.WORLD,)
 
 
 def _nonzero_fraction(params: list[torch.Tensor]) -> float:
-    return sum(int(torch.count_nonzero(p)) for p in params) / max(sum(p.numel() for p in params), 1)
+    kept = count_over_shards(params, [int(torch.count_nonzero(local(p))) for p in params])
+    return sum(kept) / max(sum(p.numel() for p in params), 1)
 
 
 def quantization_aware_finetune_(
-    model: nn.Module, mixture: Mixture, masks: list[torch.Tensor], train: Data, epochs: int, lr: float,
+    model: nn.Module, mixture: Mixtures, masks: list[torch.Tensor], train: Data, epochs: int, lr: float,
     batch_size: int = 256, seed: int = 0, progress: bool = True,
     teacher: nn.Module | None = None, distill: float = 0.0, temperature: float = 2.0,
     loss_fn: LossFn = cross_entropy, weights: Named = None,
@@ -215,9 +256,9 @@ def quantization_aware_finetune_(
         return
     if distill > 0 and teacher is not None and loss_fn is not cross_entropy:
         raise ValueError("distillation (qat_distill > 0) works with the default cross-entropy loss only")
-    params = [p for _, p in _named(model, weights)]
-    device = params[0].device
-    values, mids = _nonzero_grid(mixture, device)
+    all_params = [p for _, p in _named(model, weights)]
+    grids = _grids(per_weight(mixture, len(all_params)), local(all_params[0]).device)
+    params = [local(p) for p in all_params]  # this rank's shards under FSDP: the updates are elementwise
     zero_pruned_(params, masks)
     opt = adam(model.parameters(), lr=lr)
     sched = cosine_schedule(opt, epochs * steps_per_epoch(train, batch_size))
@@ -226,15 +267,15 @@ def quantization_aware_finetune_(
 
     @torch.no_grad()
     def quantize_forward() -> None:
-        for p, m, s in zip(params, masks, shadow):
+        for p, m, s, (values, mids) in zip(params, masks, shadow, grids):
             s.copy_(p)
             p.copy_(_nearest(p, values, mids) * m)
 
     @torch.no_grad()
     def restore_float_weights() -> float:
-        for p, m, s in zip(params, masks, shadow):
+        for p, full, m, s in zip(params, all_params, masks, shadow):
             p.copy_(s)
-            p.grad.mul_(m)
+            local(full.grad).mul_(m)
         return 0.0
 
     def distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -461,7 +502,7 @@ def compress(
         >>> result = swsformat.compress(model, train, test, path="lenet.sws")  # doctest: +SKIP
         >>> result.quantized_error, result.file_bytes  # doctest: +SKIP
     """
-    from .method import SoftWeightSharing
+    from .method import SoftWeightSharing, merged_mixtures
 
     if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
@@ -471,7 +512,7 @@ def compress(
     pre = measure(model)
     teacher = copy.deepcopy(model).eval() if config.qat_distill > 0 and config.qat_epochs > 0 else None
     sws = SoftWeightSharing(model, config.prior, tau=config.retrain.tau, filter_fn=filter_fn,
-                            dataset_size=config.retrain.train_size or dataset_size(train))
+                            dataset_size=config.retrain.train_size or dataset_size(train), groups=config.prior_groups)
     named, prior = sws.named_weights, sws.prior
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
@@ -479,7 +520,7 @@ def compress(
         weights=sws.weights,
     )
     retrained = measure(model)
-    mixture, merged = merge_components(Mixture.from_prior(prior), config.merge_threshold)
+    mixture, merged = merged_mixtures(prior, config.merge_threshold)
     masks = prune_masks(model, mixture, config.assign, named)
     quantization_aware_finetune_(
         model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress,

@@ -27,6 +27,7 @@ from ._prior_kernel import (
     value_order,
 )
 from .fields import check_types
+from .shards import is_sharded, local, shard_groups, sum_over_shards
 
 LOG_2PI = math.log(2.0 * math.pi)
 CHUNK = 1 << 20
@@ -302,29 +303,33 @@ class MixturePrior(nn.Module):
         no weight-sized temporaries. Through autograd these cost as much as the kernel itself
         in a LeNet-300-100 step. Other devices take the autograd path.
         """
-        flat = [_flat_numpy(w) for w in weights]
+        flat = [_flat_numpy(local(w)) for w in weights]
         if any(wn is None for wn in flat):
-            value = self.complexity(weights)
-            (scale * value).backward()
-            return float(value.detach())
+            if not any(is_sharded(w) for w in weights):
+                value = self.complexity(weights)
+                (scale * value).backward()
+                return float(value.detach())
+            return self._sharded_autograd_(weights, scale)
         cfg = self.config
         z = float(self.pi_zero_logit.detach())
         mu, lam, c, soft, lp, fits_f32 = mixture_params(
             *(_numpy(p) for p in (self.means, self.log_precisions, self.mixing_logits)), z, F32_LOGIT_LIMIT
         )
         params = _kernel_params(mu, lam, c, fits_f32)
-        acc = np.zeros((4, mu.size))
+        parts = []
         for i, (w, wn) in enumerate(zip(weights, flat)):
             if w.requires_grad and w.grad is None:
                 w.grad = torch.zeros_like(w)
-            gn = _flat_numpy(w.grad) if w.requires_grad else None
+            gn = _flat_numpy(local(w.grad)) if w.requires_grad else None
             if gn is not None and gn.dtype == wn.dtype:
-                acc += self._grouped_kernel(i, wn, gn, params, scale)
+                parts.append((shard_groups(w), self._grouped_kernel(i, wn, gn, params, scale)))
                 continue
             gw = np.empty_like(wn)
-            acc += _cpu_kernel(wn, params, gw, 1.0, False)[0]
+            parts.append((shard_groups(w), _cpu_kernel(wn, params, gw, 1.0, False)[0]))
             if w.requires_grad:
-                w.grad.add_(torch.from_numpy(gw).view(w.shape).to(w.grad.dtype), alpha=scale)
+                g = local(w.grad)
+                g.add_(torch.from_numpy(gw).view(g.shape).to(g.dtype), alpha=scale)
+        acc = sum_over_shards(parts) if parts else np.zeros((4, mu.size))
         # Chain rule through all_means, log_mixing and hyper_nll.
         g_means, g_lp, g_logits, g_pi0, rest_sum, hyper = mixture_param_grads(
             acc, lp, soft, *self._gamma_arrays(lp.size)
@@ -345,6 +350,33 @@ class MixturePrior(nn.Module):
             else:
                 param.grad.add_(torch.from_numpy(g).to(param.grad.device))
         return float(acc[0, 0]) + hyper
+
+    def _sharded_autograd_(self, weights: list[torch.Tensor], scale: float) -> float:
+        """:meth:`add_complexity_grad_` off the kernel devices (CUDA) with FSDP-sharded weights:
+        autograd over each rank's local shards, then the mixture's gradient and the value summed
+        over the shards before they reach the prior's parameters (identical on every rank)."""
+        mixture = [self.all_means(), self.log_precisions, self.log_mixing()]
+        detached = [t.detach().requires_grad_() for t in mixture]
+        parts = []
+        for w in weights:
+            wl = local(w).detach().requires_grad_(w.requires_grad)
+            nll = mixture_nll_many([wl], *detached)
+            needs = detached + ([wl] if w.requires_grad else [])
+            grads = torch.autograd.grad(nll, needs)
+            if w.requires_grad:
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
+                local(w.grad).add_(grads[-1], alpha=scale)
+            flat = torch.cat([nll.detach().reshape(1), *(g.detach().reshape(-1) for g in grads[:3])])
+            parts.append((shard_groups(w), flat.double().cpu().numpy()))
+        total = torch.from_numpy(sum_over_shards(parts))
+        sizes = [t.numel() for t in mixture]
+        g_parts = torch.split(total[1:], sizes)
+        torch.autograd.backward(mixture, [scale * g.to(t.dtype).to(t.device).view(t.shape)
+                                          for g, t in zip(g_parts, mixture)])
+        hyper = self.hyper_nll()
+        (scale * hyper).backward()
+        return float(total[0]) + float(hyper.detach())
 
     def _gamma_arrays(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Shapes and rates of the Gamma hyper-priors per component (zero component first)."""
@@ -400,6 +432,71 @@ class MixturePrior(nn.Module):
             {"params": [self.log_precisions], "lr": lr_log_precisions, "name": "log_precisions"},
             {"params": mixing, "lr": lr_mixing, "name": "mixing"},
         ]
+
+
+class PriorGroups(nn.Module):
+    """One :class:`MixturePrior` per group of weight tensors, each with its own means,
+    precisions and mixing proportions: layers whose weights live on different scales (an
+    embedding and a projection, the first conv and the classifier) need not share one codebook.
+
+    It takes the place of a single prior in the training loop: the complexity and its gradient
+    are the sums over the groups. ``members[g]`` lists the indices, within the weight list
+    passed to every call, of group ``g``'s tensors.
+    """
+
+    def __init__(self, priors: list[MixturePrior], members: list[list[int]], keys: list[str]) -> None:
+        super().__init__()
+        if not (len(priors) == len(members) == len(keys)) or not priors:
+            raise ValueError("one prior, one member list and one key per group, at least one group")
+        self.priors = nn.ModuleList(priors)
+        self.members, self.keys = members, keys
+
+    @classmethod
+    def build(cls, weights: list[torch.Tensor], keys: list[str], config: PriorConfig, make) -> PriorGroups:
+        """Groups by ``keys`` (one per weight, first appearance first), each prior made by
+        ``make(config, its weights)``."""
+        order: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            order.setdefault(k, []).append(i)
+        members = list(order.values())
+        return cls([make(config, [weights[i] for i in idx]) for idx in members], members, list(order))
+
+    def _split(self, weights: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [[weights[i] for i in idx] for idx in self.members]
+
+    def group_of(self) -> list[int]:
+        """For each weight (by its index in the list), its group's index."""
+        out = [0] * sum(len(m) for m in self.members)
+        for g, idx in enumerate(self.members):
+            for i in idx:
+                out[i] = g
+        return out
+
+    def complexity(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        return sum(p.complexity(ws) for p, ws in zip(self.priors, self._split(weights)))
+
+    def add_complexity_grad_(self, weights: list[torch.Tensor], scale: float) -> float:
+        return sum(p.add_complexity_grad_(ws, scale) for p, ws in zip(self.priors, self._split(weights)))
+
+    def reset_grouping(self) -> None:
+        for p in self.priors:
+            p.reset_grouping()
+
+    @property
+    def grouping(self) -> tuple[int, int]:
+        pays = [p.grouping for p in self.priors]
+        return sum(a for a, _ in pays), sum(b for _, b in pays)
+
+    def param_groups(self, lr_means: float, lr_log_precisions: float, lr_mixing: float) -> list[dict]:
+        out = []
+        for key, prior in zip(self.keys, self.priors):
+            for group in prior.param_groups(lr_means, lr_log_precisions, lr_mixing):
+                out.append({**group, "name": f"{group['name']}/{key}"})
+        return out
+
+    def snapshots(self) -> list[dict[str, np.ndarray]]:
+        """Each group's :meth:`MixturePrior.snapshot`."""
+        return [p.snapshot() for p in self.priors]
 
 
 @dataclass

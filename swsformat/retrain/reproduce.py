@@ -22,7 +22,7 @@ from ..provenance import provenance
 from . import data as data_mod
 from .models import build_model
 from .pipeline import CompressConfig, compress
-from .prior import PriorConfig
+from .prior import Mixture, PriorConfig
 from .train import RetrainConfig, evaluate, pick_device, pretrain
 
 # Names how pretrain() trains (fused Adam, per-epoch cosine_schedule); part of the
@@ -178,7 +178,7 @@ def run(
         )
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recorder = None
-    if plots:
+    if plots and config.prior_groups == "shared":  # one mixture per layer has no single movie
         from .plots import MovementRecorder
 
         recorder = MovementRecorder(model)
@@ -216,7 +216,8 @@ def run(
         "fp32_bytes": report["fp32_bytes"],
         "compression_rate": report["compression_rate"],
         "paper_compression_rate": report["paper_compression_rate"],
-        "mixture": {k: [round(float(x), 6) for x in getattr(result.mixture, k)] for k in ("means", "stds", "pi")},
+        "mixture": [_mixture_json(m) for m in result.mixture] if isinstance(result.mixture, list)
+        else _mixture_json(result.mixture),
         "decoded_test_error": None,
     }
     # Evaluate the file as a user would: decode it into a fresh module.
@@ -239,12 +240,17 @@ def run(
              "retrained": retrained, "quantized": flat_weights(model)[recorder.idx] if recorder else flat_weights(model)},
             folder / f"{stem}-histograms.png",
         )
-        mixture_plot(retrained, result.mixture, folder / f"{stem}-mixture.png")
+        if not isinstance(result.mixture, list):  # one mixture per layer: no single picture
+            mixture_plot(retrained, result.mixture, folder / f"{stem}-mixture.png")
         if recorder:
             recorder.gif(folder / f"{stem}-movement.gif")
     if progress:
         say(final_summary(out, output, json_path, plots))
     return out
+
+
+def _mixture_json(mixture: Mixture) -> dict[str, list[float]]:
+    return {k: [round(float(x), 6) for x in getattr(mixture, k)] for k in ("means", "stds", "pi")}
 
 
 def say(text: str) -> None:

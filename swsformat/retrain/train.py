@@ -24,6 +24,7 @@ from .data import Split
 from .fields import check_types
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
+from .shards import global_min_max, is_sharded, local
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -450,7 +451,11 @@ def retrain(
 
 def default_prior(model: nn.Module, config: PriorConfig, weights: list[nn.Parameter] | None = None) -> MixturePrior:
     """A prior initialised from the model's current (pretrained) weights (or ``weights``)."""
-    device = next(model.parameters()).device
     weights = weights if weights is not None else [p for _, p in compressible_parameters(model)]
-    w = torch.cat([p.detach().flatten() for p in weights])
+    device = local(weights[0]).device if weights else next(model.parameters()).device
+    if any(is_sharded(p) for p in weights):
+        # The means only depend on the weights' range: take it over every rank's shards.
+        w = torch.tensor(global_min_max(weights), dtype=torch.float32)
+    else:
+        w = torch.cat([p.detach().flatten() for p in weights])
     return MixturePrior(w, config).to(device)
