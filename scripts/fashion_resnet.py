@@ -39,16 +39,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Block(nn.Module):
-    """A basic residual block: two 3x3 conv + BatchNorm, a 1x1 projection when the shape changes."""
+    """A basic residual block: two 3x3 conv + BatchNorm, a 1x1 projection when the shape changes.
+    With ``norm=False`` (BatchNorm folded into the convolutions) the convs carry biases instead."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: bool = True) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        bn = (lambda c: nn.BatchNorm2d(c)) if norm else (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=not norm)
+        self.bn1 = bn(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=not norm)
+        self.bn2 = bn(cout)
         self.short = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not norm), bn(cout))
             if stride != 1 or cin != cout else nn.Identity()
         )
 
@@ -58,18 +60,47 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), classes: int = 10, norm: bool = True) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        bn = nn.BatchNorm2d(widths[0]) if norm else nn.Identity()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=not norm), bn, nn.ReLU())
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
-            blocks.append(Block(cin, w, 1 if i == 0 else 2))
+            blocks.append(Block(cin, w, 1 if i == 0 else 2, norm))
             cin = w
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def conv_bn_pairs(model: ResNet) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) module names, each BatchNorm right after its conv."""
+    pairs = [("stem.0", "stem.1")]
+    for i, block in enumerate(model.blocks):
+        pairs += [(f"blocks.{i}.conv1", f"blocks.{i}.bn1"), (f"blocks.{i}.conv2", f"blocks.{i}.bn2")]
+        if isinstance(block.short, nn.Sequential):
+            pairs.append((f"blocks.{i}.short.0", f"blocks.{i}.short.1"))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm(model: ResNet) -> ResNet:
+    """The same function (eval mode) without BatchNorm: each BN's scale folded into its conv's
+    weights, its shift into a bias, as for deployment. BatchNorm makes the weights before it
+    scale-free, so a prior could shrink them towards zero at no cost to the loss and the snap
+    would then prune them all; folded, the weights carry their real scale."""
+    folded = ResNet(norm=False)
+    mods = dict(model.named_modules())
+    sd = {k: v for k, v in model.state_dict().items() if k in folded.state_dict()}
+    for conv, bn in conv_bn_pairs(model):
+        b = mods[bn]
+        scale = b.weight / torch.sqrt(b.running_var + b.eps)
+        sd[f"{conv}.weight"] = mods[conv].weight * scale[:, None, None, None]
+        sd[f"{conv}.bias"] = b.bias - b.running_mean * scale
+    folded.load_state_dict(sd)
+    return folded
 
 
 def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--pretrained", default=None,
+                   help="a state_dict file: loaded if it exists, else written after pretraining")
     p.add_argument("--out", default=str(ROOT / "results" / "fashion-resnet"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -124,9 +157,18 @@ def main(argv: list[str] | None = None) -> None:
         train_split = train_split.subset(a.limit)
     dataset = TensorDataset(train_split.x, train_split.y)
     loader = DataLoader(dataset, batch_size=a.batch, shuffle=True, generator=torch.Generator().manual_seed(a.seed))
-    model = ResNet()
-    train(model, loader, a.epochs, 2e-3, desc="pretrain")
-    pre = evaluate(model, test)
+    with_bn = ResNet()
+    cached = bool(a.pretrained) and Path(a.pretrained).exists()
+    if cached:
+        with_bn.load_state_dict(torch.load(a.pretrained, weights_only=True))
+    else:
+        train(with_bn, loader, a.epochs, 2e-3, desc="pretrain")
+        if a.pretrained:
+            torch.save(with_bn.state_dict(), a.pretrained)
+    pre = evaluate(with_bn, test)
+    with_bn_sd = {k: v.clone() for k, v in with_bn.state_dict().items()}
+    model = fold_batchnorm(with_bn.eval())
+    folded_error = evaluate(model, test)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
 
     prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std)
@@ -142,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "resnet.sws"
     swsformat.encode(model, path, compress=sws.coded_names(), metadata={"sws.data": "fashion-mnist, standardized"})
-    loaded = ResNet()
+    loaded = ResNet(norm=False)
     swsformat.load_model(path, loaded)
     decoded = evaluate(loaded, test)
     if decoded != final:
@@ -153,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(sd[n].numel() for n in coded)
 
     def post_training(prune: float) -> dict[str, float]:
-        """``sws encode --prune P --clusters K`` on the pretrained weights, BatchNorm statistics as they were."""
-        net = ResNet()
+        """``sws encode --prune P --clusters K`` on the pretrained (folded) weights."""
+        net = ResNet(norm=False)
         net.load_state_dict(prune_and_cluster(pretrained, prune=prune, clusters=done.values_used))
         size = file_size(lambda f: swsformat.encode(net, f, smallest=True))
         return {"prune": prune, "test_error": evaluate(net, test), "file_bytes": size}
@@ -163,18 +205,21 @@ def main(argv: list[str] | None = None) -> None:
     reach = [b for b in baseline if b["test_error"] <= final]
     from safetensors.torch import save_file
 
-    fp32 = file_size(lambda f: save_file({k: v.contiguous() for k, v in pretrained.items()}, str(f)))
+    fp32 = file_size(lambda f: save_file({k: v.contiguous() for k, v in with_bn_sd.items()}, str(f)))
     fp16 = file_size(lambda f: save_file(
-        {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in pretrained.items()}, str(f)))
+        {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in with_bn_sd.items()}, str(f)))
+    folded32 = file_size(lambda f: save_file({k: v.contiguous() for k, v in pretrained.items()}, str(f)))
     rep = swsformat.size_report(path)
     summary = {
         "command": " ".join(["python", "scripts/fashion_resnet.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": "ResNet: 3x3 stem 16, basic blocks 16-32-64 (stride 1, 2, 2), BatchNorm, global average pool, "
-                 f"linear 10; {sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
+                 f"linear 10; BatchNorm folded into the convs after pretraining; "
+                 f"{sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
         "data": {"train": len(dataset), "test": len(test), "normalization": "standard"},
+        "pretrained_from_cache": cached,
         "epochs": a.epochs, "qat_epochs": a.qat_epochs, "tau": a.tau, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
         "seed": a.seed, "threads": torch.get_num_threads(),
-        "test_error": {"pretrained": pre, "retrained": retrained, "snapped": snapped, "final": final,
+        "test_error": {"pretrained": pre, "batchnorm_folded": folded_error, "retrained": retrained, "snapped": snapped, "final": final,
                        "decoded_file": decoded},
         "nonzero_fraction": kept / total,
         "values_used": done.values_used,
@@ -182,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "file_bytes": rep["file_bytes"],
         "safetensors_fp32_bytes": fp32,
         "safetensors_fp16_bytes": fp16,
+        "safetensors_fp32_folded_bytes": folded32,
         "rate_vs_safetensors_fp32": fp32 / rep["file_bytes"],
         "post_training": baseline,
         "post_training_smallest_at_same_error": min(reach, key=lambda b: b["file_bytes"]) if reach else None,

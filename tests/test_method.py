@@ -164,6 +164,28 @@ def test_text_lstm_script_runs_at_toy_size(tmp_path):
     assert {"emb.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"} <= coded
 
 
+@pytest.mark.slow
+def test_text_gpt_script_runs_under_torchrun_at_toy_size(tmp_path):
+    """scripts/text_gpt.py under torchrun with two gloo processes, tiny budget: the ranks end
+    bit-identical, the tied output layer is stored once, the file decodes to the same model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "scripts" / "text_gpt.py"), "--steps", "6", "--qat-steps", "3", "--width", "32", "--layers", "1",
+           "--bytes", "100000", "--init-zero-std", "0.01", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ranks_identical"] and summary["tied_stored_once"] and summary["processes"] == 2
+    assert summary["bits_per_byte"]["decoded_file"] == summary["bits_per_byte"]["final"]
+    assert summary["file_bytes"] == (tmp_path / "byte-gpt.sws").stat().st_size
+
+
 def test_bad_inputs_are_refused_before_any_work():
     model = trained_mlp()
     with pytest.raises(ValueError, match="float32 or float64"):
