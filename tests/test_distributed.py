@@ -150,3 +150,61 @@ def test_fsdp2_sharded_weights_match_one_process(tmp_path, kernel, monkeypatch):
     decoded = swsformat.load_state_dict(tmp_path / "state.sws")
     for name, t in decoded.items():
         assert torch.equal(t, ranks[0][0][f"model.{name}"]), name
+
+
+def _compress_job(rank: int, world: int, folder: str, resume: bool = False) -> dict[str, float]:
+    from swsformat.retrain import CompressConfig, RetrainConfig
+    from swsformat.retrain.data import Split
+
+    x, _ = _data()
+    y = (x @ torch.randn(20, 4, generator=torch.Generator().manual_seed(2))).argmax(1)  # learnable labels
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):  # pretrain: the same on every rank (same data, seed, one thread)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(1))
+    batches = [(x[b.chunk(world)[rank]], y[b.chunk(world)[rank]]) for b in order.split(GLOBAL_BATCH)]
+    cfg = CompressConfig(prior=PriorConfig(init_zero_std=0.05, pi_zero=0.9),
+                         retrain=RetrainConfig(epochs=3, tau=0.5, train_size=400), qat_epochs=1, finetune_epochs=1)
+    result = swsformat.compress(
+        model, batches, Split(x, y), cfg, path=f"{folder}/m.sws", checkpoint=f"{folder}/run.ckpt", resume=resume,
+        loss_fn=lambda m, xb, yb: F.cross_entropy(wrapped(xb), yb), progress=False,
+    )
+    return {"error": result.quantized_error, "bytes": result.file_bytes, "nonzero": result.nonzero_fraction}
+
+
+def _compress_worker(rank: int, world: int, init: str, folder: str, resume: bool) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.save(_compress_job(rank, world, folder, resume), f"{folder}/summary.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compress_under_two_gloo_processes(tmp_path):
+    """compress() under DDP (the user's loss calls the wrapper): rank 0 alone writes the file and
+    the checkpoint, every rank returns the same numbers, the weights equal one process's within
+    float summation order, and a resumed run writes the same file."""
+    torch.set_num_threads(1)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = _compress_job(0, 1, str(tmp_path / "one"))
+    spawn = lambda folder, resume: mp.spawn(  # noqa: E731
+        _compress_worker, args=(2, f"file://{tmp_path / folder}-rdv", str(tmp_path / "two"), resume), nprocs=2)
+    spawn("a", False)
+    ranks = [torch.load(tmp_path / "two" / f"summary.{r}", weights_only=True) for r in range(2)]
+    assert ranks[0] == ranks[1] and ranks[0]["bytes"] == (tmp_path / "two" / "m.sws").stat().st_size
+    assert (tmp_path / "two" / "run.ckpt").exists()
+    one = swsformat.load_state_dict(tmp_path / "one" / "m.sws")
+    two = swsformat.load_state_dict(tmp_path / "two" / "m.sws")
+    for name, want in one.items():
+        assert torch.allclose(two[name].float(), want.float(), rtol=1e-3, atol=1e-5), name
+    assert ranks[0]["error"] == pytest.approx(single["error"])
+    written = (tmp_path / "two" / "m.sws").read_bytes()
+    spawn("b", True)  # every epoch is in the checkpoint: resumes after retraining, same file
+    assert (tmp_path / "two" / "m.sws").read_bytes() == written

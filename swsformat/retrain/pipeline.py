@@ -23,6 +23,7 @@ from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups
+from .ranks import all_agree, distributed, from_writer, is_writer, set_epoch
 from .shards import count_over_shards, is_sharded, local, sum_over_shards
 from .train import (
     Data,
@@ -290,6 +291,7 @@ def quantization_aware_finetune_(
 
     bar = tqdm(range(1, epochs + 1), desc="quantization-aware fine-tune", disable=not progress)
     for epoch in bar:
+        set_epoch(train, epoch)
         loss, _, _ = train_epoch(
             model, opt, batches_of(train, batch_size, gen), loss_fn=distilled if teacher is not None else loss_fn,
             before_forward=quantize_forward,
@@ -343,6 +345,7 @@ def finetune_codebook_(
 
     bar = tqdm(range(1, epochs + 1), desc="codebook fine-tune", disable=not progress)
     for epoch in bar:
+        set_epoch(train, epoch)
         loss, _, _ = train_epoch(
             model, opt, batches_of(train, batch_size, gen), loss_fn=loss_fn, before_forward=clear_weight_grads,
             after_backward=codebook_grad, after_step=write_weights, scheduler=sched, desc=f"epoch {epoch}",
@@ -374,7 +377,7 @@ def _change_if_cheap_(
     saved = {n: b.detach().clone() for n, b in biases.items()}
     for b in biases.values():
         b.copy_(change(b))
-    if measure(model) > before + tolerance:
+    if not all_agree(measure(model) <= before + tolerance):  # under torchrun: every rank's data agrees
         for n, b in biases.items():
             b.copy_(saved[n])
         return []
@@ -494,6 +497,12 @@ def compress(
     module, param)`` chooses the weights under the prior (see
     :func:`~swsformat.retrain.models.default_filter`).
 
+    Under ``torchrun``: wrap the model in ``DistributedDataParallel``, pass the unwrapped
+    ``model`` and a ``loss_fn`` that calls the wrapper (so the gradients are averaged), each
+    rank's own batches (a ``DataLoader`` with a ``DistributedSampler``; its ``set_epoch`` is
+    called every epoch) and the whole test set. Rank 0 alone writes the file and the
+    checkpoint (put it on a file system every rank reads, to resume with the same world size).
+
     The file holds the weights, the architecture and ``metadata``; with ``embed_summary`` it
     also holds the measured errors and the whole config as JSON strings (about 0.9 KB, 8% of
     a LeNet-5-Caffe file, so by default they go to the caller, e.g. a JSON beside the file).
@@ -506,6 +515,8 @@ def compress(
 
     if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
+    if config.qat_distill > 0 and config.qat_epochs > 0 and distributed():
+        raise ValueError("qat_distill > 0 runs the teacher outside your DDP wrapper; set qat_distill=0 under torchrun")
     measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
@@ -542,7 +553,7 @@ def compress(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0,
         dead_removed=dead,
     )
-    if path is not None:
+    if path is not None and is_writer():  # under torchrun: rank 0 writes, the others learn the size
         meta = dict(metadata or {})
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
@@ -554,4 +565,6 @@ def compress(
             sd, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta, smallest=True,
             architecture=getattr(model, "sws_architecture", None),
         )
+    if path is not None:
+        result.file_bytes = from_writer(result.file_bytes)
     return result

@@ -24,6 +24,7 @@ from .data import Split
 from .fields import check_types
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
+from .ranks import is_writer, set_epoch
 from .shards import global_min_max, is_sharded, local
 
 
@@ -243,6 +244,7 @@ def pretrain(
     bar = tqdm(range(start, epochs + 1), desc="pretrain", initial=start - 1, total=epochs, disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
+        set_epoch(train, epoch)
         loss, ce, _ = train_epoch(
             model, opt, batches_of(train, batch_size, gen), loss_fn=loss_fn, desc=f"epoch {epoch}", progress=progress
         )
@@ -250,7 +252,7 @@ def pretrain(
         error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
         logs.append(EpochLog(epoch, loss, ce, 0.0, error, time.perf_counter() - t0))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%")
-        if checkpoint is not None:
+        if checkpoint is not None and is_writer():
             save_checkpoint(checkpoint, model, None, opt, sched, gen, epoch, logs, fp)
     return logs
 
@@ -431,6 +433,7 @@ def retrain(
         tau = cfg.tau_at(epoch)
         t0 = time.perf_counter()
         hook.new_epoch(tau / n)
+        set_epoch(train, epoch)
         loss, ce, _ = train_epoch(
             model, opt, batches_of(train, cfg.batch_size, gen), loss_fn=loss_fn, after_backward=hook,
             desc=f"epoch {epoch}", progress=progress,
@@ -442,7 +445,7 @@ def retrain(
         error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
         logs.append(EpochLog(epoch, loss, ce, cx, error, time.perf_counter() - t0, tau))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%", tau=f"{tau:.3g}")
-        if checkpoint is not None:
+        if checkpoint is not None and is_writer():  # under torchrun: once, by rank 0
             save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs, fp)
         if on_epoch is not None:
             on_epoch(epoch, model, prior)
