@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-std", type=float, default=0.05, help="starting std of the non-zero components")
     p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
                    help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
+    p.add_argument("--groups", choices=("shared", "layer"), default="layer",
+                   help="one mixture for all layers, or one per layer (folded layers differ in scale)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
     p.add_argument("--data-root", default=None)
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
 
     prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std)
-    sws = swsformat.SoftWeightSharing(model, prior, dataset_size=len(dataset), tau=a.tau)
+    sws = swsformat.SoftWeightSharing(model, prior, dataset_size=len(dataset), tau=a.tau,
+                                      groups=None if a.groups == "shared" else a.groups)
     train(model, loader, a.epochs, 1e-3, sws, desc="soft weight-sharing")
     retrained = evaluate(model, test)
     done = sws.finalize_()
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
         "data": {"train": len(dataset), "test": len(test), "normalization": "standard"},
         "pretrained_from_cache": cached,
-        "epochs": a.epochs, "qat_epochs": a.qat_epochs, "tau": a.tau, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
+        "epochs": a.epochs, "qat_epochs": a.qat_epochs, "tau": a.tau, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
         "seed": a.seed, "threads": torch.get_num_threads(),
         "test_error": {"pretrained": pre, "batchnorm_folded": folded_error, "retrained": retrained, "snapped": snapped, "final": final,
                        "decoded_file": decoded},
