@@ -136,6 +136,9 @@ def file_size(write) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=8, help="pretraining epochs; retraining takes as many")
+    p.add_argument("--sws-epochs", type=int, default=None, help="retraining epochs (default: as --epochs)")
+    p.add_argument("--assign", choices=("map", "nearest"), default="map",
+                   help="snap rule: the paper's most probable component, or the nearest mean")
     p.add_argument("--qat-epochs", type=int, default=3)
     p.add_argument("--tau", type=float, default=0.05)
     p.add_argument("--init-std", type=float, default=0.05, help="starting std of the non-zero components")
@@ -176,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std)
     sws = swsformat.SoftWeightSharing(model, prior, dataset_size=len(dataset), tau=a.tau,
                                       groups=None if a.groups == "shared" else a.groups)
-    train(model, loader, a.epochs, 1e-3, sws, desc="soft weight-sharing")
+    sws_epochs = a.sws_epochs or a.epochs
+    train(model, loader, sws_epochs, 1e-3, sws, desc="soft weight-sharing")
     retrained = evaluate(model, test)
-    done = sws.finalize_()
+    done = sws.finalize_(assign=a.assign)
     snapped = evaluate(model, test)
     sws.finetune_(loader, epochs=a.qat_epochs, lr=3e-4, loss_fn=task_loss)
     final = evaluate(model, test)
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
         "data": {"train": len(dataset), "test": len(test), "normalization": "standard"},
         "pretrained_from_cache": cached,
-        "epochs": a.epochs, "qat_epochs": a.qat_epochs, "tau": a.tau, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
+        "epochs": a.epochs, "sws_epochs": sws_epochs, "assign": a.assign, "qat_epochs": a.qat_epochs, "tau": a.tau, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
         "seed": a.seed, "threads": torch.get_num_threads(),
         "test_error": {"pretrained": pre, "batchnorm_folded": folded_error, "retrained": retrained, "snapped": snapped, "final": final,
                        "decoded_file": decoded},

@@ -152,13 +152,15 @@ def test_fsdp2_sharded_weights_match_one_process(tmp_path, kernel, monkeypatch):
         assert torch.equal(t, ranks[0][0][f"model.{name}"]), name
 
 
-def _compress_job(rank: int, world: int, folder: str, resume: bool = False) -> dict[str, float]:
+def _compress_job(rank: int, world: int, folder: str, resume: bool = False, bn: bool = False) -> dict[str, float]:
     from swsformat.retrain import CompressConfig, RetrainConfig
     from swsformat.retrain.data import Split
 
     x, _ = _data()
     y = (x @ torch.randn(20, 4, generator=torch.Generator().manual_seed(2))).argmax(1)  # learnable labels
-    model = _model()
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(32) if bn else nn.Identity()  # DDP syncs its statistics only at the next forward
+    model = nn.Sequential(nn.Linear(20, 32), norm, nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(100):  # pretrain: the same on every rank (same data, seed, one thread)
         loss = F.cross_entropy(model(x), y)
@@ -173,32 +175,35 @@ def _compress_job(rank: int, world: int, folder: str, resume: bool = False) -> d
                          retrain=RetrainConfig(epochs=3, tau=0.5, train_size=400), qat_epochs=1, finetune_epochs=1)
     result = swsformat.compress(
         model, batches, Split(x, y), cfg, path=f"{folder}/m.sws", checkpoint=f"{folder}/run.ckpt", resume=resume,
-        loss_fn=lambda m, xb, yb: F.cross_entropy(wrapped(xb), yb), progress=False,
+        loss_fn=lambda m, xb, yb: F.cross_entropy(wrapped(xb), yb), progress=False, distributed=world > 1,
     )
-    return {"error": result.quantized_error, "bytes": result.file_bytes, "nonzero": result.nonzero_fraction}
+    return {"error": result.quantized_error, "bytes": result.file_bytes, "nonzero": result.nonzero_fraction,
+            "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-def _compress_worker(rank: int, world: int, init: str, folder: str, resume: bool) -> None:
+def _compress_worker(rank: int, world: int, init: str, folder: str, resume: bool, bn: bool) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
-    torch.save(_compress_job(rank, world, folder, resume), f"{folder}/summary.{rank}")
+    torch.save(_compress_job(rank, world, folder, resume, bn), f"{folder}/summary.{rank}")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_compress_under_two_gloo_processes(tmp_path):
-    """compress() under DDP (the user's loss calls the wrapper): rank 0 alone writes the file and
-    the checkpoint, every rank returns the same numbers, the weights equal one process's within
-    float summation order, and a resumed run writes the same file."""
+    """compress(distributed=True) under DDP (the user's loss calls the wrapper): rank 0 alone
+    writes the file and the checkpoint, every rank returns the same numbers, the weights equal
+    one process's within float summation order, a resumed run writes the same file; with
+    BatchNorm (statistics of each rank's own batches) the ranks still agree."""
     torch.set_num_threads(1)
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
+    for folder in ("one", "two", "bn"):
+        (tmp_path / folder).mkdir()
     single = _compress_job(0, 1, str(tmp_path / "one"))
-    spawn = lambda folder, resume: mp.spawn(  # noqa: E731
-        _compress_worker, args=(2, f"file://{tmp_path / folder}-rdv", str(tmp_path / "two"), resume), nprocs=2)
-    spawn("a", False)
+    spawn = lambda folder, resume, bn=False: mp.spawn(  # noqa: E731
+        _compress_worker, args=(2, f"file://{tmp_path / folder}-{resume}-rdv", str(tmp_path / folder), resume, bn),
+        nprocs=2)
+    spawn("two", False)
     ranks = [torch.load(tmp_path / "two" / f"summary.{r}", weights_only=True) for r in range(2)]
-    assert ranks[0] == ranks[1] and ranks[0]["bytes"] == (tmp_path / "two" / "m.sws").stat().st_size
+    assert _same(ranks[0], ranks[1]) and ranks[0]["bytes"] == (tmp_path / "two" / "m.sws").stat().st_size
     assert (tmp_path / "two" / "run.ckpt").exists()
     one = swsformat.load_state_dict(tmp_path / "one" / "m.sws")
     two = swsformat.load_state_dict(tmp_path / "two" / "m.sws")
@@ -206,5 +211,14 @@ def test_compress_under_two_gloo_processes(tmp_path):
         assert torch.allclose(two[name].float(), want.float(), rtol=1e-3, atol=1e-5), name
     assert ranks[0]["error"] == pytest.approx(single["error"])
     written = (tmp_path / "two" / "m.sws").read_bytes()
-    spawn("b", True)  # every epoch is in the checkpoint: resumes after retraining, same file
+    spawn("two", True)  # every epoch is in the checkpoint: resumes after retraining, same file
     assert (tmp_path / "two" / "m.sws").read_bytes() == written
+    spawn("bn", False, True)
+    ranks = [torch.load(tmp_path / "bn" / f"summary.{r}", weights_only=True) for r in range(2)]
+    assert _same(ranks[0], ranks[1])
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Equal summaries, the model states bit for bit (BatchNorm statistics included)."""
+    sa, sb = a.pop("state"), b.pop("state")
+    return a == b and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -23,8 +23,8 @@ from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups
-from .ranks import all_agree, distributed, from_writer, is_writer, set_epoch
-from .shards import count_over_shards, is_sharded, local, sum_over_shards
+from .ranks import all_agree, from_writer, is_writer, set_epoch, sync_buffers, world
+from .shards import count_over_shards, is_sharded, local, shard_groups, sum_over_shards
 from .train import (
     Data,
     EpochLog,
@@ -211,22 +211,15 @@ def quantize_model_(
     params = [p for _, p in _named(model, weights)]
     mixtures = per_weight(mixture, len(params))
     candidates = np.unique(np.concatenate([m.means[1:] for m in mixtures]).astype(np.float32))
-    used = np.zeros(candidates.size)
+    parts = []
     for p, m, (v, mids) in zip(params, masks, _grids(mixtures, local(params[0]).device)):
         part = local(p)
         q = torch.where(m, _nearest(part.detach().float(), v, mids), torch.zeros((), device=part.device))
         part.copy_(q.to(part.dtype))
-        seen = torch.unique(q[m]).cpu().numpy()
-        used[np.searchsorted(candidates, seen)] = 1.0
-    if any(is_sharded(p) for p in params):
-        used = sum_over_shards([(_world(), used)])
-    return _nonzero_fraction(params), int((used > 0).sum())
-
-
-def _world() -> tuple:
-    import torch.distributed as dist
-
-    return (dist.group.WORLD,)
+        used = np.zeros(candidates.size)
+        used[np.searchsorted(candidates, torch.unique(q[m]).cpu().numpy())] = 1.0
+        parts.append((shard_groups(p), used))  # a sharded weight's values: over its shards
+    return _nonzero_fraction(params), int((sum_over_shards(parts) > 0).sum())
 
 
 def _nonzero_fraction(params: list[torch.Tensor]) -> float:
@@ -276,7 +269,8 @@ def quantization_aware_finetune_(
     def restore_float_weights() -> float:
         for p, full, m, s in zip(params, all_params, masks, shadow):
             p.copy_(s)
-            local(full.grad).mul_(m)
+            if full.grad is not None:  # a frozen weight has none
+                local(full.grad).mul_(m)
         return 0.0
 
     def distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -365,7 +359,7 @@ def _coded_layer_biases(model: nn.Module, weights: Named = None) -> dict[str, nn
 @torch.no_grad()
 def _change_if_cheap_(
     model: nn.Module, biases: dict[str, nn.Parameter], change: Callable[[torch.Tensor], torch.Tensor],
-    check: Split | Callable[[nn.Module], float], tolerance: float,
+    check: Split | Callable[[nn.Module], float], tolerance: float, group: Any = None,
 ) -> list[str]:
     """Replace each bias ``b`` by ``change(b)`` in place; undo it all and return [] if the error
     on ``check`` (training data, never the test set; or a function of the model, lower is
@@ -377,7 +371,7 @@ def _change_if_cheap_(
     saved = {n: b.detach().clone() for n, b in biases.items()}
     for b in biases.values():
         b.copy_(change(b))
-    if not all_agree(measure(model) <= before + tolerance):  # under torchrun: every rank's data agrees
+    if not all_agree(measure(model) <= before + tolerance, group):  # under torchrun: every rank's data agrees
         for n, b in biases.items():
             b.copy_(saved[n])
         return []
@@ -386,7 +380,8 @@ def _change_if_cheap_(
 
 @torch.no_grad()
 def share_biases_(
-    model: nn.Module, clusters: int, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None
+    model: nn.Module, clusters: int, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None,
+    group: Any = None,
 ) -> list[str]:
     """Quantize each layer's bias to ``clusters`` shared values (1-D k-means) if that costs at most
     ``tolerance`` points of error on ``check`` (training data, never the test set).
@@ -399,12 +394,14 @@ def share_biases_(
         v = b.detach().cpu().double().numpy()
         return torch.from_numpy(snap(v, kmeans_1d(v, clusters))).to(b)
 
-    return _change_if_cheap_(model, _coded_layer_biases(model, weights) if clusters else {}, shared, check, tolerance)
+    return _change_if_cheap_(model, _coded_layer_biases(model, weights) if clusters else {}, shared, check, tolerance,
+                             group)
 
 
 @torch.no_grad()
 def round_biases_(
-    model: nn.Module, dtype: str, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None
+    model: nn.Module, dtype: str, check: Split | Callable[[nn.Module], float], tolerance: float, weights: Named = None,
+    group: Any = None,
 ) -> list[str]:
     """Round the biases of the coded layers to ``dtype`` in place if that costs at most
     ``tolerance`` points of error on ``check`` (training data) and every value stays finite;
@@ -416,7 +413,7 @@ def round_biases_(
     biases = {n: b for n, b in _coded_layer_biases(model, weights).items() if b.dtype != target}
     if target == torch.float32 or not all(bool(torch.isfinite(b.to(target)).all()) for b in biases.values()):
         return []
-    return _change_if_cheap_(model, biases, lambda b: b.to(target), check, tolerance)
+    return _change_if_cheap_(model, biases, lambda b: b.to(target), check, tolerance, group)
 
 
 def check_not_collapsed(
@@ -485,6 +482,7 @@ def compress(
     loss_fn: LossFn = cross_entropy,
     evaluate_fn: Callable[[nn.Module], float] | None = None,
     filter_fn: FilterFn | None = None,
+    distributed: bool = False,
 ) -> CompressResult:
     """Soft weight-sharing of a pretrained ``model``, written to ``path`` if given.
 
@@ -497,11 +495,13 @@ def compress(
     module, param)`` chooses the weights under the prior (see
     :func:`~swsformat.retrain.models.default_filter`).
 
-    Under ``torchrun``: wrap the model in ``DistributedDataParallel``, pass the unwrapped
-    ``model`` and a ``loss_fn`` that calls the wrapper (so the gradients are averaged), each
-    rank's own batches (a ``DataLoader`` with a ``DistributedSampler``; its ``set_epoch`` is
-    called every epoch) and the whole test set. Rank 0 alone writes the file and the
-    checkpoint (put it on a file system every rank reads, to resume with the same world size).
+    Under ``torchrun``, with ``distributed=True``: wrap the model in
+    ``DistributedDataParallel``, pass the unwrapped ``model`` and a ``loss_fn`` that calls the
+    wrapper (so the gradients are averaged), each rank's own batches (a ``DataLoader`` with a
+    ``DistributedSampler``; its ``set_epoch`` is called every epoch) and the whole test set.
+    Rank 0 alone writes the file and the checkpoint (put it on a file system every rank reads,
+    to resume with the same world size); its BatchNorm statistics are every rank's before each
+    measurement. Without ``distributed`` each process runs on its own, as a single process.
 
     The file holds the weights, the architecture and ``metadata``; with ``embed_summary`` it
     also holds the measured errors and the whole config as JSON strings (about 0.9 KB, 8% of
@@ -515,7 +515,11 @@ def compress(
 
     if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
-    if config.qat_distill > 0 and config.qat_epochs > 0 and distributed():
+    group = world(distributed)
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ValueError("compress() takes a whole model, not one sharded by FSDP: under FSDP use SoftWeightSharing in "
+                         "your own loop (see the README), or wrap the model in DDP and pass distributed=True")
+    if config.qat_distill > 0 and config.qat_epochs > 0 and group is not None:
         raise ValueError("qat_distill > 0 runs the teacher outside your DDP wrapper; set qat_distill=0 under torchrun")
     measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
     torch.manual_seed(config.seed)
@@ -527,9 +531,10 @@ def compress(
     named, prior = sws.named_weights, sws.prior
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
-        checkpoint=checkpoint, resume=resume, settings=config.to_dict(), loss_fn=loss_fn, evaluate_fn=evaluate_fn,
-        weights=sws.weights,
+        checkpoint=checkpoint, resume=resume, settings=_settings(config), loss_fn=loss_fn, evaluate_fn=evaluate_fn,
+        weights=sws.weights, writer=is_writer(group),
     )
+    sync_buffers(model, group)
     retrained = measure(model)
     mixture, merged = merged_mixtures(prior, config.merge_threshold)
     masks = prune_masks(model, mixture, config.assign, named)
@@ -537,23 +542,30 @@ def compress(
         model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress,
         teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature, loss_fn=loss_fn, weights=named,
     )
+    sync_buffers(model, group)
     frac, used = quantize_model_(model, mixture, masks, named)
     snapped = measure(model)
     finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.retrain.batch_size,
                        config.seed, progress, loss_fn=loss_fn, weights=named)
+    sync_buffers(model, group)
     check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
-    shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance, named)
-    rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
+    shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance, named, group)
+    rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named, group)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
-    dead = _remove_dead(model, test if test is not None else train) if config.remove_dead else 0
+    # Under torchrun the proof must run on the same data everywhere: the test set, not each rank's batches.
+    proof = test if test is not None else (train if group is None else None)
+    dead = _remove_dead(model, proof) if config.remove_dead and proof is not None else 0
     if dead:
         frac = _nonzero_fraction([p for _, p in _named(model, named)])
     result = CompressResult(
         model, prior, mixture, logs, pre, retrained, snapped, quant, frac, used, merged, time.perf_counter() - t0,
         dead_removed=dead,
     )
-    if path is not None and is_writer():  # under torchrun: rank 0 writes, the others learn the size
+    if path is None:
+        return result
+    failed = None
+    if is_writer(group):  # under torchrun: rank 0 writes, the others learn the size (or its error)
         meta = dict(metadata or {})
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
@@ -561,10 +573,21 @@ def compress(
         sd = model.state_dict()
         for n in rounded:
             sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
-        result.file_bytes = encode(
-            sd, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta, smallest=True,
-            architecture=getattr(model, "sws_architecture", None),
-        )
-    if path is not None:
-        result.file_bytes = from_writer(result.file_bytes)
+        try:
+            result.file_bytes = encode(
+                sd, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta,
+                smallest=True, architecture=getattr(model, "sws_architecture", None),
+            )
+        except Exception as exc:  # re-raised below, after the other ranks heard of it
+            failed = exc
+    result.file_bytes = from_writer(result.file_bytes, failed, group)
     return result
+
+
+def _settings(config: CompressConfig) -> dict[str, Any]:
+    """The config as a checkpoint's fingerprint sees it: settings added later are left out at
+    the defaults that do what runs before them did, so their checkpoints still resume."""
+    out = config.to_dict()
+    if out["prior_groups"] == "shared":
+        del out["prior_groups"]
+    return out

@@ -1,60 +1,97 @@
-"""The library's own loop (``compress``) under ``torchrun``: one writer, one decision.
+"""The library's own loop (``compress(..., distributed=True)``) under ``torchrun``: one
+writer, one decision.
 
 Every rank runs the same steps on its own batches (DDP averages the gradients through the
 user's ``loss_fn``); what must not differ between ranks is decided once: files and checkpoints
-are written by rank 0 alone, and a choice measured on each rank's own data (whether rounding
-the biases costs accuracy) is taken only if every rank agrees. Without an initialized
-process group every function here is the single-process case.
+are written by rank 0 alone, buffers (BatchNorm statistics) are taken from rank 0 before
+anything is measured, and a choice measured on each rank's own data (whether rounding the
+biases costs accuracy) is taken only if every rank agrees. ``group=None`` is the
+single-process case: no collective is ever called.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 
-def _group_size() -> int:
+def reduce_device(group: Any = None) -> torch.device:
+    """Where a collective's tensor must live for ``group``'s backend: NCCL takes CUDA tensors only."""
     import torch.distributed as dist
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
-def distributed() -> bool:
-    """Whether several processes run this job together."""
-    return _group_size() > 1
-
-
-def is_writer() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
+def world(distributed: bool) -> Any:
+    """The process group ``compress`` works over: the default one when ``distributed``, else None."""
+    if not distributed:
+        return None
     import torch.distributed as dist
 
-    return not distributed() or dist.get_rank() == 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialized process group (torchrun and "
+                           "torch.distributed.init_process_group) before compress()")
+    return dist.group.WORLD
 
 
-def all_agree(ok: bool) -> bool:
-    """True only if ``ok`` holds on every rank."""
-    if not distributed():
+def is_writer(group: Any) -> bool:
+    """Rank 0 of ``group``, or the only process: the one that writes files."""
+    import torch.distributed as dist
+
+    return group is None or dist.get_rank(group) == 0
+
+
+def all_agree(ok: bool, group: Any) -> bool:
+    """True only if ``ok`` holds on every rank of ``group``."""
+    if group is None:
         return ok
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=reduce_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
-def from_writer(value: int | None) -> int | None:
-    """Rank 0's ``value`` on every rank (e.g. the size of the file it wrote)."""
-    if not distributed():
+def from_writer(value: Any, error: BaseException | None, group: Any) -> Any:
+    """Rank 0's ``value`` on every rank; if rank 0 failed (``error``), every rank raises, so
+    none is left waiting for a rank that gave up."""
+    if group is None:
+        if error is not None:
+            raise error
         return value
     import torch.distributed as dist
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    box = [(value, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    value, message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        from ..errors import SwsTrainingError
+
+        raise SwsTrainingError(f"rank 0 failed: {message}")
+    return value
+
+
+def sync_buffers(model: nn.Module, group: Any) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP only syncs them at
+    the next forward, so after a training phase each rank still holds its own last batch's."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    src = dist.get_global_rank(group, 0)
+    for b in model.buffers():
+        dist.broadcast(b.data, src=src, group=group)
 
 
 def set_epoch(data: object, epoch: int) -> None:
-    """Tell a DataLoader's ``DistributedSampler`` (anything with ``set_epoch``) which epoch
-    starts, so that every epoch, and a resumed one, draws its own order on every rank."""
-    sampler = getattr(data, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    """Tell a DataLoader's ``DistributedSampler`` (anything with ``set_epoch``: its sampler,
+    batch sampler or dataset) which epoch starts, so that every epoch, and a resumed one,
+    draws its own order on every rank."""
+    for owner in (getattr(data, "sampler", None), getattr(data, "batch_sampler", None), getattr(data, "dataset", None)):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+            return

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .ranks import reduce_device
+
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch builds without distributed support
@@ -53,8 +55,10 @@ def sum_over_shards(parts: Sequence[tuple[tuple, np.ndarray]]) -> np.ndarray:
     for groups, arr in pending.values():
         t = torch.from_numpy(arr)
         for g in groups:
+            t = t.to(reduce_device(g))
             dist.all_reduce(t, group=g)
-        total = t.numpy() if total is None else total + t.numpy()
+        summed = t.cpu().numpy()
+        total = summed if total is None else total + summed
     if total is None:
         raise ValueError("nothing to sum")
     return total
@@ -73,15 +77,21 @@ def global_min_max(tensors: Sequence[torch.Tensor]) -> tuple[float, float]:
     if groups:
         both = torch.tensor([-lo, hi], dtype=torch.float64)
         for g in groups.values():
+            both = both.to(reduce_device(g))
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)
         lo, hi = -float(both[0]), float(both[1])
     return lo, hi
 
 
 def count_over_shards(tensors: Sequence[torch.Tensor], counts: Sequence[int]) -> list[int]:
-    """``counts`` (one per tensor, taken over its local part) summed over each tensor's shards."""
-    parts = [(shard_groups(t), np.array([float(c)])) for t, c in zip(tensors, counts)]
-    out = []
-    for groups, arr in parts:
-        out.append(int(round(sum_over_shards([(groups, arr)])[0])))
-    return out
+    """``counts`` (one per tensor, taken over its local part) summed over each tensor's shards
+    (one all-reduce per distinct set of groups)."""
+    n = len(counts)
+    parts = []
+    for i, (t, c) in enumerate(zip(tensors, counts)):
+        arr = np.zeros(n)
+        arr[i] = float(c)
+        parts.append((shard_groups(t), arr))
+    if not parts:
+        return []
+    return [int(round(v)) for v in sum_over_shards(parts)]

@@ -24,7 +24,7 @@ from .data import Split
 from .fields import check_types
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
-from .ranks import is_writer, set_epoch
+from .ranks import set_epoch
 from .shards import global_min_max, is_sharded, local
 
 
@@ -252,7 +252,7 @@ def pretrain(
         error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
         logs.append(EpochLog(epoch, loss, ce, 0.0, error, time.perf_counter() - t0))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%")
-        if checkpoint is not None and is_writer():
+        if checkpoint is not None:
             save_checkpoint(checkpoint, model, None, opt, sched, gen, epoch, logs, fp)
     return logs
 
@@ -391,6 +391,7 @@ def retrain(
     loss_fn: LossFn = cross_entropy,
     evaluate_fn: Callable[[nn.Module], float] | None = None,
     weights: list[nn.Parameter] | None = None,
+    writer: bool = True,
 ) -> list[EpochLog]:
     """Retrain ``model`` with ``loss = task loss + tau/N * complexity`` (PART 2 of the tutorial).
 
@@ -401,7 +402,7 @@ def retrain(
     ``on_epoch`` is called after every epoch (plots). With ``checkpoint``, the full state is
     saved atomically after every epoch; ``resume=True`` continues from it, reaching the same
     weights as an uninterrupted run. ``settings`` (JSON-able) joins the fingerprint that a
-    checkpoint must match. Raises ``FloatingPointError`` when the loss stops being finite; the
+    checkpoint must match; only a ``writer`` writes it (rank 0 under torchrun). Raises ``FloatingPointError`` when the loss stops being finite; the
     checkpoint then still holds the last good epoch. A corrupt checkpoint, one of other
     settings or one of a finished run raises :class:`SwsCheckpointError` and is kept.
     """
@@ -445,7 +446,7 @@ def retrain(
         error = evaluate_fn(model) if evaluate_fn is not None else evaluate(model, test)
         logs.append(EpochLog(epoch, loss, ce, cx, error, time.perf_counter() - t0, tau))
         bar.set_postfix(loss=f"{loss:.4f}", test_error=f"{logs[-1].test_error:.2f}%", tau=f"{tau:.3g}")
-        if checkpoint is not None and is_writer():  # under torchrun: once, by rank 0
+        if checkpoint is not None and writer:  # under torchrun: once, by rank 0
             save_checkpoint(checkpoint, model, prior, opt, sched, gen, epoch, logs, fp)
         if on_epoch is not None:
             on_epoch(epoch, model, prior)

@@ -1,0 +1,29 @@
+"""Bayesian Compression (group normal-Jeffreys) of a built-in MNIST net, beside soft weight-sharing.
+
+Starts from the same pretrained net as ``sws compress --model M`` (the pretrained-net
+cache, or pretrains it with the same recipe), runs :func:`bayesian_compress` and writes
+``results/methods/M-bayesian-compression.sws`` and its JSON (with provenance).
+
+    python scripts/bayesian_compression.py --model lenet300-100
+"""
+
+from __future__ import annotations
+
+from _method_run import parser, run
+
+from swsformat.retrain.bayesian import BayesianCompressionConfig, bayesian_compress
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=BayesianCompressionConfig.epochs)
+    p.add_argument("--threshold", type=float, default=BayesianCompressionConfig.threshold)
+    p.add_argument("--finetune-epochs", type=int, default=BayesianCompressionConfig.finetune_epochs)
+    a = p.parse_args(argv)
+    config = BayesianCompressionConfig(epochs=a.epochs, threshold=a.threshold, finetune_epochs=a.finetune_epochs,
+                                       seed=a.seed)
+    run("bayesian_compression.py", "bayesian-compression", a, config, bayesian_compress, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Bayesian Compression (group normal-Jeffreys): the layers, their KL, pruning whole groups,
+the rounding grid, and the driver writing a .sws file that decodes to the same model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import swsformat
+from swsformat.retrain.bayesian import (
+    BayesianCompression,
+    BayesianCompressionConfig,
+    GroupNJConv2d,
+    GroupNJLinear,
+    bayesian_compress,
+)
+from swsformat.retrain.data import Split
+
+from .test_method import blobs, error, trained_mlp
+
+
+class TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(F.max_pool2d(self.conv(x), 2)).flatten(1))
+
+
+def test_layers_start_as_the_pretrained_function_and_their_kl_is_finite():
+    torch.manual_seed(0)
+    net = TinyConv()
+    x = torch.randn(5, 1, 8, 8)
+    before = net(x)
+    bc = BayesianCompression(net, dataset_size=100)
+    assert isinstance(net.conv, GroupNJConv2d) and isinstance(net.fc, GroupNJLinear)
+    net.eval()
+    # z starts at 1 +- 1%: the eval-mode function is the pretrained one up to that.
+    assert torch.allclose(net(x), before, rtol=0.1, atol=0.05)
+    kl = bc.kl_loss()
+    assert torch.isfinite(kl) and kl > 0
+    net.train()
+    a, b = net(x), net(x)
+    assert not torch.equal(a, b)  # local reparameterisation: noisy in training
+    kl.backward()
+    assert net.conv.z_logvar.grad is not None and net.fc.weight_logvar.grad is not None
+
+
+def test_finalize_prunes_whole_groups_and_rounds_to_a_grid():
+    torch.manual_seed(0)
+    net = TinyConv()
+    bc = BayesianCompression(net, dataset_size=100, threshold=-3.0)
+    with torch.no_grad():  # filters 1 and 4 and inputs 0..9 of fc made noise
+        net.conv.z_logvar[[1, 4]] = 2.0
+        net.fc.z_logvar[:10] = 2.0
+    done = bc.finalize_()
+    assert type(net.conv) is nn.Conv2d and type(net.fc) is nn.Linear
+    assert done.groups_kept == {"conv": (4, 6), "fc": (86, 96)}
+    w = net.conv.weight.detach()
+    assert not w[[1, 4]].any() and not net.conv.bias[[1, 4]].any() and w[0].any()
+    assert not net.fc.weight[:, :10].any() and net.fc.weight[:, 10:].any()
+    for name in ("conv", "fc"):
+        values = dict(net.named_modules())[name].weight.detach()
+        steps = values / done.step[name]
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+    out = net(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 3)
+    with pytest.raises(swsformat.SwsTrainingError, match="remove the layer"):
+        other = TinyConv()
+        bc2 = BayesianCompression(other, dataset_size=10)
+        with torch.no_grad():
+            other.fc.z_logvar.fill_(5.0)
+        bc2.finalize_()
+
+
+def test_bayesian_compress_end_to_end(tmp_path):
+    torch.set_num_threads(1)
+    x, y = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    model = trained_mlp()
+    cfg = BayesianCompressionConfig(epochs=30, batch_size=50, threshold=-1.0)
+    result = bayesian_compress(model, Split(x, y), Split(xt, yt), cfg, path=tmp_path / "bc.sws", progress=False)
+    kept, total = result.groups_kept["2"]
+    assert kept < total  # whole hidden units went
+    assert result.quantized_error < 5 and result.nonzero_fraction < 0.9
+    back = swsformat.load_model(tmp_path / "bc.sws", copy.deepcopy(model))
+    assert error(back, xt, yt) == pytest.approx(error(model, xt, yt))
+    assert result.file_bytes == (tmp_path / "bc.sws").stat().st_size
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="dataset_size"):
+        BayesianCompression(trained_mlp(), dataset_size=0)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        BayesianCompression(nn.Sequential(nn.ReLU()), dataset_size=10)
+    with pytest.raises(ValueError, match="padding_mode"):
+        BayesianCompression(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), dataset_size=10)
+    with pytest.raises(ValueError, match="max_levels"):
+        BayesianCompressionConfig(max_levels=1)
