@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _shared import file_size
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -124,13 +124,6 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, sws=None
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{float(loss):.3f}", complexity=f"{extra:.3g}")
-
-
-def file_size(write) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "f"
-        write(path)
-        return path.stat().st_size
 
 
 def main(argv: list[str] | None = None) -> None:

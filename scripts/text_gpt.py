@@ -20,13 +20,12 @@ import json
 import math
 import os
 import sys
-import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _shared import corpus, file_size
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -79,16 +78,6 @@ class ByteGPT(nn.Module):
         return self.head(self.ln(self.blocks(h)))
 
 
-def corpus(limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes of the standard library's top-level modules: (train, held-out), every 10th file held out."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    train, held = bytearray(), bytearray()
-    for i, f in enumerate(files):
-        (held if i % 10 == 0 else train).extend(f.read_bytes())
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train[:limit]), as_tensor(held[: limit // 10])
-
-
 def windows(text: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
     while True:
         starts = torch.randint(0, text.numel() - seq - 1, (batch,), generator=gen)
@@ -129,13 +118,6 @@ def train(ddp: nn.Module, model: nn.Module, steps: int, lr: float, data, sws=Non
         sched.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", complexity=f"{extra:.3g}")
-
-
-def file_size(write) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "f"
-        write(path)
-        return path.stat().st_size
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,11 +17,11 @@ import argparse
 import json
 import math
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
+from _shared import corpus
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -47,16 +47,6 @@ class ByteLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.lstm(self.emb(x))[0])
-
-
-def corpus(limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes of the standard library's top-level modules: (train, held-out), every 10th file held out."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    train, held = bytearray(), bytearray()
-    for i, f in enumerate(files):
-        (held if i % 10 == 0 else train).extend(f.read_bytes())
-    as_tensor = lambda b: torch.frombuffer(bytes(b), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train[:limit]), as_tensor(held[: limit // 10])
 
 
 def batches(text: torch.Tensor, seq: int, batch: int, gen: torch.Generator):

@@ -59,21 +59,26 @@ def test_fused_gradient_equals_autograd_of_the_complexity_loss():
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6 * float(b.grad.abs().max()))
 
 
+def own_loop(model: nn.Module, sws: SoftWeightSharing, x: torch.Tensor, y: torch.Tensor, epochs: int = 8) -> None:
+    """A user's plain loop with the prior's fused gradient added after backward."""
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
+    for _ in range(epochs):
+        sws.new_epoch()
+        for idx in torch.randperm(len(x)).split(20):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            sws.add_complexity_grad_()
+            opt.step()
+
+
 def test_own_loop_then_finalize_and_encode(tmp_path):
     model = trained_mlp()
     x, y = blobs(2000, 0)
     xt, yt = blobs(1000, 1)
     before = error(model, xt, yt)
     sws = SoftWeightSharing(model, PriorConfig(init_std=0.05), dataset_size=2000, tau=0.05)
-    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
-    for _ in range(8):
-        sws.new_epoch()
-        for idx in torch.randperm(2000).split(20):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            sws.add_complexity_grad_()
-            opt.step()
+    own_loop(model, sws, x, y)
     done = sws.finalize_()
     values = torch.cat([p.detach().flatten() for p in sws.weights]).unique()
     assert 0.0 in values.tolist() and len(values) <= done.mixture.means.size
@@ -261,15 +266,7 @@ def test_one_mixture_per_layer():
     for k in (0, 2):
         assert torch.equal(model[k].weight.grad, twin[k].weight.grad)
     x, y = blobs(2000, 0)
-    opt = torch.optim.Adam([{"params": model.parameters(), "lr": 1e-3}, *sws.param_groups()])
-    for _ in range(8):
-        sws.new_epoch()
-        for idx in torch.randperm(2000).split(20):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            sws.add_complexity_grad_()
-            opt.step()
+    own_loop(model, sws, x, y)
     done = sws.finalize_()
     assert isinstance(done.mixture, list) and len(done.mixture) == 2
     for w, mix in zip(sws.weights, done.mixture):
