@@ -34,11 +34,16 @@ from .report import inspect, size_report  # noqa: E402
 
 
 def __getattr__(name: str):
-    """``compress``, ``CompressConfig`` and ``SoftWeightSharing`` without importing training at startup."""
+    """The methods (``compress``, ``CompressConfig``, ``SoftWeightSharing``,
+    ``BayesianCompression``) without importing training at startup."""
     if name in ("compress", "CompressConfig", "SoftWeightSharing"):
         from . import retrain
 
         return getattr(retrain, name)
+    if name == "BayesianCompression":
+        from .retrain.bayesian import BayesianCompression
+
+        return BayesianCompression
     if name == "remove_dead_units_":
         from .exact import remove_dead_units_
 
@@ -47,6 +52,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BayesianCompression",
     "CompressConfig",
     "SoftWeightSharing",
     "SwsCheckpointError",
