@@ -379,7 +379,8 @@ def bayesian_compress(
         for n in rounded:
             sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
         coded = bc.coded_names()
-        meta = {"sws.method": json.dumps({"method": "bayesian-compression-gnj", **asdict(config)}), **(metadata or {})}
+        meta = {"sws.method": json.dumps({"method": "bayesian-compression", "prior": "group normal-Jeffreys", **asdict(config)}),
+                **(metadata or {})}
         result.file_bytes = encode(sd, path, compress=lambda n, t: n in coded, metadata=meta, smallest=True,
                                    architecture=getattr(model, "sws_architecture", None))
     return result
