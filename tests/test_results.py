@@ -59,6 +59,7 @@ def test_committed_json_config_is_what_its_command_runs_today(path):
     """Each committed file's command (no --set: every setting comes from ``BEST``) still builds
     the config recorded beside it, so re-running it reproduces the file; a changed default
     or a mistyped override key fails here, not after a 25-minute run."""
+    from swsformat.retrain.pipeline import ADDED_LATER
     from swsformat.retrain.reproduce import BEST, best_config
 
     record = json.loads(path.read_text())
@@ -67,8 +68,7 @@ def test_committed_json_config_is_what_its_command_runs_today(path):
     config = best_config(record["model"], record["seed"])
     today = json.loads(json.dumps(config.to_dict()))  # tuples as JSON lists
     # Settings added after the file was made are allowed only at defaults that do what it did.
-    added = {"prior_groups": "shared"}
-    for key, value in added.items():
+    for key, value in ADDED_LATER.items():
         if key not in record["config"]:
             assert today.pop(key) == value
     assert today == record["config"]

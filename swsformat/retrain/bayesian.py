@@ -33,10 +33,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..encoder import encode
 from ..errors import SwsTrainingError
 from .fields import check_types
-from .pipeline import BIAS_DTYPES, _remove_dead, check_not_collapsed, check_split, finetune_codebook_, round_biases_
+from .pipeline import (
+    BIAS_DTYPES,
+    _nonzero_fraction,
+    _remove_dead,
+    check_not_collapsed,
+    check_split,
+    finetune_codebook_,
+    round_biases_,
+    write_model,
+)
 from .train import (
     Data,
     LossFn,
@@ -370,19 +378,13 @@ def bayesian_compress(
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named,
                         advice="Raise the threshold (prune fewer groups) or train longer")
     dead = _remove_dead(model, test if test is not None else train) if config.remove_dead else 0
-    params = [p for _, p in named]
-    nonzero = sum(int(p.count_nonzero()) for p in params) / max(sum(p.numel() for p in params), 1)
+    nonzero = _nonzero_fraction([p for _, p in named])
     result = BayesianCompressionResult(model, pre, epochs, trained, quant, nonzero, done.groups_kept, done.bits, dead,
                                        time.perf_counter() - t0)
     if path is not None:
-        sd = model.state_dict()
-        for n in rounded:
-            sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
-        coded = bc.coded_names()
-        meta = {"sws.method": json.dumps({"method": "bayesian-compression", "prior": "group normal-Jeffreys", **asdict(config)}),
-                **(metadata or {})}
-        result.file_bytes = encode(sd, path, compress=lambda n, t: n in coded, metadata=meta, smallest=True,
-                                   architecture=getattr(model, "sws_architecture", None))
+        method = {"method": "bayesian-compression", "prior": "group normal-Jeffreys", **asdict(config)}
+        meta = {"sws.method": json.dumps(method), **(metadata or {})}
+        result.file_bytes = write_model(model, path, bc.coded_names(), rounded, config.bias_dtype, meta, smallest=True)
     return result
 
 

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..encoder import encode
 from ..quantize import kmeans_1d, magnitude_masks, snap
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
-from .pipeline import BIAS_DTYPES, check_not_collapsed, check_split, finetune_codebook_, round_biases_
+from .pipeline import BIAS_DTYPES, check_not_collapsed, check_split, finetune_codebook_, round_biases_, write_model
 from .train import Data, LossFn, adam, batches_of, cross_entropy, evaluate, train_epoch, zero_pruned_
 
 
@@ -150,13 +149,8 @@ def deep_compress(
     result = DeepCompressionResult(model, pre, steps, quant, nonzero / total, values_per_layer,
                                    time.perf_counter() - t0)
     if path is not None:
-        sd = model.state_dict()
-        for n in rounded:
-            sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
-        coded = tied_names(model, params)
         meta = {"sws.method": json.dumps({"method": "deep-compression", **asdict(config)}), **(metadata or {})}
-        result.file_bytes = encode(sd, path, compress=lambda n, t: n in coded, metadata=meta,
-                                   architecture=getattr(model, "sws_architecture", None))
+        result.file_bytes = write_model(model, path, tied_names(model, params), rounded, config.bias_dtype, meta)
     return result
 
 

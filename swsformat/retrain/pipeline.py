@@ -99,8 +99,20 @@ class CompressConfig:
         if not 0 <= self.qat_distill <= 1 or self.qat_temperature <= 0:
             raise ValueError("qat_distill must be in [0, 1] and qat_temperature > 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, drop_added_defaults: bool = False) -> dict[str, Any]:
+        """The settings as JSON-able data; with ``drop_added_defaults``, without the settings in
+        ``ADDED_LATER`` that are at the value reproducing what runs before them did."""
+        out = asdict(self)
+        if drop_added_defaults:
+            for key, value in ADDED_LATER.items():
+                if out[key] == value:
+                    del out[key]
+        return out
+
+
+# Settings added after results and checkpoints were first written, with the value that does
+# what those runs did: records without them read as this value.
+ADDED_LATER = {"prior_groups": "shared"}
 
 
 @dataclass
@@ -517,7 +529,7 @@ def compress(
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
     group = world(distributed)
     if any(is_sharded(p) for p in model.parameters()):
-        raise ValueError("compress() takes a whole model, not one sharded by FSDP: under FSDP use SoftWeightSharing in "
+        raise SwsTrainingError("compress() takes a whole model, not one sharded by FSDP: under FSDP use SoftWeightSharing in "
                          "your own loop (see the README), or wrap the model in DDP and pass distributed=True")
     if config.qat_distill > 0 and config.qat_epochs > 0 and group is not None:
         raise ValueError("qat_distill > 0 runs the teacher outside your DDP wrapper; set qat_distill=0 under torchrun")
@@ -570,24 +582,30 @@ def compress(
         if embed_summary:
             meta.update({"sws.summary": json.dumps(result.summary()), "sws.config": json.dumps(config.to_dict())})
         coded = tied_names(model, sws.weights) | set(shared_biases)
-        sd = model.state_dict()
-        for n in rounded:
-            sd[n] = sd[n].to(BIAS_DTYPES[config.bias_dtype])  # exact: the values were rounded above
         try:
-            result.file_bytes = encode(
-                sd, path, compress=lambda n, t: n in coded, index_bits=config.index_bits, metadata=meta,
-                smallest=True, architecture=getattr(model, "sws_architecture", None),
-            )
+            result.file_bytes = write_model(model, path, coded, rounded, config.bias_dtype, meta,
+                                            index_bits=config.index_bits, smallest=True)
         except Exception as exc:  # re-raised below, after the other ranks heard of it
             failed = exc
     result.file_bytes = from_writer(result.file_bytes, failed, group)
     return result
 
 
+def write_model(
+    model: nn.Module, path: str | os.PathLike, coded: set[str], rounded: list[str], bias_dtype: str,
+    metadata: dict[str, str], **options: Any,
+) -> int:
+    """Encode ``model`` as a method leaves it: the ``coded`` tensors through the codebook coders,
+    the ``rounded`` biases stored as ``bias_dtype`` (exact: :func:`round_biases_` rounded them),
+    its architecture if it has one; returns the file's size."""
+    sd = model.state_dict()
+    for n in rounded:
+        sd[n] = sd[n].to(BIAS_DTYPES[bias_dtype])
+    return encode(sd, path, compress=lambda n, t: n in coded, metadata=metadata,
+                  architecture=getattr(model, "sws_architecture", None), **options)
+
+
 def _settings(config: CompressConfig) -> dict[str, Any]:
     """The config as a checkpoint's fingerprint sees it: settings added later are left out at
     the defaults that do what runs before them did, so their checkpoints still resume."""
-    out = config.to_dict()
-    if out["prior_groups"] == "shared":
-        del out["prior_groups"]
-    return out
+    return config.to_dict(drop_added_defaults=True)

@@ -494,11 +494,6 @@ class PriorGroups(nn.Module):
                 out.append({**group, "name": f"{group['name']}/{key}"})
         return out
 
-    def snapshots(self) -> list[dict[str, np.ndarray]]:
-        """Each group's :meth:`MixturePrior.snapshot`."""
-        return [p.snapshot() for p in self.priors]
-
-
 @dataclass
 class Mixture:
     """A plain (numpy, float64) mixture: component 0 is the zero component."""

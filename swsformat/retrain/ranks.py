@@ -31,7 +31,9 @@ def world(distributed: bool) -> Any:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("distributed=True needs an initialized process group (torchrun and "
+        from ..errors import SwsTrainingError
+
+        raise SwsTrainingError("distributed=True needs an initialized process group (torchrun and "
                            "torch.distributed.init_process_group) before compress()")
     return dist.group.WORLD
 
