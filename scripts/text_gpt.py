@@ -106,9 +106,10 @@ def bits_per_byte(model: nn.Module, text: torch.Tensor, seq: int = 128) -> float
     return total / x.numel() / math.log(2)
 
 
-def train(ddp: nn.Module, model: nn.Module, steps: int, lr: float, data, sws=None, desc: str = "train") -> None:
+def train(ddp: nn.Module, model: nn.Module, steps: int, lr: float, data, sws=None, desc: str = "train",
+          lr_log_precisions: float = 1e-2) -> None:
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": lr, "weight_decay": 0.0},
-                             *(sws.param_groups() if sws else [])])
+                             *(sws.param_groups(lr_log_precisions=lr_log_precisions) if sws else [])])
     sched = cosine_schedule(opt, steps)
     bar = tqdm(range(steps), desc=desc, disable=dist.get_rank() != 0)
     for step in bar:
@@ -132,13 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qat-steps", type=int, default=400)
     p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--groups", choices=("shared", "layer"), default="layer", help="one mixture, or one per weight")
-    p.add_argument("--init-std", type=float, default=0.02, help="starting std of the non-zero components")
-    p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
-                   help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
+    p.add_argument("--absolute", action="store_true",
+                   help="read the prior's settings as weight values (LeNet scale) instead of scaling them to "
+                        "each group's weights (PriorConfig.scale_to_weights)")
+    p.add_argument("--init-std", type=float, default=0.05,
+                   help="starting std of the non-zero components (prior units: RMS 0.05 = the weights' own)")
+    p.add_argument("--init-zero-std", type=float, default=0.05, help="the zero component's starting std")
+    p.add_argument("--assign", choices=("map", "nearest"), default="nearest",
+                   help="snap rule: nearest mean (measured better here) or the paper's most probable component")
+    p.add_argument("--pi-zero", type=float, default=0.9, help="the zero component's mixing proportion")
+    p.add_argument("--lr-log-precisions", type=float, default=3e-2,
+                   help="the mixture's precisions learn fast enough to narrow within a short retraining")
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=8, help="windows per process and step")
     p.add_argument("--bytes", type=int, default=3_000_000)
+    p.add_argument("--pretrained", default=None,
+                   help="a state_dict file: loaded if it exists, else written by rank 0 after pretraining")
     p.add_argument("--out", default=str(ROOT / "results" / "text-gpt"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -152,16 +163,23 @@ def main(argv: list[str] | None = None) -> None:
     data = windows(text, 128, a.batch, torch.Generator().manual_seed(a.seed * 1000 + rank))
     model = ByteGPT(a.width, a.layers)
     ddp = nn.parallel.DistributedDataParallel(model)
-    train(ddp, model, a.steps, 1e-3, data, desc="pretrain")
+    cached = bool(a.pretrained) and Path(a.pretrained).exists()
+    if cached:
+        model.load_state_dict(torch.load(a.pretrained, weights_only=True))
+    else:
+        train(ddp, model, a.steps, 1e-3, data, desc="pretrain")
+        if a.pretrained and rank == 0:
+            torch.save(model.state_dict(), a.pretrained)
     pre = bits_per_byte(model, held)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
 
-    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std)
+    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero,
+                        scale_to_weights=not a.absolute)
     sws = swsformat.SoftWeightSharing(model, prior, dataset_size=text.numel() // 128, tau=a.tau,
                                       groups=None if a.groups == "shared" else a.groups)
-    train(ddp, model, a.steps, 5e-4, data, sws, desc="soft weight-sharing")
+    train(ddp, model, a.steps, 5e-4, data, sws, desc="soft weight-sharing", lr_log_precisions=a.lr_log_precisions)
     retrained = bits_per_byte(model, held)
-    done = sws.finalize_()
+    done = sws.finalize_(assign=a.assign)
     snapped = bits_per_byte(model, held)
     # The fine-tune's loss calls the DDP wrapper, so its gradients are averaged too.
     sws.finetune_([next(data) for _ in range(a.qat_steps)], epochs=1, lr=2e-4,
@@ -209,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{total} under the prior ({len(sws.weights)} tensors)",
             "text": {"train_bytes": text.numel(), "held_out_bytes": held.numel(), "source": "stdlib *.py"},
             "processes": world, "threads_per_process": torch.get_num_threads(), "backend": "gloo, DDP",
-            "steps": a.steps, "qat_steps": a.qat_steps, "batch_per_process": a.batch, "tau": a.tau,
+            "steps": a.steps, "qat_steps": a.qat_steps, "batch_per_process": a.batch, "tau": a.tau, "pi_zero": a.pi_zero, "assign": a.assign,
+            "lr_log_precisions": a.lr_log_precisions,
+            "pretrained_from_cache": cached, "scale_to_weights": not a.absolute,
             "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "seed": a.seed,
             "bits_per_byte": {"pretrained": pre, "retrained": retrained, "snapped": snapped, "final": final,
                               "decoded_file": decoded},

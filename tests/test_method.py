@@ -4,6 +4,7 @@ with a user's loss, evaluation and weight selection."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -298,3 +299,18 @@ def test_compress_with_one_mixture_per_layer(tmp_path):
     assert result.quantized_error < 5 and result.nonzero_fraction < 0.3
     back = swsformat.load_model(tmp_path / "m.sws", copy.deepcopy(model))
     assert error(back, xt, yt) == pytest.approx(result.quantized_error)
+
+
+def test_off_scale_weights_warn_unless_the_prior_scales_to_them():
+    """Absolute hyper-priors on weights far from LeNet scale are a silent failure (a zero
+    component that claims everything): the user is told, and the warning names the fix."""
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.02 / float(p.square().mean().sqrt()))
+    with pytest.warns(UserWarning, match="scale_to_weights=True"):
+        SoftWeightSharing(model, dataset_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sws = SoftWeightSharing(model, PriorConfig(scale_to_weights=True), dataset_size=100)
+    assert float(sws.prior.unit) == pytest.approx(0.02 / 0.05, rel=1e-3)

@@ -464,3 +464,50 @@ def test_float32_kernel_rounds_alike_compiled_or_loaded_from_cache(tmp_path):
     (d1, how1), (d2, how2) = (r.stdout.split() for r in runs)
     assert (how1, how2) == ("miss", "hit")
     assert d1 == d2
+
+
+def _learn_mixture(weights: torch.Tensor, config: PriorConfig, steps: int = 60) -> MixturePrior:
+    """The prior's own parameters after ``steps`` Adam steps on fixed weights (kernel path)."""
+    prior = MixturePrior(weights, config)
+    opt = torch.optim.Adam(prior.param_groups(lr_means=1e-2, lr_log_precisions=1e-2, lr_mixing=1e-2))
+    for _ in range(steps):
+        opt.zero_grad()
+        prior.add_complexity_grad_([weights], 1e-3)
+        opt.step()
+    return prior
+
+
+@pytest.mark.parametrize("scale_to_weights", [True, False])
+def test_scale_to_weights_learns_the_same_mixture_on_any_scale(scale_to_weights):
+    """Weights k times larger (a transformer's 0.02 against LeNet's 0.05) learn the mixture k
+    times wider with ``scale_to_weights``: means times k, log-precisions minus 2 log k, the same
+    mixing. With absolute units (the default) the hyper-priors pull the two apart."""
+    rng = np.random.default_rng(0)
+    base = np.concatenate([rng.normal(0, 0.01, 4000), rng.normal(0.12, 0.01, 500), rng.normal(-0.1, 0.01, 500)])
+    k = 0.125
+    config = PriorConfig(components=6, scale_to_weights=scale_to_weights)
+    a = _learn_mixture(torch.tensor(base), config)
+    b = _learn_mixture(torch.tensor(base * k), config)
+    if scale_to_weights:
+        assert float(b.unit) == pytest.approx(k * float(a.unit), rel=1e-12)
+    same = [
+        np.allclose(b.means.detach().numpy(), k * a.means.detach().numpy(), rtol=1e-4, atol=1e-7),
+        np.allclose(b.log_precisions.detach().numpy(), a.log_precisions.detach().numpy() - 2 * math.log(k),
+                    atol=1e-4),
+        np.allclose(b.log_mixing().detach().numpy(), a.log_mixing().detach().numpy(), atol=1e-4),
+    ]
+    assert all(same) if scale_to_weights else not all(same)
+
+
+def test_scale_to_weights_unit_is_saved_and_old_states_read_as_absolute():
+    w = torch.randn(1000) * 0.02
+    scaled = MixturePrior(w, PriorConfig(scale_to_weights=True))
+    assert float(scaled.unit) == pytest.approx(float(w.double().square().mean().sqrt()) / prior_mod.REFERENCE_RMS)
+    fresh = MixturePrior(torch.randn(1000), PriorConfig(scale_to_weights=True))
+    fresh.load_state_dict(scaled.state_dict())
+    assert fresh._rates() == scaled._rates()
+    old = {k: v for k, v in scaled.state_dict().items() if k != "unit"}  # saved before the setting existed
+    fresh.load_state_dict(old)
+    assert float(fresh.unit) == 1.0 and fresh._rates() == (2.0, 0.1)
+    with pytest.raises(ValueError, match="RMS"):
+        MixturePrior(torch.zeros(10), PriorConfig(scale_to_weights=True))

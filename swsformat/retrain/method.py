@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +28,8 @@ from torch import nn
 
 from ..errors import SwsTrainingError
 from .models import FilterFn, compressible_parameters, tied_names
-from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups, merge_components
-from .shards import count_over_shards, is_sharded
+from .prior import REFERENCE_RMS, Mixture, MixturePrior, PriorConfig, PriorGroups, merge_components
+from .shards import count_over_shards, is_sharded, local
 from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
 
 
@@ -84,8 +85,10 @@ class SoftWeightSharing:
             raise ValueError(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in "
                              "float32 (mixed precision through torch.autocast keeps float32 weights)")
         self.weights = [p for _, p in self.named_weights]
+        if not prior.scale_to_weights:
+            _warn_if_off_scale(self.weights)
         self.prior: MixturePrior | PriorGroups = make_prior(model, prior, self.named_weights, groups)
-        self.tau, self.dataset_size = tau, dataset_size
+        self.tau, self.dataset_size, self.prior_config = tau, dataset_size, prior
         self._hook = PriorGradient(self.prior, self.weights)
 
     @property
@@ -133,6 +136,8 @@ class SoftWeightSharing:
             raise SwsTrainingError(
                 f"finalizing would zero every weight of {empty} (the model is unchanged): train longer under the "
                 "prior so that the mixture fits the weights, lower tau, or lower PriorConfig.pi_zero"
+                + ("" if self.prior_config.scale_to_weights else
+                   ", or use PriorConfig(scale_to_weights=True) if the weights are far from LeNet scale (RMS 0.05)")
             )
         fraction, used = quantize_model_(self.model, mixture, masks, self.named_weights)
         self.mixture, self.masks = mixture, masks
@@ -163,6 +168,17 @@ class SoftWeightSharing:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prior.load_state_dict(state)
+
+
+def _warn_if_off_scale(weights: list[torch.Tensor]) -> None:
+    """Warn when absolute hyper-priors meet weights far from the scale they were written for."""
+    squares = sum(float(local(w).detach().double().square().sum()) for w in weights)
+    rms = math.sqrt(squares / max(sum(local(w).numel() for w in weights), 1))
+    if not REFERENCE_RMS / 2 <= rms <= 2 * REFERENCE_RMS:
+        warnings.warn(
+            f"the weights under the prior have RMS {rms:.3g}; PriorConfig's stds and hyper-priors are weight values "
+            f"written for RMS {REFERENCE_RMS} (LeNet scale): pass PriorConfig(scale_to_weights=True) to read them "
+            "relative to each group's own weights", stacklevel=3)
 
 
 def make_prior(

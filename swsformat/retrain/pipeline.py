@@ -105,14 +105,24 @@ class CompressConfig:
         out = asdict(self)
         if drop_added_defaults:
             for key, value in ADDED_LATER.items():
-                if out[key] == value:
-                    del out[key]
+                parent, leaf = settings_entry(out, key)
+                if parent.get(leaf, object()) == value:
+                    del parent[leaf]
         return out
 
 
-# Settings added after results and checkpoints were first written, with the value that does
-# what those runs did: records without them read as this value.
-ADDED_LATER = {"prior_groups": "shared"}
+# Settings added after results and checkpoints were first written (dotted paths into
+# ``to_dict()``), with the value that does what those runs did: records without them read
+# as this value.
+ADDED_LATER = {"prior_groups": "shared", "prior.scale_to_weights": False}
+
+
+def settings_entry(settings: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    """The dict holding the dotted ``key`` of a settings record, and the key's last part."""
+    *path, leaf = key.split(".")
+    for part in path:
+        settings = settings[part]
+    return settings, leaf
 
 
 @dataclass

@@ -30,6 +30,11 @@ from .fields import check_types
 from .shards import is_sharded, local, shard_groups, sum_over_shards
 
 LOG_2PI = math.log(2.0 * math.pi)
+# The weight RMS for which PriorConfig's numbers are written: the pretrained LeNet-300-100 the
+# tutorial's settings were tuned on has 0.049 (LeNet-5-Caffe 0.038). With
+# ``scale_to_weights`` every group's hyper-priors and starting stds are rescaled by its own
+# RMS over this one.
+REFERENCE_RMS = 0.05
 CHUNK = 1 << 20
 # The training path re-groups each weight tensor by value every REGROUP_EVERY steps and uses
 # the grouping while it pays, that is while it leaves the kernel less than PAYS_BELOW of the
@@ -193,6 +198,14 @@ class PriorConfig:
     settings start the non-zero components at std 0.1 (``init_std``): over four seeds 0.06
     point less error and 3% smaller files than 0.25; std 0.05 and below gave sparser but
     less accurate nets (README, "Results").
+
+    These numbers are weight values, written for weights of RMS :data:`REFERENCE_RMS` (0.05,
+    LeNet scale). ``scale_to_weights=True`` reads them relative to that instead: each prior
+    multiplies the stds (and divides the precisions' Gamma means) by its weights' RMS over
+    0.05, measured when it is made, and moves its means at a rate scaled the same way. The
+    mixture then learns the same way on weights of any scale (a transformer's 0.02, a folded
+    conv's 0.3); with the absolute default, a zero component of std 0.02 claims every
+    weight of a model initialised at std 0.02.
     """
 
     components: int = 16
@@ -203,6 +216,7 @@ class PriorConfig:
     gamma_other: tuple[float, float] = (2500.0, 0.1)
     init_std: float = 0.25
     init_zero_std: float = 0.25
+    scale_to_weights: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -246,13 +260,25 @@ class MixturePrior(nn.Module):
         True
     """
 
-    def __init__(self, init_weights: torch.Tensor, config: PriorConfig = PriorConfig()) -> None:
+    def __init__(
+        self, init_weights: torch.Tensor, config: PriorConfig = PriorConfig(), *, weight_rms: float | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         j = config.components
-        self.means = nn.Parameter(initial_means(init_weights.detach().flatten().float().cpu(), j - 1))
-        log_prec = torch.full((j,), -2.0 * math.log(config.init_std))
-        log_prec[0] = -2.0 * math.log(config.init_zero_std)
+        flat = init_weights.detach().flatten().float().cpu()
+        self.means = nn.Parameter(initial_means(flat, j - 1))
+        unit = 1.0
+        if config.scale_to_weights:
+            rms = weight_rms if weight_rms is not None else float(flat.double().square().mean().sqrt())
+            if not (math.isfinite(rms) and rms > 0):
+                raise ValueError(f"scale_to_weights needs weights with a finite, non-zero RMS, got {rms}")
+            unit = rms / REFERENCE_RMS
+        # The factor from PriorConfig's units to these weights' (1.0 unless scale_to_weights).
+        self.register_buffer("unit", torch.tensor(unit, dtype=torch.float64))
+        self._unit = unit
+        log_prec = torch.full((j,), -2.0 * math.log(config.init_std * unit))
+        log_prec[0] = -2.0 * math.log(config.init_zero_std * unit)
         self.log_precisions = nn.Parameter(log_prec)
         self.mixing_logits = nn.Parameter(torch.zeros(j - 1))
         p0 = config.pi_zero
@@ -261,6 +287,17 @@ class MixturePrior(nn.Module):
         )
         # Value-grouped weight orders for the CPU training kernel (a cache, not state).
         self._groupings: dict[int, _Grouping] = {}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # States saved before scale_to_weights existed hold no unit: they were absolute (1.0).
+        state_dict.setdefault(prefix + "unit", torch.tensor(1.0, dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._unit = float(self.unit)
+
+    def _rates(self) -> tuple[float, float]:
+        """The Gamma rates of the zero and the other components, in these weights' units."""
+        u2 = self._unit**2
+        return self.config.gamma_zero[1] * u2, self.config.gamma_other[1] * u2
 
     def all_means(self) -> torch.Tensor:
         return torch.cat([self.means.new_zeros(1), self.means])
@@ -276,7 +313,8 @@ class MixturePrior(nn.Module):
         """Negative log hyper-prior: Gamma on precisions (density over the log), Beta on pi_0."""
         cfg = self.config
         g = self.log_precisions
-        (a0, b0), (a1, b1) = cfg.gamma_zero, cfg.gamma_other
+        (a0, _), (a1, _) = cfg.gamma_zero, cfg.gamma_other
+        b0, b1 = self._rates()
         out = -a0 * g[0] + b0 * g[0].exp() + (-a1 * g[1:] + b1 * g[1:].exp()).sum()
         if cfg.learn_pi_zero:
             a, b = cfg.pi_zero_beta
@@ -380,7 +418,8 @@ class MixturePrior(nn.Module):
 
     def _gamma_arrays(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """Shapes and rates of the Gamma hyper-priors per component (zero component first)."""
-        (a0, b0), (a1, b1) = self.config.gamma_zero, self.config.gamma_other
+        (a0, _), (a1, _) = self.config.gamma_zero, self.config.gamma_other
+        b0, b1 = self._rates()
         shape, rate = np.full(j, a1), np.full(j, b1)
         shape[0], rate[0] = a0, b0
         return shape, rate
@@ -426,9 +465,10 @@ class MixturePrior(nn.Module):
         }
 
     def param_groups(self, lr_means: float, lr_log_precisions: float, lr_mixing: float) -> list[dict]:
+        """Optimizer groups; the means' rate is in PriorConfig's units (see ``scale_to_weights``)."""
         mixing = [self.mixing_logits] + ([self.pi_zero_logit] if self.config.learn_pi_zero else [])
         return [
-            {"params": [self.means], "lr": lr_means, "name": "means"},
+            {"params": [self.means], "lr": lr_means * self._unit, "name": "means"},
             {"params": [self.log_precisions], "lr": lr_log_precisions, "name": "log_precisions"},
             {"params": mixing, "lr": lr_mixing, "name": "mixing"},
         ]
