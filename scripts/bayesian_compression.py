@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=BayesianCompressionConfig.epochs)
     p.add_argument("--threshold", type=float, default=BayesianCompressionConfig.threshold)
     p.add_argument("--finetune-epochs", type=int, default=BayesianCompressionConfig.finetune_epochs)
+    p.add_argument("--rounding-tolerance", type=float, default=BayesianCompressionConfig.rounding_tolerance,
+                   help="error points the rounding may cost on training data (negative: the paper's grids only)")
     a = p.parse_args(argv)
+    tolerance = None if a.rounding_tolerance < 0 else a.rounding_tolerance
     config = BayesianCompressionConfig(epochs=a.epochs, threshold=a.threshold, finetune_epochs=a.finetune_epochs,
-                                       seed=a.seed)
+                                       rounding_tolerance=tolerance, seed=a.seed)
     run("bayesian_compression.py", "bayesian-compression", a, config, bayesian_compress, argv)
 
 

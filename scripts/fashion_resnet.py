@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-std", type=float, default=0.05, help="starting std of the non-zero components")
     p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
                    help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
+    p.add_argument("--scale-to-weights", action="store_true",
+                   help="read the prior's stds and hyper-priors relative to each layer's weight RMS "
+                        "(PriorConfig.scale_to_weights; then 0.05 = the weights' own RMS)")
+    p.add_argument("--pi-zero", type=float, default=PriorConfig.pi_zero, help="the zero component's mixing proportion")
     p.add_argument("--groups", choices=("shared", "layer"), default="layer",
                    help="one mixture for all layers, or one per layer (folded layers differ in scale)")
     p.add_argument("--batch", type=int, default=128)
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     folded_error = evaluate(model, test)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
 
-    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std)
+    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero,
+                        scale_to_weights=a.scale_to_weights)
     sws = swsformat.SoftWeightSharing(model, prior, dataset_size=len(dataset), tau=a.tau,
                                       groups=None if a.groups == "shared" else a.groups)
     sws_epochs = a.sws_epochs or a.epochs
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
         "data": {"train": len(dataset), "test": len(test), "normalization": "standard"},
         "pretrained_from_cache": cached,
-        "epochs": a.epochs, "sws_epochs": sws_epochs, "assign": a.assign, "qat_epochs": a.qat_epochs, "tau": a.tau, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
+        "epochs": a.epochs, "sws_epochs": sws_epochs, "assign": a.assign, "qat_epochs": a.qat_epochs, "tau": a.tau, "pi_zero": a.pi_zero, "scale_to_weights": a.scale_to_weights, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
         "seed": a.seed, "threads": torch.get_num_threads(),
         "test_error": {"pretrained": pre, "batchnorm_folded": folded_error, "retrained": retrained, "snapped": snapped, "final": final,
                        "decoded_file": decoded},

@@ -4,6 +4,7 @@ the rounding grid, and the driver writing a .sws file that decodes to the same m
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -103,3 +104,36 @@ def test_bad_inputs():
         BayesianCompression(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), dataset_size=10)
     with pytest.raises(ValueError, match="max_levels"):
         BayesianCompressionConfig(max_levels=1)
+
+
+def test_finalize_refines_a_coarse_grid_until_the_check_holds():
+    """Posterior stds left wide by a short training make the paper's grid coarse: with a
+    check, each layer's step is halved until the measured error is within the tolerance."""
+    x = torch.randn(64, 1, 8, 8)
+
+    def setup():
+        torch.manual_seed(0)
+        net = TinyConv()
+        bc = BayesianCompression(net, dataset_size=100)
+        with torch.no_grad():
+            for layer in bc.layers.values():
+                layer.weight_logvar.fill_(math.log(0.3**2))
+        return net, bc
+
+    net, bc = setup()
+    net.eval()
+    with torch.no_grad():
+        reference = net(x)
+
+    def deviation(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float((model(x) - reference).abs().mean())
+
+    coarse = bc.finalize_()
+    assert deviation(net) > 0.05
+    net, bc = setup()
+    fine = bc.finalize_(check=deviation, tolerance=0.01)
+    assert deviation(net) <= 0.01
+    assert all(fine.step[n] < coarse.step[n] for n in fine.step)
+    assert all(fine.step[n] * 2**k == pytest.approx(coarse.step[n]) for n in fine.step
+               for k in [round(math.log2(coarse.step[n] / fine.step[n]))])

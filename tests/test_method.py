@@ -213,13 +213,16 @@ def test_bad_inputs_are_refused_before_any_work():
 
 
 def test_dataset_size_follows_the_sampler():
-    from torch.utils.data import SubsetRandomSampler
+    from torch.utils.data import DistributedSampler, SubsetRandomSampler
 
     from swsformat.retrain.train import dataset_size
 
     x, y = blobs(100, 0)
     assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10)) == 100
     assert dataset_size(DataLoader(TensorDataset(x, y), batch_size=10, sampler=SubsetRandomSampler(range(30)))) == 30
+    # Under DDP each rank's sampler yields its share; the ranks together train on all 100.
+    share = DistributedSampler(TensorDataset(x, y), num_replicas=2, rank=1)
+    assert len(share) == 50 and dataset_size(DataLoader(TensorDataset(x, y), batch_size=10, sampler=share)) == 100
 
 
 def test_deep_compression_prunes_iteratively_and_shares_values(tmp_path):

@@ -511,3 +511,59 @@ def test_scale_to_weights_unit_is_saved_and_old_states_read_as_absolute():
     assert float(fresh.unit) == 1.0 and fresh._rates() == (2.0, 0.1)
     with pytest.raises(ValueError, match="RMS"):
         MixturePrior(torch.zeros(10), PriorConfig(scale_to_weights=True))
+
+
+def _table_run(prior: MixturePrior, w: torch.Tensor, monkeypatch, table: bool) -> tuple[float, np.ndarray, list]:
+    monkeypatch.setattr(prior_mod, "TABLE_MIN", 1000 if table else 1 << 62)
+    w.grad = None
+    for p in prior.parameters():
+        p.grad = None
+    value = prior.add_complexity_grad_([w], 0.5)
+    return value, w.grad.numpy().copy(), [p.grad.numpy().copy() for p in prior.parameters() if p.grad is not None]
+
+
+def test_table_path_matches_the_exact_kernel(monkeypatch):
+    """Large float32 tensors take the interpolated table on the training path: its value,
+    weight gradients and mixture gradients stay within 1e-3 and 3e-3 of the exact kernel's, also after
+    the weights moved out of the grid span kept from the last call, and a NaN still shows."""
+    w_np, _, (mu, lam, _) = _converged_mixture()
+    prior = MixturePrior(torch.tensor(w_np), PriorConfig(components=16))
+    with torch.no_grad():
+        prior.means.copy_(torch.tensor(mu[1:]))
+        prior.log_precisions.copy_(torch.tensor(np.log(lam)))
+    w = torch.tensor(w_np, requires_grad=True)
+    for moved in (False, True):
+        if moved:  # a few weights beyond the span the first table call kept
+            with torch.no_grad():
+                w[:50] = torch.linspace(0.6, 0.9, 50)
+        exact = _table_run(prior, w, monkeypatch, table=False)
+        table = _table_run(prior, w, monkeypatch, table=True)
+        assert table[0] == pytest.approx(exact[0], rel=1e-5)
+        assert np.abs(table[1] - exact[1]).max() <= 1e-3 * np.abs(exact[1]).max()
+        for a, b in zip(table[2], exact[2]):  # sums of terms that nearly cancel at convergence
+            assert np.abs(a - b).max() <= 3e-3 * np.abs(b).max()
+        # The span is kept for the next call, unless more than 1/1024 of the weights left it.
+        assert bool(prior._spans) is not moved
+    with torch.no_grad():
+        w[7] = float("nan")
+    value, grad, _ = _table_run(prior, w, monkeypatch, table=True)
+    assert not math.isfinite(value) and np.isnan(grad[7]) and np.isfinite(np.delete(grad, 7)).all()
+
+
+def test_table_path_is_the_same_on_any_thread_count(monkeypatch):
+    import numba
+
+    w_np, _, _ = _converged_mixture()
+    prior = MixturePrior(torch.tensor(w_np), PriorConfig(components=16))
+    w = torch.tensor(w_np, requires_grad=True)
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            prior.reset_grouping()
+            runs.append(_table_run(prior, w, monkeypatch, table=True))
+    finally:
+        numba.set_num_threads(before)
+    (v1, g1, p1), (v2, g2, p2) = runs
+    assert v1 == v2 and np.array_equal(g1, g2) and all(np.array_equal(a, b) for a, b in zip(p1, p2))

@@ -540,3 +540,111 @@ def mixture_param_grads(
     for i in range(j - 1):
         g_logits[i] = rest[i] - soft[i] * rest_sum
     return g_means, g_lp, g_logits, g_pi[0], rest_sum, _sum(terms)
+
+
+# The table path for large float32 tensors on the training path. The prior's gradient and its
+# per-component terms are functions of the weight's value alone, smooth on the scale of the
+# narrowest component: they are evaluated exactly (float64, ``_exact_one``) on a grid of
+# TABLE_POINTS_PER_STD points per narrowest std across the tensor's range, each weight's
+# gradient is interpolated linearly between its two grid points, and the per-component sums
+# come from the weights' linear binning onto the grid (each weight's share of its two grid
+# points in integer units of 1/TABLE_ONE: integer sums do not depend on how the threads split
+# the tensor). One light pass per weight instead of a pass
+# per weight and component; four count rows per thread, taken in turn, keep consecutive weights
+# of similar value from waiting on each other's increments. The grid spans a range the caller
+# keeps from an earlier call (a pass for the range costs a third of the rest); the rare weight
+# outside it takes the exact float64 path.
+TABLE_POINTS_PER_STD = 16
+TABLE_MAX_POINTS = 1 << 16
+TABLE_ONE = 1 << 16
+_TABLE_ONE_F = np.float32(TABLE_ONE)
+_ROWS = 4
+
+
+@njit(parallel=True, nogil=True)
+def table_range(w: np.ndarray) -> tuple[float, float, bool]:
+    """Smallest and largest weight, and whether every weight is finite."""
+    n = w.shape[0]
+    blocks = max((n + BLOCK - 1) // BLOCK, 1)
+    lo = np.full(blocks, np.inf)
+    hi = np.full(blocks, -np.inf)
+    bad = np.zeros(blocks)
+    for b in numba.prange(blocks):
+        low, high, z = np.float32(np.inf), np.float32(-np.inf), np.float32(0.0)
+        for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            x = w[i]
+            low = min(low, x)
+            high = max(high, x)
+            z += x - x
+        lo[b], hi[b], bad[b] = low, high, z
+    return lo.min(), hi.max(), np.isfinite(bad.sum())
+
+
+@njit(nogil=True)
+def table_gradients(x0: float, h: float, points: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``d NLL / d w`` at the grid points ``x0 + k h`` (float32, as the weights' gradients)."""
+    j_count = mu.shape[0]
+    out = np.empty(points, np.float32)
+    acc = np.zeros((4, j_count))
+    e = np.empty(j_count)
+    for k in range(points):
+        out[k] = _exact_one(x0 + k * h, mu, lam, c, acc, e)
+    return out
+
+
+@njit(parallel=True, nogil=True, fastmath=_EXACT)
+def table_pass(
+    w: np.ndarray, x0: float, inv_h: float, table: np.ndarray, gw: np.ndarray, scale: float, accumulate: bool,
+    threads: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Interpolated gradients into ``gw`` (or added, times ``scale``); returns the weights'
+    shares of each grid point (in units of 1/TABLE_ONE), the exact ``acc`` terms of the weights off the grid (outside
+    it, or not finite: they take ``_exact_one``) and their number."""
+    n = w.shape[0]
+    points = table.shape[0]
+    chunk = (n + threads - 1) // threads
+    counts = np.zeros((threads, _ROWS, points), np.int64)
+    off = np.zeros((threads, 4, mu.shape[0]))
+    n_off = np.zeros(threads, np.int64)
+    base, step, s = np.float32(x0), np.float32(inv_h), np.float32(scale)
+    last = np.float32(points - 1)
+    for t in numba.prange(threads):
+        rows = counts[t]
+        e = np.empty(mu.shape[0])
+        for i in range(t * chunk, min(n, (t + 1) * chunk)):
+            pos = (w[i] - base) * step
+            if pos >= _ZERO and pos < last:
+                k = int(pos)
+                f = pos - np.float32(k)
+                g = _fma(f, table[k + 1] - table[k], table[k])
+                q = np.int64(f * _TABLE_ONE_F + _HALF)
+                row = rows[i & (_ROWS - 1)]
+                row[k] += TABLE_ONE - q
+                row[k + 1] += q
+            else:
+                g = np.float32(_exact_one(np.float64(w[i]), mu, lam, c, off[t], e))
+                n_off[t] += 1
+            if accumulate:
+                gw[i] = _fma(s, g, gw[i])
+            else:
+                gw[i] = g
+    return counts.sum(axis=0).sum(axis=0), off.sum(axis=0), n_off.sum()
+
+
+@njit(nogil=True)
+def table_sums(x0: float, h: float, counts: np.ndarray, mu: np.ndarray, lam: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The kernels' ``acc`` (see :func:`nll_and_grads`) from the binned weights: each grid
+    point's exact terms times its share of weights."""
+    j_count = mu.shape[0]
+    acc = np.zeros((4, j_count))
+    one = np.zeros((4, j_count))
+    e = np.empty(j_count)
+    for k in range(counts.shape[0]):
+        if counts[k] == 0:
+            continue
+        one[:] = 0.0
+        _exact_one(x0 + k * h, mu, lam, c, one, e)
+        for r in range(4):
+            for j in range(j_count):
+                acc[r, j] += (counts[k] / TABLE_ONE) * one[r, j]
+    return acc

@@ -234,14 +234,23 @@ class BayesianCompression:
         return {f"{n}.weight" for n in self.layers}
 
     @torch.no_grad()
-    def finalize_(self, threshold: float | None = None, max_levels: int = 255) -> BCFinalized:
-        """Prune the groups whose log alpha exceeds ``threshold``, put the posterior means of the
-        rest on a per-layer grid of step = their mean posterior standard deviation (coarser
-        if that needs more than ``max_levels`` values), and put plain ``nn.Linear`` /
-        ``nn.Conv2d`` layers with those weights back into the model."""
+    def finalize_(
+        self, threshold: float | None = None, max_levels: int = 255,
+        check: Callable[[nn.Module], float] | None = None, tolerance: float = 0.1, max_halvings: int = 8,
+    ) -> BCFinalized:
+        """Prune the groups whose log alpha exceeds ``threshold``, round the posterior means of
+        the rest to a per-layer grid and put plain ``nn.Linear`` / ``nn.Conv2d`` layers with
+        those weights back into the model.
+
+        The grid's step starts at the layer's mean posterior standard deviation (the paper's
+        bit-precision argument; coarser if that needs more than ``max_levels`` values). With
+        ``check(model) -> error`` (lower is better), layer by layer the step is halved (up to
+        ``max_halvings`` times) until the error is within ``tolerance`` of the unrounded
+        model's: a short training leaves posterior stds too wide to round to, and one coarse
+        layer can cost several points of accuracy.
+        """
         threshold = self.threshold if threshold is None else threshold
         kept_groups, bits, steps = {}, {}, {}
-        nonzero = total = 0
         plans = {}
         for name, layer in self.layers.items():
             keep = layer.log_alpha() < threshold
@@ -252,35 +261,45 @@ class BayesianCompression:
                 )
             mean, var, bias = layer.posterior()
             mask = keep.view(layer._group_shape()).expand_as(mean)
-            kept_std = var[mask].sqrt()
-            step = float(kept_std.mean())
             span = float(mean[mask].abs().max())
-            step = max(step, 2 * span / max(max_levels - 1, 1))
-            q = torch.round(mean / step) * step * mask
+            finest = 2 * span / max(max_levels - 1, 1)
+            step = max(float(var[mask].sqrt().mean()), finest)
             if bias is not None and layer._scales_bias:
                 bias = bias * keep.to(bias.dtype)  # a pruned filter outputs nothing, bias included
-            plans[name] = (q, bias)
-            levels = int(torch.unique(q[q != 0]).numel())
+            plans[name] = (mean * mask, step, finest)
             kept_groups[name] = (int(keep.sum()), int(keep.numel()))
+            self._replace(name, mean * mask, bias)
+        target = None if check is None else check(self.model) + tolerance
+        nonzero = total = 0
+        for name, (mean, step, finest) in plans.items():
+            weight = self.model.get_submodule(name).weight
+            for _ in range(max_halvings + 1):
+                weight.copy_(torch.round(mean / step) * step)
+                if target is None or step / 2 < finest or check(self.model) <= target:
+                    break
+                step /= 2
+            levels = int(torch.unique(weight[weight != 0]).numel())
             bits[name] = max(1, math.ceil(math.log2(levels + 1)))
             steps[name] = step
-            nonzero += int(q.count_nonzero())
-            total += q.numel()
-        for name, (q, bias) in plans.items():
-            layer = self.layers[name]
-            if isinstance(layer, GroupNJLinear):
-                plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
-            else:
-                out, inp_g, *k = q.shape
-                plain = nn.Conv2d(inp_g * layer.conv["groups"], out, tuple(k), bias=bias is not None, **layer.conv)
-            plain = plain.to(device=q.device, dtype=q.dtype)
-            plain.weight.copy_(q)
-            if bias is not None:
-                plain.bias.copy_(bias)
-            parent, leaf = _parent(self.model, name)
-            setattr(parent, leaf, plain)
+            nonzero += int(weight.count_nonzero())
+            total += weight.numel()
         self.finalized = BCFinalized(kept_groups, bits, steps, nonzero / max(total, 1))
         return self.finalized
+
+    def _replace(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Put a plain layer with ``weight`` and ``bias`` where the Bayesian layer ``name`` is."""
+        layer = self.layers[name]
+        if isinstance(layer, GroupNJLinear):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+        else:
+            out, inp_g, *k = weight.shape
+            plain = nn.Conv2d(inp_g * layer.conv["groups"], out, tuple(k), bias=bias is not None, **layer.conv)
+        plain = plain.to(device=weight.device, dtype=weight.dtype)
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias)
+        parent, leaf = _parent(self.model, name)
+        setattr(parent, leaf, plain)
 
 
 @dataclass(frozen=True)
@@ -296,6 +315,7 @@ class BayesianCompressionConfig:
     threshold: float = -3.0
     init_logvar: float = -9.0
     max_levels: int = 255
+    rounding_tolerance: float | None = 0.1
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
     bias_dtype: str = "float16"
@@ -313,6 +333,8 @@ class BayesianCompressionConfig:
             raise ValueError(f"max_levels must be in [2, 255], got {self.max_levels}")
         if self.bias_dtype not in BIAS_DTYPES:
             raise ValueError(f"bias_dtype must be one of {sorted(BIAS_DTYPES)}")
+        if self.rounding_tolerance is not None and not self.rounding_tolerance >= 0:
+            raise ValueError(f"rounding_tolerance must be None (the paper's grids) or >= 0, got {self.rounding_tolerance}")
 
 
 @dataclass
@@ -368,11 +390,13 @@ def bayesian_compress(
         kept = {n: int((la < config.threshold).sum()) for n, la in bc.log_alphas().items()}
         epochs.append({"epoch": epoch, "loss": loss, "test_error": measure(model), "groups_kept": kept})
     trained = epochs[-1]["test_error"]
-    done = bc.finalize_(max_levels=config.max_levels)
+    check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
+    on_check = check if callable(check) else (lambda m: evaluate(m, check))
+    done = bc.finalize_(max_levels=config.max_levels, check=None if config.rounding_tolerance is None else on_check,
+                        tolerance=config.rounding_tolerance or 0.0)
     named = [(n, dict(model.named_parameters())[n]) for n in sorted(bc.coded_names())]
     finetune_codebook_(model, train, config.finetune_epochs, config.finetune_lr, config.batch_size, config.seed,
                        progress, loss_fn=loss_fn, weights=named)
-    check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named,

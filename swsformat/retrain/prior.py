@@ -14,16 +14,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import nn
 
 from ._prior_kernel import (
     F32_LOGIT_LIMIT,
+    TABLE_MAX_POINTS,
+    TABLE_POINTS_PER_STD,
     mixture_param_grads,
     mixture_params,
     nll_and_grads,
     nll_and_grads_f32,
+    table_gradients,
+    table_pass,
+    table_range,
+    table_sums,
     value_order,
 )
 from .fields import check_types
@@ -44,6 +51,12 @@ CHUNK = 1 << 20
 # stale slowly; re-grouping costs about one kernel call.
 REGROUP_EVERY = 64
 PAYS_BELOW = 0.5
+# float32 weight tensors of at least TABLE_MIN weights take the table path on the training
+# path (see _prior_kernel): one light pass per weight whatever the mixture. Its gradients are
+# within about 1e-4 of the largest one (tested); smaller tensors, the MNIST nets' included,
+# keep the exact kernel, whose cost per weight is comparable there.
+TABLE_MIN = 1 << 20
+TABLE_MARGIN = 0.05
 # Devices whose tensors take the numba kernels; others (CUDA) take the chunked torch
 # expressions. Tests empty it to run the GPU code path on CPU tensors.
 KERNEL_DEVICES: tuple[str, ...] = ("cpu",)
@@ -134,6 +147,10 @@ def _param_grads(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return -acc[1], acc[2] + 0.5 * g_pi, g_pi
 
 
+def _takes_table(wn: np.ndarray, gw: np.ndarray, params: dict[type, tuple[np.ndarray, ...]]) -> bool:
+    return wn.shape[0] >= TABLE_MIN and _takes_f32(wn, gw, params)
+
+
 def _takes_f32(wn: np.ndarray, gw: np.ndarray, params: dict[type, tuple[np.ndarray, ...]]) -> bool:
     return wn.dtype == np.float32 and gw.dtype == np.float32 and np.float32 in params
 
@@ -153,6 +170,35 @@ def _cpu_kernel(
         acc, work = nll_and_grads_f32(wn, order, *params[np.float32], gw, scale, accumulate)
         return acc, work / max(wn.size * acc.shape[1], 1)
     return nll_and_grads(wn, *params[np.float64], gw, scale, accumulate), 1.0
+
+
+def _table_kernel(
+    wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float,
+    span: tuple[float, float] | None,
+) -> tuple[np.ndarray, tuple[float, float] | None] | None:
+    """The table path on one float32 tensor, adding ``scale`` times the gradient into ``gn``,
+    over the grid ``span`` (None: measure the weights' range now and widen it by
+    TABLE_MARGIN). Returns the per-component sums and the span to use next time (None when
+    too many weights fell outside this one), or None (nothing done) where the path does not
+    apply: non-finite weights, or a span too wide for the narrowest component's resolution."""
+    mu, lam, c = params[np.float64]
+    if span is None:
+        lo, hi, finite = table_range(wn)
+        if not finite:
+            return None
+        margin = TABLE_MARGIN * (hi - lo)
+        span = (lo - margin, hi + margin)
+    h = 1.0 / math.sqrt(float(lam.max())) / TABLE_POINTS_PER_STD
+    if not (h > 0 and math.isfinite(h)):
+        return None
+    lo, hi = span
+    points = int((hi - lo) / h) + 2
+    if points > TABLE_MAX_POINTS:
+        return None
+    table = table_gradients(lo, h, points, mu, lam, c)
+    counts, off, n_off = table_pass(wn, lo, 1.0 / h, table, gn, scale, True, numba.get_num_threads(), mu, lam, c)
+    acc = table_sums(lo, h, counts, mu, lam, c) + off
+    return acc, (span if n_off <= wn.shape[0] >> 10 else None)
 
 
 @dataclass
@@ -285,8 +331,10 @@ class MixturePrior(nn.Module):
         self.pi_zero_logit = nn.Parameter(
             torch.tensor(math.log(p0 / (1 - p0))), requires_grad=config.learn_pi_zero
         )
-        # Value-grouped weight orders for the CPU training kernel (a cache, not state).
+        # Value-grouped weight orders for the CPU training kernel and the table path's grid
+        # spans with their age in calls (caches, not state).
         self._groupings: dict[int, _Grouping] = {}
+        self._spans: dict[int, tuple[tuple[float, float], int]] = {}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         # States saved before scale_to_weights existed hold no unit: they were absolute (1.0).
@@ -360,7 +408,8 @@ class MixturePrior(nn.Module):
                 w.grad = torch.zeros_like(w)
             gn = _flat_numpy(local(w.grad)) if w.requires_grad else None
             if gn is not None and gn.dtype == wn.dtype:
-                parts.append((shard_groups(w), self._grouped_kernel(i, wn, gn, params, scale)))
+                acc = self._table_kernel(i, wn, gn, params, scale) if _takes_table(wn, gn, params) else None
+                parts.append((shard_groups(w), acc if acc is not None else self._grouped_kernel(i, wn, gn, params, scale)))
                 continue
             gw = np.empty_like(wn)
             parts.append((shard_groups(w), _cpu_kernel(wn, params, gw, 1.0, False)[0]))
@@ -425,16 +474,35 @@ class MixturePrior(nn.Module):
         return shape, rate
 
     def reset_grouping(self) -> None:
-        """Forget the value-grouped orders. The kernel's float32 rounding depends on the order,
+        """Forget the value-grouped orders and grid spans. The float32 rounding depends on them,
         so the training loop calls this at every epoch start: a run resumed from an epoch
         checkpoint then repeats the uninterrupted run bit for bit."""
         self._groupings.clear()
+        self._spans.clear()
 
     @property
     def grouping(self) -> tuple[int, int]:
         """(weight tensors whose CPU training kernel now runs in value-grouped order, tensors
         seen by the training path): tells whether the mixture has narrowed enough to pay."""
         return sum(g.pays for g in self._groupings.values()), len(self._groupings)
+
+    def _table_kernel(
+        self, i: int, wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float
+    ) -> np.ndarray | None:
+        """The table path on the ``i``-th weight tensor, over the span kept from earlier calls
+        (re-measured every REGROUP_EVERY calls, at every epoch start and when weights leave it)."""
+        kept = self._spans.get(i)
+        span = kept[0] if kept is not None and kept[1] < REGROUP_EVERY else None
+        done = _table_kernel(wn, gn, params, scale, span)
+        if done is None:
+            self._spans.pop(i, None)
+            return None
+        acc, nxt = done
+        if nxt is None:
+            self._spans.pop(i, None)
+        else:
+            self._spans[i] = (nxt, 1 if span is None else kept[1] + 1)
+        return acc
 
     def _grouped_kernel(
         self, i: int, wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float

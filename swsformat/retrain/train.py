@@ -105,6 +105,9 @@ def dataset_size(data: Data) -> int:
     # A DataLoader's sampler decides how many samples an epoch sees (a subset sampler fewer than the dataset).
     sampler = getattr(data, "sampler", None)
     dataset = getattr(data, "dataset", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        # Each rank sees its share; together (DDP averages their gradients) they see the dataset.
+        return len(sampler.dataset)  # type: ignore[arg-type]
     try:
         return len(sampler if sampler is not None else dataset if dataset is not None else data)
     except TypeError:
