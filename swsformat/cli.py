@@ -274,8 +274,9 @@ def cmd_encode(a: argparse.Namespace) -> int:
         _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
     sd = original
     if a.clusters:
+        # The loaded tensors are ours (the reference model holds its own copy): quantize them in place.
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer,
-                               prune_scope="layer" if a.prune_each_layer else "model")
+                               prune_scope="layer" if a.prune_each_layer else "model", inplace=True)
     if a.remove_dead:
         from .architectures import build_model
         from .exact import remove_dead_units_verified_

@@ -7,6 +7,7 @@ be written as ``.sws`` (``sws encode model.pt --prune 0.9 --clusters 16``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,37 +45,163 @@ def snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return centres[np.searchsorted(edges, values)]
 
 
-def keep_mask(magnitudes: np.ndarray, prune: float) -> np.ndarray:
+# Work on weights in chunks of this many values: temporaries stay a few MB whatever the model.
+CHUNK = 1 << 20
+# k-means runs on at most about this many kept weights (a fixed random subset beyond).
+KMEANS_SAMPLE = 1_000_000
+
+
+def _as_tensor(v: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+
+
+def _chunks(t: torch.Tensor, wide: bool):
+    """The flat values of ``t`` as float64 (``wide``) or float32 numpy chunks (views where the
+    tensor already is that dtype on the CPU)."""
+    flat = t.detach().reshape(-1)
+    for s in range(0, flat.numel(), CHUNK):
+        c = flat[s : s + CHUNK]
+        yield (c.double() if wide else c.float()).cpu().numpy()
+
+
+def _magnitude_bits(chunk: np.ndarray) -> np.ndarray:
+    """``|chunk|`` as unsigned integers that sort as the magnitudes do (IEEE bits of a
+    non-negative float)."""
+    return np.abs(chunk).view(np.uint64 if chunk.dtype == np.float64 else np.uint32)
+
+
+def _wide(tensors: list[torch.Tensor]) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def _rank_threshold(tensors: list[torch.Tensor], keep: int, wide: bool) -> tuple[int, int]:
+    """Radix selection of the ``keep``-th largest magnitude over all ``tensors`` without
+    sorting or concatenating them: 16 bits of its pattern per pass over the chunks. Returns
+    the pattern and how many entries equal to it are kept (``0 < keep <= total``)."""
+    width = 64 if wide else 32
+    prefix, done, need = 0, 0, keep
+    while done < width:
+        shift = width - done - 16
+        hist = np.zeros(1 << 16, np.int64)
+        for t in tensors:
+            for c in _chunks(t, wide):
+                b = _magnitude_bits(c)
+                if done:
+                    b = b[(b >> (width - done)) == prefix]
+                hist += np.bincount(((b >> shift) & 0xFFFF).astype(np.intp), minlength=1 << 16)
+        from_top = np.cumsum(hist[::-1])
+        i = int(np.searchsorted(from_top, need))
+        digit = (1 << 16) - 1 - i
+        need -= int(from_top[i] - hist[digit])
+        prefix = (prefix << 16) | digit
+        done += 16
+    return prefix, need
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Which entries of one tensor are kept: magnitudes whose bit pattern exceeds ``bits``,
+    and the first ``ties`` entries equal to it."""
+
+    bits: int
+    ties: int
+    wide: bool
+    everything: bool | None = None  # True / False: keep all / none, whatever the values
+
+
+def _cuts(tensors: list[torch.Tensor], prune: float) -> list[_Cut]:
+    """Per tensor, the rule keeping the ``1 - prune`` share of all ``tensors``' entries with the
+    largest magnitude (at least one when anything is kept), ranked together; entries of equal
+    magnitude at the cut are kept in order, first tensor first."""
+    total = sum(t.numel() for t in tensors)
+    keep = total - int(np.floor(prune * total))
+    wide = _wide(tensors)
+    if keep >= total or keep <= 0:
+        return [_Cut(0, 0, wide, keep > 0) for _ in tensors]
+    bits, ties = _rank_threshold(tensors, keep, wide)
+    cuts = []
+    for t in tensors:
+        equal = 0
+        if ties:
+            equal = sum(int(np.count_nonzero(_magnitude_bits(c) == bits)) for c in _chunks(t, wide))
+        cuts.append(_Cut(bits, min(equal, ties), wide))
+        ties -= cuts[-1].ties
+    return cuts
+
+
+def _masked(t: torch.Tensor, cut: _Cut):
+    """``t``'s flat values in chunks (as :func:`_chunks`) with their keep-masks."""
+    ties = cut.ties
+    for c in _chunks(t, cut.wide):
+        if cut.everything is not None:
+            yield c, np.full(c.size, cut.everything)
+            continue
+        b = _magnitude_bits(c)
+        mask = b > cut.bits
+        if ties:
+            equal = np.flatnonzero(b == cut.bits)[:ties]
+            mask[equal] = True
+            ties -= equal.size
+        yield c, mask
+
+
+def _kept(t: torch.Tensor, cut: _Cut) -> int:
+    return sum(int(np.count_nonzero(m)) for _, m in _masked(t, cut))
+
+
+def _keep_masks(tensors: list[torch.Tensor], prune: float) -> list[np.ndarray]:
+    """Flat keep-masks of :func:`_cuts`."""
+    return [np.concatenate([m for _, m in _masked(t, cut)] or [np.zeros(0, bool)])
+            for t, cut in zip(tensors, _cuts(tensors, prune))]
+
+
+def _layer_cuts(
+    tensors: Mapping[str, torch.Tensor], prune: float, prune_scope: str, min_layer_keep: float
+) -> tuple[dict[str, _Cut], list[str]]:
+    """The keep rule of every tensor (see :func:`prune_and_cluster` for the scopes) and the
+    layers whose share the floor raised."""
+    floored: list[str] = []
+    if prune_scope != "model":
+        return {n: _cuts([t], prune)[0] for n, t in tensors.items()}, floored
+    cuts = dict(zip(tensors, _cuts(list(tensors.values()), prune)))
+    for n, t in tensors.items():
+        floor = int(np.ceil(min_layer_keep * (1.0 - prune) * t.numel()))
+        if floor and _kept(t, cuts[n]) < floor:
+            cuts[n] = _cuts([t], 1.0 - floor / t.numel())[0]
+            floored.append(n)
+    return cuts, floored
+
+
+def keep_mask(magnitudes: np.ndarray | torch.Tensor, prune: float) -> np.ndarray:
     """True for the ``1 - prune`` fraction of entries with the largest magnitude (at least one
     when anything is kept), by rank: ties cannot wipe a layer as a threshold would."""
-    n = magnitudes.size
-    keep = n - int(np.floor(prune * n))
-    mask = np.zeros(n, dtype=bool)
-    if keep >= n:
-        mask[:] = True
-    elif keep > 0:
-        mask[np.argpartition(magnitudes, n - keep)[n - keep:]] = True
-    return mask
+    return _keep_masks([_as_tensor(magnitudes)], prune)[0]
 
 
 def magnitude_masks(
-    values: Mapping[str, np.ndarray], prune: float, prune_scope: str = "model", min_layer_keep: float = 0.25
+    values: Mapping[str, np.ndarray | torch.Tensor], prune: float, prune_scope: str = "model",
+    min_layer_keep: float = 0.25,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Keep-masks (flat) pruning ``prune`` of the weights by magnitude, and the layers whose
-    share the floor raised (see :func:`prune_and_cluster` for the scopes)."""
-    floored: list[str] = []
-    if prune_scope == "model":
-        flat = np.concatenate(list(values.values()))
-        mask = keep_mask(np.abs(flat), prune)
-        masks = dict(zip(values, np.split(mask, np.cumsum([v.size for v in values.values()])[:-1])))
-        for n, v in values.items():
-            floor = int(np.ceil(min_layer_keep * (1.0 - prune) * v.size))
-            if masks[n].sum() < floor:
-                masks[n] = keep_mask(np.abs(v), 1.0 - floor / v.size)
-                floored.append(n)
-    else:
-        masks = {n: keep_mask(np.abs(v), prune) for n, v in values.items()}
-    return masks, floored
+    share the floor raised (see :func:`prune_and_cluster` for the scopes). Works chunk by
+    chunk: no copy of the whole model, whatever its size."""
+    tensors = {n: _as_tensor(v) for n, v in values.items()}
+    cuts, floored = _layer_cuts(tensors, prune, prune_scope, min_layer_keep)
+    return {n: np.concatenate([m for _, m in _masked(t, cuts[n])] or [np.zeros(0, bool)])
+            for n, t in tensors.items()}, floored
+
+
+def _kmeans_sample(tensors: list[torch.Tensor], cuts: list[_Cut], rng: np.random.Generator) -> np.ndarray:
+    """The kept weights (float64) of a group, or a fixed random subset of about
+    KMEANS_SAMPLE of them when there are more, gathered chunk by chunk."""
+    kept = sum(_kept(t, cut) for t, cut in zip(tensors, cuts))
+    share = min(1.0, KMEANS_SAMPLE / max(kept, 1))
+    parts = []
+    for t, cut in zip(tensors, cuts):
+        for c, m in _masked(t, cut):
+            v = c[m].astype(np.float64)
+            parts.append(v if share >= 1.0 else v[rng.random(v.size) < share])
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 @torch.no_grad()
@@ -85,6 +212,7 @@ def prune_and_cluster(
     per_layer: bool = False,
     prune_scope: str = "model",
     min_layer_keep: float = 0.25,
+    inplace: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to
     ``clusters`` values.
@@ -97,6 +225,11 @@ def prune_and_cluster(
     threshold alone wipes layers whose weights are small, e.g. every GPT-2 ``c_proj``. ``prune_scope="layer"`` prunes every
     layer by ``prune``. With ``per_layer=False`` one codebook is shared by the whole model, as
     in soft weight-sharing. Returns a new state_dict; other tensors are passed through.
+
+    The work goes chunk by chunk in the weights' own dtype or float32 (float64 weights in
+    float64): besides the masks (one byte per weight) it needs a few MB, plus the result
+    tensors; with ``inplace=True`` the results are written into the given tensors instead
+    (for a state_dict you own, e.g. one just loaded from a file).
     """
     from .errors import SwsEncodeError
 
@@ -125,25 +258,29 @@ def prune_and_cluster(
     out = dict(state_dict)
     if not names:
         return out
-    values = {n: state_dict[n].detach().cpu().double().numpy().ravel() for n in names}
-    for n, v in values.items():
-        if not np.isfinite(v).all():
-            bad = int(np.count_nonzero(~np.isfinite(v)))
+    for n in names:
+        finite = torch.isfinite(state_dict[n])
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
             raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
-    masks, floored = magnitude_masks(values, prune, prune_scope, min_layer_keep)
+        del finite
+    tensors = {n: state_dict[n] for n in names}
+    cuts, floored = _layer_cuts(tensors, prune, prune_scope, min_layer_keep)
     # A layer the floor saved has weights of another scale than the model's: the shared
     # codebook would snap them to values far from their own, so it gets its own codebook.
     shared = [n for n in names if n not in floored]
     groups = [[n] for n in names] if per_layer else ([shared] if shared else []) + [[n] for n in floored]
     rng = np.random.default_rng(0)
     for group in groups:
-        kept = np.concatenate([values[n][masks[n]] for n in group])
-        sample = kept if kept.size <= 1_000_000 else rng.choice(kept, 1_000_000, replace=False)
-        centres = kmeans_1d(sample, clusters)
+        centres = kmeans_1d(_kmeans_sample([tensors[n] for n in group], [cuts[n] for n in group], rng), clusters)
         for n in group:
-            t = state_dict[n]
-            q = np.where(masks[n], snap(values[n], centres) if centres.size else 0.0, 0.0)
-            out[n] = torch.from_numpy(q.reshape(tuple(t.shape))).to(t.dtype).to(t.device)
+            t = tensors[n]
+            target = t if inplace and t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+            flat, at = target.view(-1), 0
+            for c, m in _masked(t, cuts[n]):
+                flat[at : at + c.size] = torch.from_numpy(np.where(m, snap(c, centres) if centres.size else 0.0, 0.0))
+                at += c.size
+            out[n] = target
     for n, target in ties.items():
         out[n] = out[target]
     return out

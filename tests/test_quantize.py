@@ -102,3 +102,26 @@ def test_tied_weights_stay_tied_through_post_training_quantization(tmp_path):
     # ranked once: 80% of the 200*32 + 32*32 distinct weights are zero, not of 2*200*32 + 32*32
     nz = sum(int((out[k] != 0).sum()) for k in ("emb.weight", "other.weight"))
     assert abs(nz - 0.2 * (200 * 32 + 32 * 32)) <= 2
+
+
+def test_working_memory_is_a_fraction_of_the_model(monkeypatch):
+    """Ranking and clustering go chunk by chunk in the weights' dtype: the numpy work of
+    prune_and_cluster stays far below the model's size (it was 6x in float64 copies), and
+    ``inplace=True`` writes the results into the given tensors."""
+    import tracemalloc
+
+    from swsformat import quantize
+
+    monkeypatch.setattr(quantize, "CHUNK", 1 << 16)
+    monkeypatch.setattr(quantize, "KMEANS_SAMPLE", 1 << 16)  # k-means works on a sample of fixed size
+    g = torch.Generator().manual_seed(0)
+    sd = {f"l{i}.weight": 0.02 * torch.randn(1024, 1024, generator=g) for i in range(8)}
+    reference = prune_and_cluster({k: v.clone() for k, v in sd.items()}, prune=0.9, clusters=16)
+    model_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    tracemalloc.start()
+    out = prune_and_cluster(sd, prune=0.9, clusters=16, inplace=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.1 * model_bytes
+    assert all(out[k] is sd[k] and torch.equal(out[k], reference[k]) for k in sd)
+    assert sum(int(t.count_nonzero()) for t in out.values()) == int(0.1 * 8 * 1024 * 1024) + 1
