@@ -88,3 +88,30 @@ def test_other_methods_files_match_their_json(path, mnist):
     assert evaluate(swsformat.load_model(path), test) == pytest.approx(record["quantized_error"])
     assert path.stat().st_size == record["file_bytes"]
     assert json.loads(f.metadata()["sws.method"])["method"] in path.stem
+
+
+def test_comparison_covers_every_committed_file_and_counts_bits(tmp_path):
+    """scripts/compare_methods.py: a row per committed file in all three accountings, and the
+    BC paper's count (non-zero weights at each layer's precision) on a hand-made state."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    out = tmp_path / "cmp"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_methods.py"), "--out", str(out)], check=True,
+                   capture_output=True)
+    rows = json.loads(out.with_suffix(".json").read_text())["files"]
+    files = sorted(PAPER.glob("*.sws")) + sorted((ROOT / "results" / "methods").glob("*.sws"))
+    assert sorted(r["file"] for r in rows) == sorted(str(f.relative_to(ROOT)) for f in files)
+    for r in rows:
+        assert r["rate_whole_file"] < r["rate_sws_paper"] < r["rate_bc_paper"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from compare_methods import precision_bits
+    finally:
+        sys.path.pop(0)
+    w = np.zeros((4, 10))
+    w[0, :3] = [0.5, -0.5, 0.25]  # 3 values: 2 bits each
+    assert precision_bits({"a": w, "b": np.zeros((2, 2))}) == (32 * 44, 3 * 2)
