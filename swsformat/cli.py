@@ -228,11 +228,35 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .retrain import reproduce
 
     _check_compress(a)
-    reproduce.run(a.model or a.module, a.data, a.output, factory=a.factory, json_path=a.json, epochs=a.epochs, pretrain_epochs=a.pretrain_epochs,
-                  tau=a.tau, seed=a.seed, data_root=a.data_root, pretrained=a.pretrained, plots=a.plots,
-                  checkpoint=a.checkpoint or f"{a.output}.ckpt", resume=a.resume, normalization=a.normalization,
-                  overrides=dict(a.set or []), progress=not a.quiet)
+    started = _start_processes() if a.distributed else False
+    try:
+        reproduce.run(a.model or a.module, a.data, a.output, factory=a.factory, json_path=a.json, epochs=a.epochs,
+                      pretrain_epochs=a.pretrain_epochs, tau=a.tau, seed=a.seed, data_root=a.data_root,
+                      pretrained=a.pretrained, plots=a.plots, checkpoint=a.checkpoint or f"{a.output}.ckpt",
+                      resume=a.resume, normalization=a.normalization, overrides=dict(a.set or []),
+                      progress=not a.quiet, distributed=a.distributed)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _start_processes() -> bool:
+    """Join torchrun's process group (NCCL with CUDA, else gloo); True if this call made it.
+    Rank 0 pretrains while the others wait, so the group allows long waits."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return False
+    if not dist.is_available() or "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError("--distributed runs under torchrun: torchrun --nproc-per-node N --no-python sws compress ... "
+                         "--distributed")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=12))
+    return True
 
 
 def cmd_encode(a: argparse.Namespace) -> int:
@@ -555,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input pixels in [0, 1] or standardised (default: the model's best setting)")
     c.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                    help="override a config field, e.g. retrain.lr_schedule=constant or prior.pi_zero=0.995")
+    c.add_argument("--distributed", action="store_true",
+                   help="under torchrun (torchrun --nproc-per-node N --no-python sws compress ... --distributed): "
+                        "retrain with DDP, each process on its share of the data; rank 0 writes the files")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("encode", help="write a checkpoint (.pt/.pth/.safetensors) as .sws")

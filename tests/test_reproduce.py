@@ -85,3 +85,45 @@ def test_resume_flag_accepts_a_pretraining_checkpoint(tmp_path, capsys):
     out = tmp_path / "x.sws"
     assert main(["compress", "--model", "lenet300-100", "-o", str(out), "--resume"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def _cli_worker(rank: int, world: int, port: int, folder: str, mnist_root: str) -> None:
+    """One torchrun process of ``sws compress --distributed``, on the small MNIST."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "XDG_CACHE_HOME": f"{folder}/cache"})
+    torch.set_num_threads(1)
+
+    def load(name="mnist", root=None, download=True, normalization="unit"):
+        full = data_mod.load.__wrapped__(name, mnist_root, download=False, normalization=normalization)
+        return full[0].subset(3000), full[1].subset(1000)
+
+    load.__wrapped__ = data_mod.load
+    data_mod.load = load
+    settings = [f"{k}={v}" for k, v in TINY.items()]
+    main(["compress", "--model", "lenet300-100", "-o", f"{folder}/net.sws", "--epochs", "2", "--pretrain-epochs", "1",
+          "--quiet", "--distributed", *(x for s in settings for x in ("--set", s))])
+
+
+@pytest.mark.slow
+def test_compress_command_under_torchrun_processes(small_mnist, tmp_path, capsys):
+    """``sws compress --distributed`` as torchrun starts it (RANK/WORLD_SIZE/MASTER_* in the
+    environment), two processes: rank 0 pretrains, both retrain through DDP (distillation
+    included), rank 0 alone writes the file and its JSON, nothing is left to resume, and the
+    file holds the model both ranks ended with (the command checks that itself)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_cli_worker, args=(2, port, str(tmp_path), str(data_mod.locate("mnist", None))), nprocs=2)
+    record = json.loads((tmp_path / "net.json").read_text())
+    assert record["processes"] == 2 and record["config"]["qat_distill"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "net.json", "net.sws"]
+    _, test = data_mod.load("mnist", normalization=swsformat.open(tmp_path / "net.sws").input_spec()["normalization"])
+    assert train_mod.evaluate(swsformat.load_model(tmp_path / "net.sws"), test) == record["decoded_test_error"]
+    assert main(["compress", "--model", "lenet300-100", "-o", str(tmp_path / "x.sws"), "--distributed"]) == 2
+    assert "runs under torchrun" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,11 @@ class CompressConfig:
                 if parent.get(leaf, object()) == value:
                     del parent[leaf]
         return out
+
+
+def _cross_entropy_through(forward: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default loss with the logits from ``forward`` (a DDP wrapper of ``model``)."""
+    return F.cross_entropy(forward(x), y)
 
 
 # Settings added after results and checkpoints were first written (dotted paths into
@@ -253,7 +259,7 @@ def quantization_aware_finetune_(
     model: nn.Module, mixture: Mixtures, masks: list[torch.Tensor], train: Data, epochs: int, lr: float,
     batch_size: int = 256, seed: int = 0, progress: bool = True,
     teacher: nn.Module | None = None, distill: float = 0.0, temperature: float = 2.0,
-    loss_fn: LossFn = cross_entropy, weights: Named = None,
+    loss_fn: LossFn = cross_entropy, weights: Named = None, forward: nn.Module | None = None,
 ) -> None:
     """Train with the pruned weights held at zero and every surviving weight quantized in the
     forward pass (nearest non-zero mean, straight-through gradient to the float weight).
@@ -266,7 +272,8 @@ def quantization_aware_finetune_(
     ``teacher`` (the pretrained network) and ``distill`` > 0 the loss is
     ``(1 - distill) * CE + distill * T^2 * KL(teacher || student)`` at temperature ``T``
     (Hinton et al., 2015): the teacher's soft labels carry more than the hard ones. Any other
-    ``loss_fn(model, x, y)`` replaces cross-entropy (without distillation).
+    ``loss_fn(model, x, y)`` replaces cross-entropy (without distillation). ``forward`` is the
+    module the distillation loss calls instead of ``model`` (a DDP wrapper of it).
     """
     if epochs == 0:
         return
@@ -296,7 +303,7 @@ def quantization_aware_finetune_(
         return 0.0
 
     def distilled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
+        logits = (forward if forward is not None else model)(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None and distill > 0:
             with torch.no_grad():
@@ -505,6 +512,7 @@ def compress(
     evaluate_fn: Callable[[nn.Module], float] | None = None,
     filter_fn: FilterFn | None = None,
     distributed: bool = False,
+    forward: nn.Module | None = None,
 ) -> CompressResult:
     """Soft weight-sharing of a pretrained ``model``, written to ``path`` if given.
 
@@ -518,8 +526,9 @@ def compress(
     :func:`~swsformat.retrain.models.default_filter`).
 
     Under ``torchrun``, with ``distributed=True``: wrap the model in
-    ``DistributedDataParallel``, pass the unwrapped ``model`` and a ``loss_fn`` that calls the
-    wrapper (so the gradients are averaged), each rank's own batches (a ``DataLoader`` with a
+    ``DistributedDataParallel``, pass the unwrapped ``model``, the wrapper as ``forward`` (the
+    default loss and the distillation call it, so the gradients are averaged; a ``loss_fn`` of
+    your own must call it itself), each rank's own batches (a ``DataLoader`` with a
     ``DistributedSampler``; its ``set_epoch`` is called every epoch) and the whole test set.
     Rank 0 alone writes the file and the checkpoint (put it on a file system every rank reads,
     to resume with the same world size); its BatchNorm statistics are every rank's before each
@@ -541,8 +550,11 @@ def compress(
     if any(is_sharded(p) for p in model.parameters()):
         raise SwsTrainingError("compress() takes a whole model, not one sharded by FSDP: under FSDP use SoftWeightSharing in "
                          "your own loop (see the README), or wrap the model in DDP and pass distributed=True")
-    if config.qat_distill > 0 and config.qat_epochs > 0 and group is not None:
-        raise ValueError("qat_distill > 0 runs the teacher outside your DDP wrapper; set qat_distill=0 under torchrun")
+    if config.qat_distill > 0 and config.qat_epochs > 0 and group is not None and forward is None:
+        raise ValueError("qat_distill > 0 under torchrun needs forward=your DDP wrapper (the distillation loss calls "
+                         "it), or set qat_distill=0")
+    if forward is not None and loss_fn is cross_entropy:
+        loss_fn = partial(_cross_entropy_through, forward)
     measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
@@ -562,7 +574,8 @@ def compress(
     masks = prune_masks(model, mixture, config.assign, named)
     quantization_aware_finetune_(
         model, mixture, masks, train, config.qat_epochs, config.qat_lr, config.retrain.batch_size, config.seed, progress,
-        teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature, loss_fn=loss_fn, weights=named,
+        teacher=teacher, distill=config.qat_distill, temperature=config.qat_temperature,
+        loss_fn=cross_entropy if teacher is not None else loss_fn, weights=named, forward=forward,
     )
     sync_buffers(model, group)
     frac, used = quantize_model_(model, mixture, masks, named)

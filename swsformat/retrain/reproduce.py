@@ -139,12 +139,25 @@ def run(
     normalization: str | None = None,
     overrides: dict[str, Any] | None = None,
     factory: Callable[[], torch.nn.Module] | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Run the whole job and return the results dict (also written as JSON beside the file).
 
     ``model_name`` is a built-in architecture, or with ``factory`` (a callable returning the
     user's own module, e.g. ``sws compress --module pkg.mod:Net``) the name recorded for it.
+    With ``distributed`` (under ``torchrun``, process group initialized): rank 0 pretrains (or
+    reads the cache) and its weights go to every rank, each rank retrains on its share of the
+    training set through DDP (the global batch is the config's), rank 0 writes every file and
+    returns the results; the other ranks return an empty dict.
     """
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from .ranks import world as process_group
+
+    group = process_group(distributed)
+    ranks = dist_world_size(group)
+    writer = group is None or torch.distributed.get_rank(group) == 0
+    progress = progress and writer
     best = CUSTOM if factory is not None else BEST[model_name]
     make = factory or (lambda: build_model(model_name))
     pretrain_epochs = best["pretrain_epochs"] if pretrain_epochs is None else pretrain_epochs
@@ -152,15 +165,26 @@ def run(
     origin = provenance()  # before anything is written: outputs may be tracked files
     t0 = time.perf_counter()
     device = pick_device()
+    if device.type == "cuda" and group is not None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     train, test = data_mod.load(data_name, root=data_root, normalization=normalization)
     train, test = train.to(device), test.to(device)
     config = best_config(model_name, seed, epochs, tau, overrides)
+    if config.retrain.batch_size % ranks:
+        from ..errors import SwsTrainingError
+
+        raise SwsTrainingError(f"the batch size {config.retrain.batch_size} does not split over {ranks} processes: "
+                               "run a process count that divides it, or --set retrain.batch_size=...")
     pretrain_checkpoint = f"{checkpoint}.pretrain" if checkpoint else None
     if progress:
         say(start_summary(model_name, data_name, data_mod.locate(data_name, data_root), normalization, len(train),
                           len(test), pretrain_epochs, pretrained, config, output, checkpoint, device))
     cached = False
-    if pretrained:
+    if not writer:  # rank 0 pretrains; its weights arrive below
+        torch.manual_seed(seed)
+        model, pre_errors = make().to(device), []
+    elif pretrained:
         torch.manual_seed(seed)
         model = make().to(device)
         model.load_state_dict(torch.load(pretrained, map_location=device, weights_only=True))
@@ -176,19 +200,32 @@ def run(
             model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization,
             checkpoint=pretrain_checkpoint, resume=resume,
         )
+    if group is not None:
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0, group=group)
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recorder = None
-    if plots and config.prior_groups == "shared":  # one mixture per layer has no single movie
+    if plots and writer and config.prior_groups == "shared":  # one mixture per layer has no single movie
         from .plots import MovementRecorder
 
         recorder = MovementRecorder(model)
     metadata = {"sws.input": json.dumps(data_mod.input_spec(data_name, normalization))}
     if factory is not None:
         metadata["sws.module"] = model_name
+    forward, batches = None, train
+    if group is not None:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        dataset = TensorDataset(train.x, train.y)
+        share = DistributedSampler(dataset, num_replicas=ranks, rank=torch.distributed.get_rank(group), seed=seed)
+        batches = DataLoader(dataset, batch_size=config.retrain.batch_size // ranks, sampler=share)
     result = compress(
-        model, train, test, config, path=output, on_epoch=recorder, progress=progress,
-        checkpoint=checkpoint, resume=resume, metadata=metadata,
+        model, batches, test, config, path=output, on_epoch=recorder, progress=progress,
+        checkpoint=checkpoint, resume=resume, metadata=metadata, distributed=group is not None, forward=forward,
     )
+    if group is not None:
+        _check_ranks_agree(model, group)
+        if not writer:
+            return {}
     for done in (checkpoint, pretrain_checkpoint):
         if done and os.path.exists(done):
             os.unlink(done)  # the run is complete: nothing left to resume
@@ -209,6 +246,7 @@ def run(
         "retrain_test_error_per_epoch": [round(log.test_error, 3) for log in result.logs],
         "retrain_epoch_seconds": [round(log.seconds, 2) for log in result.logs],
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "processes": ranks,
         "provenance": origin,
         **{k: v for k, v in result.summary().items() if k != "seconds"},
         "nonzero_fraction": report["nonzero_fraction"],
@@ -247,6 +285,24 @@ def run(
     if progress:
         say(final_summary(out, output, json_path, plots))
     return out
+
+
+def dist_world_size(group: Any) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
+def _check_ranks_agree(model: torch.nn.Module, group: Any) -> None:
+    """Every rank must end with rank 0's model (the file holds rank 0's): compare a checksum."""
+    from ..errors import SwsTrainingError
+    from .ranks import reduce_device
+
+    with torch.no_grad():
+        total = sum(float(t.double().abs().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    sums = torch.tensor([total, -total], dtype=torch.float64, device=reduce_device(group))
+    torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.MAX, group=group)
+    if float(sums[0]) != -float(sums[1]):
+        raise SwsTrainingError("the processes ended with different weights (the file holds rank 0's): a rank "
+                               "trained on something the others did not see")
 
 
 def _mixture_json(mixture: Mixture) -> dict[str, list[float]]:
