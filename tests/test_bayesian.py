@@ -50,7 +50,7 @@ def test_layers_start_as_the_pretrained_function_and_their_kl_is_finite():
     a, b = net(x), net(x)
     assert not torch.equal(a, b)  # local reparameterisation: noisy in training
     kl.backward()
-    assert net.conv.z_logvar.grad is not None and net.fc.weight_logvar.grad is not None
+    assert net.conv.z.logvar.grad is not None and net.fc.weight_logvar.grad is not None
 
 
 def test_finalize_prunes_whole_groups_and_rounds_to_a_grid():
@@ -58,8 +58,8 @@ def test_finalize_prunes_whole_groups_and_rounds_to_a_grid():
     net = TinyConv()
     bc = BayesianCompression(net, dataset_size=100, threshold=-3.0)
     with torch.no_grad():  # filters 1 and 4 and inputs 0..9 of fc made noise
-        net.conv.z_logvar[[1, 4]] = 2.0
-        net.fc.z_logvar[:10] = 2.0
+        net.conv.z.logvar[[1, 4]] = 2.0
+        net.fc.z.logvar[:10] = 2.0
     done = bc.finalize_()
     assert type(net.conv) is nn.Conv2d and type(net.fc) is nn.Linear
     assert done.groups_kept == {"conv": (4, 6), "fc": (86, 96)}
@@ -76,7 +76,7 @@ def test_finalize_prunes_whole_groups_and_rounds_to_a_grid():
         other = TinyConv()
         bc2 = BayesianCompression(other, dataset_size=10)
         with torch.no_grad():
-            other.fc.z_logvar.fill_(5.0)
+            other.fc.z.logvar.fill_(5.0)
         bc2.finalize_()
 
 
@@ -137,3 +137,54 @@ def test_finalize_refines_a_coarse_grid_until_the_check_holds():
     assert all(fine.step[n] < coarse.step[n] for n in fine.step)
     assert all(fine.step[n] * 2**k == pytest.approx(coarse.step[n]) for n in fine.step
                for k in [round(math.log2(coarse.step[n] / fine.step[n]))])
+
+
+@pytest.mark.parametrize("which", ["gamma", "inverse-gamma"])
+def test_horseshoe_kl_terms_match_monte_carlo(which):
+    """The closed-form KL(log-normal || Gamma(1/2) / inverse Gamma(1/2)) of the horseshoe's
+    factors against E_q[log q - log p] from a million draws."""
+    from torch.distributions import Gamma, InverseGamma, LogNormal
+
+    from swsformat.retrain.bayesian import _kl_lognormal_gamma, _kl_lognormal_invgamma
+
+    torch.manual_seed(0)
+    for mu, logvar, scale in [(0.0, -1.0, 1.0), (-2.0, 0.5, 1e-2), (1.0, -4.0, 3.0)]:
+        m, lv = torch.tensor(mu, dtype=torch.float64), torch.tensor(logvar, dtype=torch.float64)
+        q = LogNormal(m, (0.5 * lv).exp())
+        if which == "gamma":
+            p, exact = Gamma(torch.tensor(0.5, dtype=torch.float64), 1 / torch.tensor(scale)), _kl_lognormal_gamma(m, lv, scale)
+        else:
+            p, exact = InverseGamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(scale)), _kl_lognormal_invgamma(m, lv, scale)
+        x = q.sample((1_000_000,))
+        terms = q.log_prob(x) - p.log_prob(x)
+        standard_error = float(terms.std()) / 1000
+        assert abs(float(exact) - float(terms.mean())) < 4 * standard_error + 1e-6
+
+
+def test_horseshoe_layers_train_prune_and_write_a_file(tmp_path):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = TinyConv()
+    x = torch.randn(5, 1, 8, 8)
+    before = net(x)
+    bc = BayesianCompression(net, dataset_size=100, prior="horseshoe")
+    net.eval()
+    assert torch.allclose(net(x), before, rtol=0.1, atol=0.05)  # z starts near 1
+    kl = bc.kl_loss()
+    assert torch.isfinite(kl)
+    net.train()
+    kl.backward()
+    assert net.conv.z.local_logvar.grad is not None and net.fc.z.global_mu.grad is not None
+    names = {g["name"]: len(g["params"]) for g in bc.param_groups()}
+    # per layer: weight and bias means; the scales' 4 log-normal parameters and 2 log-variances
+    assert names == {"network": 2 * 2, "log_parameters": 2 * 6}
+    xs, ys = blobs(2000, 0)
+    xt, yt = blobs(1000, 1)
+    model = trained_mlp()
+    cfg = BayesianCompressionConfig(prior="horseshoe", epochs=50, batch_size=50, threshold=-1.5)
+    result = bayesian_compress(model, Split(xs, ys), Split(xt, yt), cfg, path=tmp_path / "hs.sws", progress=False)
+    kept, total = result.groups_kept["2"]
+    assert kept < total and result.quantized_error < 5
+    assert "group horseshoe" in swsformat.open(tmp_path / "hs.sws").metadata()["sws.method"]
+    back = swsformat.load_model(tmp_path / "hs.sws", copy.deepcopy(model))
+    assert error(back, xt, yt) == pytest.approx(error(model, xt, yt))

@@ -1,7 +1,10 @@
-"""Bayesian Compression with the group normal-Jeffreys prior (Louizos, Ullrich & Welling, 2017).
+"""Bayesian Compression with group normal-Jeffreys or group horseshoe priors (Louizos, Ullrich &
+Welling, 2017).
 
 Each selected layer gets a multiplicative scale ``z`` per group (an input unit of a linear
-layer, an output filter of a convolution) with a log-uniform prior, and weights
+layer, an output filter of a convolution) with a log-uniform prior (normal-Jeffreys: Gaussian
+posterior on ``z``) or a half-Cauchy one times a layer-wide half-Cauchy scale of width ``tau0``
+(horseshoe: log-normal posteriors on its Gamma / inverse-Gamma factors), and weights
 ``w | z ~ N(z * theta, z^2 * sigma^2)``. Training maximises the variational lower bound
 (task loss + KL / N) through the local reparameterisation trick; a group whose
 ``log alpha = log Var(z) - log E[z]^2`` ends above a threshold is noise and is pruned whole,
@@ -60,43 +63,139 @@ from .train import (
 # Molchanov et al. (2017)'s fit of -KL(q || log-uniform) as a function of log alpha.
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 EPS = 1e-8
+HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
+LGAMMA_HALF = math.lgamma(0.5)
 
 
-class _GroupNJ(nn.Module):
-    """Shared parts of the Bayesian layers: the group scales ``z`` and the KL terms."""
+class JeffreysScales(nn.Module):
+    """Group scales ``z`` under the normal-Jeffreys (log-uniform) prior, Gaussian posteriors."""
 
-    z_mu: nn.Parameter
-    z_logvar: nn.Parameter
+    def __init__(self, groups: int, init_logvar: float, like: torch.Tensor) -> None:
+        super().__init__()
+        # z starts at 1 (the pretrained function) with a small spread, as in the release.
+        self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(groups, device=like.device, dtype=like.dtype))
+        self.logvar = nn.Parameter(torch.full((groups,), init_logvar, device=like.device, dtype=like.dtype))
+
+    def mean(self) -> torch.Tensor:
+        return self.mu
+
+    def var(self) -> torch.Tensor:
+        return self.logvar.exp()
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Independent draws of every group's z, broadcast over ``shape`` (last axis: groups)."""
+        return self.mu + torch.randn(shape, device=like.device, dtype=like.dtype) * (0.5 * self.logvar).exp()
+
+    def log_alpha(self) -> torch.Tensor:
+        return self.logvar - torch.log(self.mu.pow(2) + EPS)
+
+    def log_parameters(self) -> list[nn.Parameter]:
+        """The parameters on the log scale (trained at the log-variances' rate)."""
+        return [self.logvar]
+
+    def kl(self) -> torch.Tensor:
+        la = self.log_alpha()
+        return -(K1 * torch.sigmoid(K2 + K3 * la) - 0.5 * F.softplus(-la) - K1).sum()
+
+
+def _kl_lognormal_gamma(mu: torch.Tensor, logvar: torch.Tensor, scale: float) -> torch.Tensor:
+    """KL(LogNormal(mu, exp(logvar)) || Gamma(shape 1/2, scale)), elementwise."""
+    return (-mu - 0.5 * logvar - HALF_LOG_2PI_E + 0.5 * mu + (mu + 0.5 * logvar.exp()).exp() / scale
+            + LGAMMA_HALF + 0.5 * math.log(scale))
+
+
+def _kl_lognormal_invgamma(mu: torch.Tensor, logvar: torch.Tensor, scale: float) -> torch.Tensor:
+    """KL(LogNormal(mu, exp(logvar)) || InverseGamma(shape 1/2, scale)), elementwise."""
+    return (-mu - 0.5 * logvar - HALF_LOG_2PI_E - 0.5 * math.log(scale) + LGAMMA_HALF + 1.5 * mu
+            + scale * (-mu + 0.5 * logvar.exp()).exp())
+
+
+class HorseshoeScales(nn.Module):
+    """Group scales ``z_i = s * z~_i`` under the group horseshoe: ``z~_i ~ C+(0, 1)`` per group and a
+    layer-wide ``s ~ C+(0, tau0)``, each half-Cauchy written as the square root of a Gamma(1/2)
+    times an inverse Gamma(1/2) variable with log-normal posteriors (the paper's
+    parameterisation, closed-form KLs). ``log z`` is then Gaussian: one draw per group."""
+
+    def __init__(self, groups: int, init_logvar: float, like: torch.Tensor, tau0: float) -> None:
+        super().__init__()
+        kw = dict(device=like.device, dtype=like.dtype)
+        # All four start at 1 (z = 1: the pretrained function); their KLs pull them from there.
+        self.local_mu = nn.Parameter(0.01 * torch.randn(2, groups, **kw))
+        self.local_logvar = nn.Parameter(torch.full((2, groups), init_logvar, **kw))
+        self.global_mu = nn.Parameter(torch.zeros(2, **kw))
+        self.global_logvar = nn.Parameter(torch.full((2,), init_logvar, **kw))
+        self.tau0 = tau0
+
+    def _log_z(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``log z`` per group."""
+        m = 0.5 * (self.local_mu.sum(0) + self.global_mu.sum())
+        v = 0.25 * (self.local_logvar.exp().sum(0) + self.global_logvar.exp().sum())
+        return m, v
+
+    def mean(self) -> torch.Tensor:
+        m, v = self._log_z()
+        return (m + 0.5 * v).exp()
+
+    def var(self) -> torch.Tensor:
+        m, v = self._log_z()
+        return torch.expm1(v) * (2 * m + v).exp()
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        m, v = self._log_z()
+        return (m + v.sqrt() * torch.randn(shape, device=like.device, dtype=like.dtype)).exp()
+
+    def log_alpha(self) -> torch.Tensor:
+        """``log(Var z / E[z]^2) = log(exp(Var log z) - 1)``: large for a group whose scale the
+        data left at its prior's breadth."""
+        _, v = self._log_z()
+        return torch.log(torch.expm1(v) + EPS)
+
+    def log_parameters(self) -> list[nn.Parameter]:
+        """Every parameter: all live on the log scale, where the log-variances' rate fits."""
+        return [self.local_mu, self.local_logvar, self.global_mu, self.global_logvar]
+
+    def kl(self) -> torch.Tensor:
+        gm, gv = self.global_mu, self.global_logvar
+        lm, lv = self.local_mu, self.local_logvar
+        return (_kl_lognormal_gamma(gm[0], gv[0], self.tau0**2) + _kl_lognormal_invgamma(gm[1], gv[1], 1.0)
+                + _kl_lognormal_gamma(lm[0], lv[0], 1.0).sum() + _kl_lognormal_invgamma(lm[1], lv[1], 1.0).sum())
+
+
+class _GroupBayes(nn.Module):
+    """Shared parts of the Bayesian layers: weights ``w | z ~ N(z theta, z^2 sigma^2)`` with a
+    group scale ``z`` (``self.z``: normal-Jeffreys or horseshoe) and the KL terms."""
+
     weight_mu: nn.Parameter
     weight_logvar: nn.Parameter
     bias_mu: nn.Parameter | None
     bias_logvar: nn.Parameter | None
+    z: JeffreysScales | HorseshoeScales
 
-    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, init_logvar: float) -> None:
+    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, init_logvar: float,
+              prior: str, tau0: float) -> None:
         self.weight_mu = nn.Parameter(weight.detach().clone())
         self.weight_logvar = nn.Parameter(torch.full_like(weight, init_logvar))
         self.bias_mu = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.bias_logvar = nn.Parameter(torch.full_like(bias, init_logvar)) if bias is not None else None
-        # z starts at 1 (the pretrained function) with a small spread, as in the release.
-        self.z_mu = nn.Parameter(1.0 + 0.01 * torch.randn(groups, device=weight.device, dtype=weight.dtype))
-        self.z_logvar = nn.Parameter(torch.full((groups,), init_logvar, device=weight.device, dtype=weight.dtype))
+        if prior == "horseshoe":
+            self.z = HorseshoeScales(groups, init_logvar, weight, tau0)
+        else:
+            self.z = JeffreysScales(groups, init_logvar, weight)
 
     def log_alpha(self) -> torch.Tensor:
         """Per group: log of the noise-to-signal ratio of ``z``; large means prunable."""
-        return self.z_logvar - torch.log(self.z_mu.pow(2) + EPS)
+        return self.z.log_alpha()
 
     def kl(self) -> torch.Tensor:
-        la = self.log_alpha()
-        kl_z = -(K1 * torch.sigmoid(K2 + K3 * la) - 0.5 * F.softplus(-la) - K1).sum()
         kl_w = 0.5 * (-self.weight_logvar + self.weight_logvar.exp() + self.weight_mu.pow(2) - 1).sum()
         if self.bias_mu is not None:
             kl_w = kl_w + 0.5 * (-self.bias_logvar + self.bias_logvar.exp() + self.bias_mu.pow(2) - 1).sum()
-        return kl_z + kl_w
+        return self.z.kl() + kl_w
 
     @torch.no_grad()
     def posterior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """E[w], Var[w] (both shaped like the weight) and E[b] under the posterior."""
-        z_mu, z_var = self.z_mu, self.z_logvar.exp()
+        z_mu, z_var = self.z.mean(), self.z.var()
         shape = self._group_shape()
         zm, zv = z_mu.view(shape), z_var.view(shape)
         w_var = self.weight_logvar.exp()
@@ -113,38 +212,42 @@ class _GroupNJ(nn.Module):
     _scales_bias = False
 
 
-class GroupNJLinear(_GroupNJ):
-    """``nn.Linear`` under the group normal-Jeffreys prior, one group per input unit."""
+class GroupNJLinear(_GroupBayes):
+    """``nn.Linear`` under a group prior (normal-Jeffreys, or ``prior="horseshoe"``), one group
+    per input unit."""
 
-    def __init__(self, layer: nn.Linear, init_logvar: float = -9.0) -> None:
+    def __init__(self, layer: nn.Linear, init_logvar: float = -9.0, prior: str = "jeffreys",
+                 tau0: float = 1e-5) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self._init(layer.weight, layer.bias, layer.in_features, init_logvar)
+        self._init(layer.weight, layer.bias, layer.in_features, init_logvar, prior, tau0)
 
     def _group_shape(self) -> tuple[int, ...]:
         return (1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.linear(x * self.z_mu, self.weight_mu, self.bias_mu)
-        xz = x * (self.z_mu + torch.randn_like(x) * (0.5 * self.z_logvar).exp())
+            return F.linear(x * self.z.mean(), self.weight_mu, self.bias_mu)
+        xz = x * self.z.sample(x.shape, x)
         mu = F.linear(xz, self.weight_mu, self.bias_mu)
         var = F.linear(xz.pow(2), self.weight_logvar.exp(), None if self.bias_logvar is None else self.bias_logvar.exp())
         return mu + var.clamp_min(EPS).sqrt() * torch.randn_like(mu)
 
 
-class GroupNJConv2d(_GroupNJ):
-    """``nn.Conv2d`` under the group normal-Jeffreys prior, one group per output filter."""
+class GroupNJConv2d(_GroupBayes):
+    """``nn.Conv2d`` under a group prior (normal-Jeffreys, or ``prior="horseshoe"``), one group
+    per output filter."""
 
     _scales_bias = True
 
-    def __init__(self, layer: nn.Conv2d, init_logvar: float = -9.0) -> None:
+    def __init__(self, layer: nn.Conv2d, init_logvar: float = -9.0, prior: str = "jeffreys",
+                 tau0: float = 1e-5) -> None:
         super().__init__()
         if layer.padding_mode != "zeros":
             raise ValueError(f"Bayesian Compression takes zero-padded convolutions, got padding_mode={layer.padding_mode!r}")
         self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         self.out_channels = layer.out_channels
-        self._init(layer.weight, layer.bias, layer.out_channels, init_logvar)
+        self._init(layer.weight, layer.bias, layer.out_channels, init_logvar, prior, tau0)
 
     def _group_shape(self) -> tuple[int, ...]:
         return (-1, 1, 1, 1)
@@ -152,9 +255,8 @@ class GroupNJConv2d(_GroupNJ):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mu = F.conv2d(x, self.weight_mu, self.bias_mu, **self.conv)
         if not self.training:
-            return mu * self.z_mu.view(1, -1, 1, 1)
-        noise = torch.randn(mu.shape[0], self.out_channels, 1, 1, device=mu.device, dtype=mu.dtype)
-        z = self.z_mu.view(1, -1, 1, 1) + noise * (0.5 * self.z_logvar).exp().view(1, -1, 1, 1)
+            return mu * self.z.mean().view(1, -1, 1, 1)
+        z = self.z.sample((mu.shape[0], self.out_channels), mu).view(mu.shape[0], -1, 1, 1)
         bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
         var = F.conv2d(x.pow(2), self.weight_logvar.exp(), bias_var, **self.conv)
         return mu * z + (var * z.pow(2)).clamp_min(EPS).sqrt() * torch.randn_like(mu)
@@ -190,12 +292,17 @@ class BayesianCompression:
 
     def __init__(
         self, model: nn.Module, *, dataset_size: int, threshold: float = -3.0, init_logvar: float = -9.0,
-        filter_fn=None,
+        filter_fn=None, prior: str = "jeffreys", tau0: float = 1e-5,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
             raise ValueError(f"dataset_size must be a positive integer (training samples), got {dataset_size!r}")
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
+        if prior not in ("jeffreys", "horseshoe"):
+            raise ValueError(f"prior must be 'jeffreys' (group normal-Jeffreys) or 'horseshoe', got {prior!r}")
+        if not (math.isfinite(tau0) and tau0 > 0):
+            raise ValueError(f"tau0 must be a positive number, got {tau0!r}")
+        self.prior = prior
         self.model, self.dataset_size, self.threshold = model, int(dataset_size), float(threshold)
         keep = filter_fn or (lambda name, module: True)
         chosen = [(n, m) for n, m in model.named_modules()
@@ -205,21 +312,23 @@ class BayesianCompression:
         tied = {id(m.weight) for _, m in chosen}
         if len(tied) != len(chosen):
             raise ValueError("Bayesian Compression cannot keep tied weights tied; leave one of them out with filter_fn")
-        self.layers: dict[str, _GroupNJ] = {}
+        self.layers: dict[str, _GroupBayes] = {}
         for name, layer in chosen:
-            twin = GroupNJLinear(layer, init_logvar) if isinstance(layer, nn.Linear) else GroupNJConv2d(layer, init_logvar)
+            kind = GroupNJLinear if isinstance(layer, nn.Linear) else GroupNJConv2d
+            twin = kind(layer, init_logvar, prior, tau0)
             parent, leaf = _parent(model, name)
             setattr(parent, leaf, twin)
             self.layers[name] = twin
 
     def param_groups(self, lr: float = 1e-3, lr_logvar: float = 1e-2) -> list[dict[str, Any]]:
-        """Every parameter of the model, the log-variances in a group of their own: at the means'
-        rate they need hundreds of epochs to grow from their small start to where groups prune."""
-        logvars = [p for layer in self.layers.values() for p in (layer.z_logvar, layer.weight_logvar, layer.bias_logvar)
-                   if p is not None]
+        """Every parameter of the model, the log-scale ones (log-variances; all of the horseshoe's
+        scale parameters) in a group of their own: at the means' rate they need hundreds of
+        epochs to move from their start to where groups prune."""
+        logvars = [p for layer in self.layers.values()
+                   for p in (*layer.z.log_parameters(), layer.weight_logvar, layer.bias_logvar) if p is not None]
         ids = {id(p) for p in logvars}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
-        return [{"params": rest, "lr": lr, "name": "network"}, {"params": logvars, "lr": lr_logvar, "name": "log_variances"}]
+        return [{"params": rest, "lr": lr, "name": "network"}, {"params": logvars, "lr": lr_logvar, "name": "log_parameters"}]
 
     def kl_loss(self) -> torch.Tensor:
         """KL(q || prior) of every Bayesian layer divided by N: add it to the task loss."""
@@ -304,10 +413,13 @@ class BayesianCompression:
 
 @dataclass(frozen=True)
 class BayesianCompressionConfig:
-    """Training of the Bayesian layers (Adam, cosine decay), the pruning threshold, and what
+    """The group prior (``"jeffreys"`` or ``"horseshoe"`` with global scale ``tau0``), training of
+    the Bayesian layers (Adam, cosine decay), the pruning threshold, and what
     follows: optional centroid fine-tuning of the rounded values (0 epochs: the paper's method),
     bias rounding and exact removal of units that cannot reach the output."""
 
+    prior: str = "jeffreys"
+    tau0: float = 1e-5
     epochs: int = 30
     lr: float = 1e-3
     lr_logvar: float = 1e-2
@@ -325,6 +437,8 @@ class BayesianCompressionConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.prior not in ("jeffreys", "horseshoe"):
+            raise ValueError(f"prior must be 'jeffreys' or 'horseshoe', got {self.prior!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.finetune_epochs < 0:
             raise ValueError("epochs and batch_size must be >= 1, finetune_epochs >= 0")
         if not (self.lr > 0 and self.lr_logvar > 0 and self.finetune_lr > 0):
@@ -378,7 +492,7 @@ def bayesian_compress(
     t0 = time.perf_counter()
     pre = measure(model)
     bc = BayesianCompression(model, dataset_size=dataset_size or size_of(train), threshold=config.threshold,
-                             init_logvar=config.init_logvar, filter_fn=filter_fn)
+                             init_logvar=config.init_logvar, filter_fn=filter_fn, prior=config.prior, tau0=config.tau0)
     opt = adam(bc.param_groups(config.lr, config.lr_logvar), lr=config.lr)
     sched = cosine_schedule(opt, config.epochs * steps_per_epoch(train, config.batch_size))
     gen = torch.Generator().manual_seed(config.seed)
@@ -406,7 +520,8 @@ def bayesian_compress(
     result = BayesianCompressionResult(model, pre, epochs, trained, quant, nonzero, done.groups_kept, done.bits, dead,
                                        time.perf_counter() - t0)
     if path is not None:
-        method = {"method": "bayesian-compression", "prior": "group normal-Jeffreys", **asdict(config)}
+        prior = {"jeffreys": "group normal-Jeffreys", "horseshoe": "group horseshoe"}[config.prior]
+        method = {"method": "bayesian-compression", **asdict(config), "prior": prior}
         meta = {"sws.method": json.dumps(method), **(metadata or {})}
         result.file_bytes = write_model(model, path, bc.coded_names(), rounded, config.bias_dtype, meta, smallest=True)
     return result
