@@ -130,6 +130,7 @@ def train(ddp: nn.Module, model: nn.Module, steps: int, lr: float, data, sws=Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500, help="pretraining steps; retraining takes as many")
+    p.add_argument("--sws-steps", type=int, default=None, help="retraining steps (default: as --steps)")
     p.add_argument("--qat-steps", type=int, default=400)
     p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--groups", choices=("shared", "layer"), default="layer", help="one mixture, or one per weight")
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                         scale_to_weights=not a.absolute)
     sws = swsformat.SoftWeightSharing(model, prior, dataset_size=text.numel() // 128, tau=a.tau,
                                       groups=None if a.groups == "shared" else a.groups)
-    train(ddp, model, a.steps, 5e-4, data, sws, desc="soft weight-sharing", lr_log_precisions=a.lr_log_precisions)
+    sws_steps = a.sws_steps or a.steps
+    train(ddp, model, sws_steps, 5e-4, data, sws, desc="soft weight-sharing", lr_log_precisions=a.lr_log_precisions)
     retrained = bits_per_byte(model, held)
     done = sws.finalize_(assign=a.assign)
     snapped = bits_per_byte(model, held)
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{total} under the prior ({len(sws.weights)} tensors)",
             "text": {"train_bytes": text.numel(), "held_out_bytes": held.numel(), "source": "stdlib *.py"},
             "processes": world, "threads_per_process": torch.get_num_threads(), "backend": "gloo, DDP",
-            "steps": a.steps, "qat_steps": a.qat_steps, "batch_per_process": a.batch, "tau": a.tau, "pi_zero": a.pi_zero, "assign": a.assign,
+            "steps": a.steps, "sws_steps": sws_steps, "qat_steps": a.qat_steps, "batch_per_process": a.batch, "tau": a.tau, "pi_zero": a.pi_zero, "assign": a.assign,
             "lr_log_precisions": a.lr_log_precisions,
             "pretrained_from_cache": cached, "scale_to_weights": not a.absolute,
             "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "seed": a.seed,
