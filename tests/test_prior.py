@@ -556,14 +556,31 @@ def test_table_path_is_the_same_on_any_thread_count(monkeypatch):
     w_np, _, _ = _converged_mixture()
     prior = MixturePrior(torch.tensor(w_np), PriorConfig(components=16))
     w = torch.tensor(w_np, requires_grad=True)
-    before = numba.get_num_threads()
+    before = torch.get_num_threads()
     try:
         runs = []
         for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
+            torch.set_num_threads(threads)  # the kernels take torch's thread count
             prior.reset_grouping()
             runs.append(_table_run(prior, w, monkeypatch, table=True))
     finally:
-        numba.set_num_threads(before)
+        torch.set_num_threads(before)
     (v1, g1, p1), (v2, g2, p2) = runs
     assert v1 == v2 and np.array_equal(g1, g2) and all(np.array_equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_kernels_run_on_torchs_thread_count():
+    """Under torchrun each process has one torch thread; numba's default (a thread per core in
+    every process) oversubscribed the cores. The kernels follow torch's count and leave
+    numba's setting as it was."""
+    import numba
+
+    seen = []
+    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with prior_mod.kernel_threads():
+            seen.append(numba.get_num_threads())
+        assert seen == [1] and numba.get_num_threads() == numba_before
+    finally:
+        torch.set_num_threads(torch_before)
