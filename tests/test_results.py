@@ -115,3 +115,28 @@ def test_comparison_covers_every_committed_file_and_counts_bits(tmp_path):
     w = np.zeros((4, 10))
     w[0, :3] = [0.5, -0.5, 0.25]  # 3 values: 2 bits each
     assert precision_bits({"a": w, "b": np.zeros((2, 2))}) == (32 * 44, 3 * 2)
+
+
+@pytest.mark.parametrize("folder, stem, factory", [("text-gpt", "byte-gpt", "ByteGPT"), ("fashion-resnet", "resnet", "ResNet")])
+def test_beyond_mnist_files_load_into_their_scripts_models(folder, stem, factory):
+    """The committed files of the scripts beyond MNIST decode into the scripts' own modules with
+    the sizes and non-zero shares their summaries record (their metrics need the scripts' data:
+    the Python sources of the Python that ran them, Fashion-MNIST)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        module = __import__({"byte-gpt": "text_gpt", "resnet": "fashion_resnet"}[stem])
+    finally:
+        sys.path.pop(0)
+    path = ROOT / "results" / folder / f"{stem}.sws"
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert path.stat().st_size == summary["file_bytes"]
+    kwargs = {"norm": False} if factory == "ResNet" else {"layers": 3}
+    model = swsformat.load_model(path, getattr(module, factory)(**kwargs))
+    coded = [p for n, p in model.named_parameters() if p.dim() > 1]
+    nonzero = sum(int(p.count_nonzero()) for p in coded) / sum(p.numel() for p in coded)
+    assert nonzero == pytest.approx(summary["nonzero_fraction"], abs=1e-3)
+    if factory == "ByteGPT":
+        back = swsformat.load_state_dict(path)
+        assert back["head.weight"] is back["tok.weight"] and summary["tied_stored_once"]
