@@ -188,3 +188,30 @@ def test_horseshoe_layers_train_prune_and_write_a_file(tmp_path):
     assert "group horseshoe" in swsformat.open(tmp_path / "hs.sws").metadata()["sws.method"]
     back = swsformat.load_model(tmp_path / "hs.sws", copy.deepcopy(model))
     assert error(back, xt, yt) == pytest.approx(error(model, xt, yt))
+
+
+def test_finalize_changes_nothing_when_a_later_layer_would_be_emptied():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    bc = BayesianCompression(net, dataset_size=100)
+    with torch.no_grad():
+        net[2].z.logvar.fill_(5.0)
+    with pytest.raises(swsformat.SwsTrainingError, match="remove the layer"):
+        bc.finalize_()
+    assert isinstance(net[0], GroupNJLinear) and isinstance(net[2], GroupNJLinear)
+
+
+def test_finalize_reports_the_step_it_used_when_the_halvings_run_out():
+    torch.manual_seed(0)
+    net = TinyConv()
+    bc = BayesianCompression(net, dataset_size=100)
+    with torch.no_grad():
+        for layer in bc.layers.values():
+            layer.weight_logvar.fill_(math.log(0.3**2))
+    calls = iter([0.0] + [1.0] * 100)  # the unrounded model scores 0, every rounding 1: never within 0
+    done = bc.finalize_(check=lambda m: next(calls), tolerance=0.0, max_halvings=2)
+    for name in ("conv", "fc"):
+        w = dict(net.named_modules())[name].weight.detach()
+        units = w / done.step[name]
+        assert torch.allclose(units, units.round(), atol=1e-3)
+        assert (units.round().abs() % 2 == 1).any()  # the grid used is this step, not twice it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -509,8 +510,13 @@ def test_scale_to_weights_unit_is_saved_and_old_states_read_as_absolute():
     old = {k: v for k, v in scaled.state_dict().items() if k != "unit"}  # saved before the setting existed
     fresh.load_state_dict(old)
     assert float(fresh.unit) == 1.0 and fresh._rates() == (2.0, 0.1)
-    with pytest.raises(ValueError, match="RMS"):
-        MixturePrior(torch.zeros(10), PriorConfig(scale_to_weights=True))
+    with pytest.warns(UserWarning, match="all zero"):
+        zero = MixturePrior(torch.zeros(10), PriorConfig(scale_to_weights=True))
+    assert float(zero.unit) == 1.0
+    with pytest.raises(ValueError, match="finite"):
+        MixturePrior(torch.tensor([1.0, float("inf")]), PriorConfig(scale_to_weights=True))
+    halved = scaled.half()  # a dtype change keeps the unit (and what a checkpoint saves of it)
+    assert halved.unit.dtype == torch.float32 and float(halved.unit) == scaled._unit
 
 
 def _table_run(prior: MixturePrior, w: torch.Tensor, monkeypatch, table: bool) -> tuple[float, np.ndarray, list]:
@@ -544,10 +550,30 @@ def test_table_path_matches_the_exact_kernel(monkeypatch):
             assert np.abs(a - b).max() <= 3e-3 * np.abs(b).max()
         # The span is kept for the next call, unless more than 1/1024 of the weights left it.
         assert bool(prior._spans) is not moved
+    _table_run(prior, w, monkeypatch, table=True)
+    assert prior._spans  # a NaN must not slip through a kept span's range test
     with torch.no_grad():
         w[7] = float("nan")
     value, grad, _ = _table_run(prior, w, monkeypatch, table=True)
     assert not math.isfinite(value) and np.isnan(grad[7]) and np.isfinite(np.delete(grad, 7)).all()
+
+
+def test_table_path_hands_sharp_turns_to_the_exact_path(monkeypatch):
+    """Between two narrow components far apart the gradient flips sign over much less than a
+    grid cell: weights there take the exact path, so no weight's gradient is off by more than
+    about 1e-4 of the largest (interpolating across such a cell was 20% off)."""
+    rng = np.random.default_rng(0)
+    n = 1 << 18
+    clustered = np.concatenate([rng.normal(m, 0.002, int(0.9 * n * p)) for m, p in ((0.0, 0.9), (-0.1, 0.05), (0.1, 0.05))])
+    w_np = np.concatenate([clustered, rng.uniform(-0.12, 0.12, n - clustered.size)]).astype(np.float32)
+    prior = MixturePrior(torch.tensor(w_np), PriorConfig(components=3, pi_zero=0.9))
+    with torch.no_grad():
+        prior.means.copy_(torch.tensor([-0.1, 0.1]))
+        prior.log_precisions.fill_(-2 * math.log(0.002))
+    w = torch.tensor(w_np, requires_grad=True)
+    exact = _table_run(prior, w, monkeypatch, table=False)
+    table = _table_run(prior, w, monkeypatch, table=True)
+    assert np.abs(table[1] - exact[1]).max() <= 2e-4 * np.abs(exact[1]).max()
 
 
 def test_table_path_is_the_same_on_any_thread_count(monkeypatch):
@@ -584,3 +610,18 @@ def test_kernels_run_on_torchs_thread_count():
         assert seen == [1] and numba.get_num_threads() == numba_before
     finally:
         torch.set_num_threads(torch_before)
+
+
+def test_starting_numba_threads_leaves_torchs_thread_count_alone():
+    """numba's OpenMP layer set OpenMP's (torch's) thread count to numba's when it started:
+    a torchrun worker's torch.set_num_threads(1) was undone by the first swsformat call."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); import numba, swsformat; from swsformat.retrain import prior;"
+            "w = torch.randn(5000, requires_grad=True); p = prior.MixturePrior(w.detach());"
+            "p.add_complexity_grad_([w], 1.0); numba.get_num_threads();"
+            "print(torch.get_num_threads(), numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["1", "workqueue"]

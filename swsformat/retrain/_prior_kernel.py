@@ -546,7 +546,8 @@ def mixture_param_grads(
 # per-component terms are functions of the weight's value alone, smooth on the scale of the
 # narrowest component: they are evaluated exactly (float64, ``_exact_one``) on a grid of
 # TABLE_POINTS_PER_STD points per narrowest std across the tensor's range, each weight's
-# gradient is interpolated linearly between its two grid points, and the per-component sums
+# gradient is interpolated linearly between its two grid points (where that is within
+# TABLE_TOLERANCE of the largest gradient; elsewhere the weight takes the exact path), and the per-component sums
 # come from the weights' linear binning onto the grid (each weight's share of its two grid
 # points in integer units of 1/TABLE_ONE: integer sums do not depend on how the threads split
 # the tensor). One light pass per weight instead of a pass
@@ -556,6 +557,7 @@ def mixture_param_grads(
 # outside it takes the exact float64 path.
 TABLE_POINTS_PER_STD = 16
 TABLE_MAX_POINTS = 1 << 16
+TABLE_TOLERANCE = 1e-4
 TABLE_ONE = 1 << 16
 _TABLE_ONE_F = np.float32(TABLE_ONE)
 _ROWS = 4
@@ -581,40 +583,59 @@ def table_range(w: np.ndarray) -> tuple[float, float, bool]:
 
 
 @njit(nogil=True)
-def table_gradients(x0: float, h: float, points: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``d NLL / d w`` at the grid points ``x0 + k h`` (float32, as the weights' gradients)."""
+def table_gradients(
+    x0: float, h: float, points: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``d NLL / d w`` at the grid points ``x0 + k h`` (float32, as the weights' gradients), and
+    which cells between them interpolate to within ``tolerance`` times the largest gradient at
+    their quarter points: a cell where the gradient turns sharply (between two narrow
+    components far apart it flips sign over much less than a cell) is left to the exact path."""
     j_count = mu.shape[0]
-    out = np.empty(points, np.float32)
+    exact = np.empty(points)
     acc = np.zeros((4, j_count))
     e = np.empty(j_count)
     for k in range(points):
-        out[k] = _exact_one(x0 + k * h, mu, lam, c, acc, e)
-    return out
+        exact[k] = _exact_one(x0 + k * h, mu, lam, c, acc, e)
+    bound = tolerance * np.abs(exact).max()
+    smooth = np.ones(points, np.bool_)
+    smooth[points - 1] = False
+    for k in range(points - 1):
+        for q in (0.25, 0.5, 0.75):
+            mid = _exact_one(x0 + (k + q) * h, mu, lam, c, acc, e)
+            if not abs(mid - (exact[k] + q * (exact[k + 1] - exact[k]))) <= bound:
+                smooth[k] = False
+                break
+    return exact.astype(np.float32), smooth
 
 
-@njit(parallel=True, nogil=True, fastmath=_EXACT)
+@njit(parallel=True, nogil=True)
 def table_pass(
-    w: np.ndarray, x0: float, inv_h: float, table: np.ndarray, gw: np.ndarray, scale: float, accumulate: bool,
-    threads: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
+    w: np.ndarray, x0: float, inv_h: float, table: np.ndarray, smooth: np.ndarray, gw: np.ndarray, scale: float,
+    accumulate: bool, threads: int, mu: np.ndarray, lam: np.ndarray, c: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Interpolated gradients into ``gw`` (or added, times ``scale``); returns the weights'
-    shares of each grid point (in units of 1/TABLE_ONE), the exact ``acc`` terms of the weights off the grid (outside
-    it, or not finite: they take ``_exact_one``) and their number."""
+    shares of each grid point (in units of 1/TABLE_ONE), the exact ``acc`` terms of the weights
+    the table does not serve (outside the grid, in a cell that is not ``smooth``, or not
+    finite: they take ``_exact_one``) and how many lay outside the grid. The exact terms are summed per fixed
+    block of weights, then over the blocks in order: the same on any thread count. No
+    fast-math flags: a NaN weight must fail the range test and reach the exact path."""
     n = w.shape[0]
     points = table.shape[0]
-    chunk = (n + threads - 1) // threads
+    blocks = max((n + BLOCK - 1) // BLOCK, 1)
     counts = np.zeros((threads, _ROWS, points), np.int64)
-    off = np.zeros((threads, 4, mu.shape[0]))
-    n_off = np.zeros(threads, np.int64)
+    off = np.zeros((blocks, 4, mu.shape[0]))
+    n_out = np.zeros(blocks, np.int64)
     base, step, s = np.float32(x0), np.float32(inv_h), np.float32(scale)
     last = np.float32(points - 1)
+    per = (blocks + threads - 1) // threads
     for t in numba.prange(threads):
         rows = counts[t]
         e = np.empty(mu.shape[0])
-        for i in range(t * chunk, min(n, (t + 1) * chunk)):
+        for i in range(t * per * BLOCK, min(n, (t + 1) * per * BLOCK)):
+            b = i // BLOCK
             pos = (w[i] - base) * step
-            if pos >= _ZERO and pos < last:
-                k = int(pos)
+            k = int(pos) if pos >= _ZERO and pos < last else -1
+            if k >= 0 and smooth[k]:
                 f = pos - np.float32(k)
                 g = _fma(f, table[k + 1] - table[k], table[k])
                 q = np.int64(f * _TABLE_ONE_F + _HALF)
@@ -622,13 +643,14 @@ def table_pass(
                 row[k] += TABLE_ONE - q
                 row[k + 1] += q
             else:
-                g = np.float32(_exact_one(np.float64(w[i]), mu, lam, c, off[t], e))
-                n_off[t] += 1
+                g = np.float32(_exact_one(np.float64(w[i]), mu, lam, c, off[b], e))
+                if k < 0:
+                    n_out[b] += 1
             if accumulate:
                 gw[i] = _fma(s, g, gw[i])
             else:
                 gw[i] = g
-    return counts.sum(axis=0).sum(axis=0), off.sum(axis=0), n_off.sum()
+    return counts.sum(axis=0).sum(axis=0), off.sum(axis=0), n_out.sum()
 
 
 @njit(nogil=True)

@@ -375,16 +375,17 @@ class BayesianCompression:
             step = max(float(var[mask].sqrt().mean()), finest)
             if bias is not None and layer._scales_bias:
                 bias = bias * keep.to(bias.dtype)  # a pruned filter outputs nothing, bias included
-            plans[name] = (mean * mask, step, finest)
+            plans[name] = (mean * mask, step, finest, bias)
             kept_groups[name] = (int(keep.sum()), int(keep.numel()))
-            self._replace(name, mean * mask, bias)
+        for name, (mean, _, _, bias) in plans.items():  # every layer checked first: all or nothing
+            self._replace(name, mean, bias)
         target = None if check is None else check(self.model) + tolerance
         nonzero = total = 0
-        for name, (mean, step, finest) in plans.items():
+        for name, (mean, step, finest, _) in plans.items():
             weight = self.model.get_submodule(name).weight
-            for _ in range(max_halvings + 1):
+            for halvings in range(max_halvings + 1):
                 weight.copy_(torch.round(mean / step) * step)
-                if target is None or step / 2 < finest or check(self.model) <= target:
+                if target is None or halvings == max_halvings or step / 2 < finest or check(self.model) <= target:
                     break
                 step /= 2
             levels = int(torch.unique(weight[weight != 0]).numel())

@@ -12,6 +12,7 @@ into ``.grad`` in place, without an autograd graph.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from ._prior_kernel import (
     F32_LOGIT_LIMIT,
     TABLE_MAX_POINTS,
     TABLE_POINTS_PER_STD,
+    TABLE_TOLERANCE,
     mixture_param_grads,
     mixture_params,
     nll_and_grads,
@@ -69,8 +71,9 @@ _NATURAL = np.empty(0, np.int32)
 def kernel_threads() -> Iterator[None]:
     """Run the numba kernels on as many threads as torch uses. numba's default is one thread
     per core in every process, so under torchrun (one torch thread per process) two processes
-    ran four busy threads on two cores: a retraining step of the 2.4M-weight GPT in
-    ``scripts/text_gpt.py`` took 2.0 s instead of 0.14 s."""
+    would run four threads on two cores (see also the threading layer in ``swsformat.kernels``:
+    together the two made a retraining step of ``scripts/text_gpt.py``'s GPT 2.0 s instead of
+    0.14 s)."""
     before = numba.get_num_threads()
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if want == before:
@@ -216,10 +219,11 @@ def _table_kernel(
     points = int((hi - lo) / h) + 2
     if points > TABLE_MAX_POINTS:
         return None
-    table = table_gradients(lo, h, points, mu, lam, c)
-    counts, off, n_off = table_pass(wn, lo, 1.0 / h, table, gn, scale, True, numba.get_num_threads(), mu, lam, c)
+    table, smooth = table_gradients(lo, h, points, mu, lam, c, TABLE_TOLERANCE)
+    counts, off, outside = table_pass(wn, lo, 1.0 / h, table, smooth, gn, scale, True, numba.get_num_threads(),
+                                      mu, lam, c)
     acc = table_sums(lo, h, counts, mu, lam, c) + off
-    return acc, (span if n_off <= wn.shape[0] >> 10 else None)
+    return acc, (span if outside <= wn.shape[0] >> 10 else None)
 
 
 @dataclass
@@ -338,11 +342,16 @@ class MixturePrior(nn.Module):
         unit = 1.0
         if config.scale_to_weights:
             rms = weight_rms if weight_rms is not None else float(flat.double().square().mean().sqrt())
-            if not (math.isfinite(rms) and rms > 0):
-                raise ValueError(f"scale_to_weights needs weights with a finite, non-zero RMS, got {rms}")
-            unit = rms / REFERENCE_RMS
-        # The factor from PriorConfig's units to these weights' (1.0 unless scale_to_weights).
-        self.register_buffer("unit", torch.tensor(unit, dtype=torch.float64))
+            if not math.isfinite(rms):
+                raise ValueError(f"scale_to_weights needs finite weights, got an RMS of {rms}")
+            if rms > 0:
+                unit = float(np.float32(rms / REFERENCE_RMS))  # what the float32 buffer holds exactly
+            else:
+                warnings.warn("scale_to_weights: these weights are all zero (a zero-initialised layer?); their "
+                              "prior keeps PriorConfig's absolute units", stacklevel=3)
+        # The factor from PriorConfig's units to these weights' (1.0 unless scale_to_weights),
+        # float32 so that any device takes it; saved with the prior.
+        self.register_buffer("unit", torch.tensor(unit, dtype=torch.float32))
         self._unit = unit
         log_prec = torch.full((j,), -2.0 * math.log(config.init_std * unit))
         log_prec[0] = -2.0 * math.log(config.init_zero_std * unit)
@@ -359,9 +368,15 @@ class MixturePrior(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         # States saved before scale_to_weights existed hold no unit: they were absolute (1.0).
-        state_dict.setdefault(prefix + "unit", torch.tensor(1.0, dtype=torch.float64))
+        state_dict.setdefault(prefix + "unit", torch.tensor(1.0, dtype=torch.float32))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._unit = float(self.unit)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .half() or .double() must not round the unit: it stays the float32 value it was.
+        out = super()._apply(fn, recurse)
+        self.unit = torch.tensor(self._unit, dtype=torch.float32, device=self.unit.device)
+        return out
 
     def _rates(self) -> tuple[float, float]:
         """The Gamma rates of the zero and the other components, in these weights' units."""
