@@ -33,6 +33,24 @@ from .reader import SwsFile, load, load_model, load_state_dict, open, read_heade
 from .report import inspect, size_report  # noqa: E402
 
 
+def _start_numba_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count. numba's OpenMP layer sets
+    OpenMP's thread count (which torch reads) to numba's when its pool starts: a torchrun
+    worker's ``torch.set_num_threads(1)`` was undone by the first swsformat call, and a
+    two-process DDP step of ``scripts/text_gpt.py`` ran 5x slower even where the library did
+    nothing (1.48 against 7.56 steps/s). Starting the pool costs about a millisecond."""
+    import numba
+    import torch
+
+    before = torch.get_num_threads()
+    numba.get_num_threads()
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+_start_numba_threads()
+
+
 def __getattr__(name: str):
     """The methods (``compress``, ``CompressConfig``, ``SoftWeightSharing``,
     ``BayesianCompression``) without importing training at startup."""

@@ -9,18 +9,8 @@ negative status codes (see :data:`STATUS`), never as an out-of-bounds access.
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
-
-# numba's OpenMP threading layer, when it starts, sets OpenMP's thread count (torch's too) to
-# numba's: a process that had called torch.set_num_threads(1), as every torchrun worker does,
-# then ran torch on every core, and a two-process DDP training step took 5x as long
-# (scripts/text_gpt.py, pretraining only). numba's own workqueue pool leaves OpenMP alone.
-# A NUMBA_THREADING_LAYER the user sets still decides.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
 
 OK = 0
 ERR_CODEWORD = -1
