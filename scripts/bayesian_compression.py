@@ -21,12 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau0", type=float, default=BayesianCompressionConfig.tau0, help="the horseshoe's global scale")
     p.add_argument("--epochs", type=int, default=BayesianCompressionConfig.epochs)
     p.add_argument("--threshold", type=float, default=BayesianCompressionConfig.threshold)
+    p.add_argument("--lr-logvar", type=float, default=BayesianCompressionConfig.lr_logvar,
+                   help="learning rate of the log-scale parameters (how fast the noise grows)")
     p.add_argument("--finetune-epochs", type=int, default=BayesianCompressionConfig.finetune_epochs)
     p.add_argument("--rounding-tolerance", type=float, default=BayesianCompressionConfig.rounding_tolerance,
                    help="error points the rounding may cost on training data (negative: the paper's grids only)")
     a = p.parse_args(argv)
     tolerance = None if a.rounding_tolerance < 0 else a.rounding_tolerance
     config = BayesianCompressionConfig(prior=a.prior, tau0=a.tau0, epochs=a.epochs, threshold=a.threshold,
+                                       lr_logvar=a.lr_logvar,
                                        finetune_epochs=a.finetune_epochs, rounding_tolerance=tolerance, seed=a.seed)
     stem = "bayesian-compression" + ("-horseshoe" if a.prior == "horseshoe" else "")
     run("bayesian_compression.py", stem, a, config, bayesian_compress, argv)
