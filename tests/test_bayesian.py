@@ -215,3 +215,19 @@ def test_finalize_reports_the_step_it_used_when_the_halvings_run_out():
         units = w / done.step[name]
         assert torch.allclose(units, units.round(), atol=1e-3)
         assert (units.round().abs() % 2 == 1).any()  # the grid used is this step, not twice it
+
+
+def test_finalized_zeros_are_positive_zeros():
+    """A negative mean rounded or masked to zero is -0.0, which a file stores bit-exactly as an
+    entry: finalize_ writes +0.0 so that pruned and rounded-away weights cost nothing."""
+    torch.manual_seed(0)
+    net = TinyConv()
+    bc = BayesianCompression(net, dataset_size=100)
+    with torch.no_grad():
+        net.conv.z.logvar[[1, 4]] = 2.0
+        for layer in bc.layers.values():
+            layer.weight_logvar.fill_(math.log(0.3**2))  # a coarse grid: many weights round to zero
+    bc.finalize_()
+    for t in (net.conv.weight, net.conv.bias, net.fc.weight):
+        zeros = t.detach() == 0
+        assert zeros.any() and not torch.signbit(t.detach()[zeros]).any()

@@ -374,7 +374,7 @@ class BayesianCompression:
             finest = 2 * span / max(max_levels - 1, 1)
             step = max(float(var[mask].sqrt().mean()), finest)
             if bias is not None and layer._scales_bias:
-                bias = bias * keep.to(bias.dtype)  # a pruned filter outputs nothing, bias included
+                bias = bias * keep.to(bias.dtype) + 0.0  # a pruned filter outputs nothing, bias included
             plans[name] = (mean * mask, step, finest, bias)
             kept_groups[name] = (int(keep.sum()), int(keep.numel()))
         for name, (mean, _, _, bias) in plans.items():  # every layer checked first: all or nothing
@@ -384,7 +384,9 @@ class BayesianCompression:
         for name, (mean, step, finest, _) in plans.items():
             weight = self.model.get_submodule(name).weight
             for halvings in range(max_halvings + 1):
-                weight.copy_(torch.round(mean / step) * step)
+                # + 0.0: a negative mean rounded (or masked) to zero is -0.0, which the encoder keeps
+                # bit-exactly as a stored non-zero entry (it tripled a LeNet-300-100 file's entries).
+                weight.copy_(torch.round(mean / step) * step + 0.0)
                 if target is None or halvings == max_halvings or step / 2 < finest or check(self.model) <= target:
                     break
                 step /= 2
