@@ -106,21 +106,22 @@ def test_bad_inputs():
         BayesianCompressionConfig(max_levels=1)
 
 
+def wide_posterior() -> tuple[TinyConv, BayesianCompression]:
+    """A Bayesian TinyConv whose weights' posterior stds are 0.3: the paper's grid is coarse."""
+    torch.manual_seed(0)
+    net = TinyConv()
+    bc = BayesianCompression(net, dataset_size=100)
+    with torch.no_grad():
+        for layer in bc.layers.values():
+            layer.weight_logvar.fill_(math.log(0.3**2))
+    return net, bc
+
+
 def test_finalize_refines_a_coarse_grid_until_the_check_holds():
     """Posterior stds left wide by a short training make the paper's grid coarse: with a
     check, each layer's step is halved until the measured error is within the tolerance."""
     x = torch.randn(64, 1, 8, 8)
-
-    def setup():
-        torch.manual_seed(0)
-        net = TinyConv()
-        bc = BayesianCompression(net, dataset_size=100)
-        with torch.no_grad():
-            for layer in bc.layers.values():
-                layer.weight_logvar.fill_(math.log(0.3**2))
-        return net, bc
-
-    net, bc = setup()
+    net, bc = wide_posterior()
     net.eval()
     with torch.no_grad():
         reference = net(x)
@@ -131,7 +132,7 @@ def test_finalize_refines_a_coarse_grid_until_the_check_holds():
 
     coarse = bc.finalize_()
     assert deviation(net) > 0.05
-    net, bc = setup()
+    net, bc = wide_posterior()
     fine = bc.finalize_(check=deviation, tolerance=0.01)
     assert deviation(net) <= 0.01
     assert all(fine.step[n] < coarse.step[n] for n in fine.step)
@@ -202,12 +203,7 @@ def test_finalize_changes_nothing_when_a_later_layer_would_be_emptied():
 
 
 def test_finalize_reports_the_step_it_used_when_the_halvings_run_out():
-    torch.manual_seed(0)
-    net = TinyConv()
-    bc = BayesianCompression(net, dataset_size=100)
-    with torch.no_grad():
-        for layer in bc.layers.values():
-            layer.weight_logvar.fill_(math.log(0.3**2))
+    net, bc = wide_posterior()
     calls = iter([0.0] + [1.0] * 100)  # the unrounded model scores 0, every rounding 1: never within 0
     done = bc.finalize_(check=lambda m: next(calls), tolerance=0.0, max_halvings=2)
     for name in ("conv", "fc"):
@@ -220,13 +216,9 @@ def test_finalize_reports_the_step_it_used_when_the_halvings_run_out():
 def test_finalized_zeros_are_positive_zeros():
     """A negative mean rounded or masked to zero is -0.0, which a file stores bit-exactly as an
     entry: finalize_ writes +0.0 so that pruned and rounded-away weights cost nothing."""
-    torch.manual_seed(0)
-    net = TinyConv()
-    bc = BayesianCompression(net, dataset_size=100)
+    net, bc = wide_posterior()  # a coarse grid: many weights round to zero
     with torch.no_grad():
         net.conv.z.logvar[[1, 4]] = 2.0
-        for layer in bc.layers.values():
-            layer.weight_logvar.fill_(math.log(0.3**2))  # a coarse grid: many weights round to zero
     bc.finalize_()
     for t in (net.conv.weight, net.conv.bias, net.fc.weight):
         zeros = t.detach() == 0
