@@ -185,7 +185,24 @@ def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
     # Symbol 0 is zero; 1..K-1 index the codebook (sorted by bit pattern, deterministic).
     codebook = np.sort(distinct[distinct != 0])
     sym_of_index = np.where(distinct == 0, 0, np.searchsorted(codebook, distinct) + 1).astype(np.uint8)
-    return dtype, codebook, sym_of_index[index]
+    symbols = sym_of_index[index]
+    _warn_negative_zeros(name, codebook, symbols)
+    return dtype, codebook, symbols
+
+
+def _warn_negative_zeros(name: str, codebook: np.ndarray, symbols: np.ndarray) -> None:
+    """-0.0 is a value of its own (the file keeps every bit), so each one is a stored entry.
+    Pruning by ``w * mask`` makes one of every pruned negative weight: say so when they are many."""
+    negative_zero = 1 << (8 * codebook.dtype.itemsize - 1)
+    at = np.flatnonzero(codebook == negative_zero)
+    if not at.size:
+        return
+    count = int(np.count_nonzero(symbols == at[0] + 1))
+    if count > max(16, symbols.size // 100):
+        warnings.warn(
+            f"{where(name)}holds {count} negative zeros (-0.0), stored bit-exactly as non-zero entries (pruning by "
+            "w * mask makes one of every pruned negative weight): add 0.0 to the tensor (w.add_(0.0)) to store them "
+            "as zeros", stacklevel=4)
 
 
 def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,

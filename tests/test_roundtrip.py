@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -193,3 +194,18 @@ def test_both_format_versions_round_trip_and_unknown_ones_are_refused():
 def test_compress_of_the_wrong_type_is_an_encode_error(compress):
     with pytest.raises(swsformat.SwsEncodeError, match="compress must be tensor names"):
         swsformat.encode_bytes({"w.weight": torch.zeros(2, 2)}, compress=compress)
+
+
+def test_many_negative_zeros_are_named_with_the_fix():
+    """Masking by multiplication leaves -0.0 for every pruned negative weight; the file keeps
+    them as entries (every bit survives), and the encoder says how to drop them."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-4, 5, (64, 64), generator=g).float() * 0.25
+    pruned = w * (torch.rand(64, 64, generator=g) < 0.1)
+    with pytest.warns(UserWarning, match=r"'w.weight'.*negative zeros.*w\.add_\(0\.0\)"):
+        kept = swsformat.encode_bytes({"w.weight": pruned})
+    assert torch.equal(torch.signbit(swsformat.load_state_dict(kept)["w.weight"]), torch.signbit(pruned))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dropped = swsformat.encode_bytes({"w.weight": pruned + 0.0})
+    assert len(dropped) < len(kept)
