@@ -101,11 +101,12 @@ def _rank_threshold(tensors: list[torch.Tensor], keep: int, wide: bool) -> tuple
 @dataclass(frozen=True)
 class _Cut:
     """Which entries of one tensor are kept: magnitudes whose bit pattern exceeds ``bits``,
-    and the first ``ties`` entries equal to it."""
+    and the first ``ties`` entries equal to it; ``kept`` of them in all."""
 
     bits: int
     ties: int
     wide: bool
+    kept: int
     everything: bool | None = None  # True / False: keep all / none, whatever the values
 
 
@@ -117,15 +118,18 @@ def _cuts(tensors: list[torch.Tensor], prune: float) -> list[_Cut]:
     keep = total - int(np.floor(prune * total))
     wide = _wide(tensors)
     if keep >= total or keep <= 0:
-        return [_Cut(0, 0, wide, keep > 0) for _ in tensors]
+        return [_Cut(0, 0, wide, t.numel() if keep > 0 else 0, keep > 0) for t in tensors]
     bits, ties = _rank_threshold(tensors, keep, wide)
     cuts = []
-    for t in tensors:
-        equal = 0
-        if ties:
-            equal = sum(int(np.count_nonzero(_magnitude_bits(c) == bits)) for c in _chunks(t, wide))
-        cuts.append(_Cut(bits, min(equal, ties), wide))
-        ties -= cuts[-1].ties
+    for t in tensors:  # one pass: how many lie above the cut, how many on it
+        above = equal = 0
+        for c in _chunks(t, wide):
+            b = _magnitude_bits(c)
+            above += int(np.count_nonzero(b > bits))
+            equal += int(np.count_nonzero(b == bits))
+        taken = min(equal, ties)
+        cuts.append(_Cut(bits, taken, wide, above + taken))
+        ties -= taken
     return cuts
 
 
@@ -145,10 +149,6 @@ def _masked(t: torch.Tensor, cut: _Cut):
         yield c, mask
 
 
-def _kept(t: torch.Tensor, cut: _Cut) -> int:
-    return sum(int(np.count_nonzero(m)) for _, m in _masked(t, cut))
-
-
 def _keep_masks(tensors: list[torch.Tensor], prune: float) -> list[np.ndarray]:
     """Flat keep-masks of :func:`_cuts`."""
     return [np.concatenate([m for _, m in _masked(t, cut)] or [np.zeros(0, bool)])
@@ -166,7 +166,7 @@ def _layer_cuts(
     cuts = dict(zip(tensors, _cuts(list(tensors.values()), prune)))
     for n, t in tensors.items():
         floor = int(np.ceil(min_layer_keep * (1.0 - prune) * t.numel()))
-        if floor and _kept(t, cuts[n]) < floor:
+        if floor and cuts[n].kept < floor:
             cuts[n] = _cuts([t], 1.0 - floor / t.numel())[0]
             floored.append(n)
     return cuts, floored
@@ -194,7 +194,7 @@ def magnitude_masks(
 def _kmeans_sample(tensors: list[torch.Tensor], cuts: list[_Cut], rng: np.random.Generator) -> np.ndarray:
     """The kept weights (float64) of a group, or a fixed random subset of about
     KMEANS_SAMPLE of them when there are more, gathered chunk by chunk."""
-    kept = sum(_kept(t, cut) for t, cut in zip(tensors, cuts))
+    kept = sum(cut.kept for cut in cuts)
     share = min(1.0, KMEANS_SAMPLE / max(kept, 1))
     parts = []
     for t, cut in zip(tensors, cuts):

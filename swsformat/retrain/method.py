@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import SwsTrainingError
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import REFERENCE_RMS, Mixture, MixturePrior, PriorConfig, PriorGroups, merge_components
-from .shards import count_over_shards, is_sharded, local
+from .shards import count_over_shards, global_rms, is_sharded
 from .train import Data, LossFn, PriorGradient, cross_entropy, default_prior
 
 
@@ -172,8 +172,7 @@ class SoftWeightSharing:
 
 def _warn_if_off_scale(weights: list[torch.Tensor]) -> None:
     """Warn when absolute hyper-priors meet weights far from the scale they were written for."""
-    squares = sum(float(local(w).detach().double().square().sum()) for w in weights)
-    rms = math.sqrt(squares / max(sum(local(w).numel() for w in weights), 1))
+    rms = global_rms(weights)
     if not REFERENCE_RMS / 2 <= rms <= 2 * REFERENCE_RMS:
         warnings.warn(
             f"the weights under the prior have RMS {rms:.3g}; PriorConfig's stds and hyper-priors are weight values "

@@ -71,9 +71,9 @@ _NATURAL = np.empty(0, np.int32)
 def kernel_threads() -> Iterator[None]:
     """Run the numba kernels on as many threads as torch uses. numba's default is one thread
     per core in every process, so under torchrun (one torch thread per process) two processes
-    would run four threads on two cores (see also the threading layer in ``swsformat.kernels``:
-    together the two made a retraining step of ``scripts/text_gpt.py``'s GPT 2.0 s instead of
-    0.14 s)."""
+    would run four threads on two cores (with the thread-count reset fixed in
+    ``swsformat._start_numba_threads``, a retraining step of ``scripts/text_gpt.py``'s GPT went
+    from 2.0 s to 0.14 s)."""
     before = numba.get_num_threads()
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if want == before:

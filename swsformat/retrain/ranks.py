@@ -11,6 +11,7 @@ single-process case: no collective is ever called.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -77,16 +78,45 @@ def from_writer(value: Any, error: BaseException | None, group: Any) -> Any:
     return value
 
 
-def sync_buffers(model: nn.Module, group: Any) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP only syncs them at
-    the next forward, so after a training phase each rank still holds its own last batch's."""
+def from_writer_tensors(tensors: Iterable[torch.Tensor], group: Any) -> None:
+    """Overwrite ``tensors`` in place with rank 0's on every rank of ``group``."""
     if group is None:
         return
     import torch.distributed as dist
 
     src = dist.get_global_rank(group, 0)
-    for b in model.buffers():
-        dist.broadcast(b.data, src=src, group=group)
+    for t in tensors:
+        dist.broadcast(t.data, src=src, group=group)
+
+
+def sync_buffers(model: nn.Module, group: Any) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP only syncs them at
+    the next forward, so after a training phase each rank still holds its own last batch's."""
+    from_writer_tensors(model.buffers(), group)
+
+
+def world_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def check_same_model(model: nn.Module, group: Any) -> None:
+    """Raise unless every rank holds rank 0's weights (the file holds rank 0's): a checksum,
+    its maximum and minimum over the ranks."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    from ..errors import SwsTrainingError
+
+    with torch.no_grad():
+        total = sum(float(t.double().abs().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    sums = torch.tensor([total, -total], dtype=torch.float64, device=reduce_device(group))
+    dist.all_reduce(sums, op=dist.ReduceOp.MAX, group=group)
+    if float(sums[0]) != -float(sums[1]):
+        raise SwsTrainingError("the processes ended with different weights (the file holds rank 0's): a rank "
+                               "trained on something the others did not see")
 
 
 def set_epoch(data: object, epoch: int) -> None:

@@ -152,11 +152,12 @@ def run(
     """
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+    from .ranks import check_same_model, from_writer_tensors, is_writer, world_size
     from .ranks import world as process_group
 
     group = process_group(distributed)
-    ranks = dist_world_size(group)
-    writer = group is None or torch.distributed.get_rank(group) == 0
+    ranks = world_size(group)
+    writer = is_writer(group)
     progress = progress and writer
     best = CUSTOM if factory is not None else BEST[model_name]
     make = factory or (lambda: build_model(model_name))
@@ -200,9 +201,7 @@ def run(
             model_name, data_name, train, test, pretrain_epochs, seed, device, progress, normalization,
             checkpoint=pretrain_checkpoint, resume=resume,
         )
-    if group is not None:
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0, group=group)
+    from_writer_tensors(model.state_dict().values(), group)
     pretrained_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     recorder = None
     if plots and writer and config.prior_groups == "shared":  # one mixture per layer has no single movie
@@ -222,10 +221,9 @@ def run(
         model, batches, test, config, path=output, on_epoch=recorder, progress=progress,
         checkpoint=checkpoint, resume=resume, metadata=metadata, distributed=group is not None, forward=forward,
     )
-    if group is not None:
-        _check_ranks_agree(model, group)
-        if not writer:
-            return {}
+    check_same_model(model, group)
+    if not writer:
+        return {}
     for done in (checkpoint, pretrain_checkpoint):
         if done and os.path.exists(done):
             os.unlink(done)  # the run is complete: nothing left to resume
@@ -285,24 +283,6 @@ def run(
     if progress:
         say(final_summary(out, output, json_path, plots))
     return out
-
-
-def dist_world_size(group: Any) -> int:
-    return 1 if group is None else torch.distributed.get_world_size(group)
-
-
-def _check_ranks_agree(model: torch.nn.Module, group: Any) -> None:
-    """Every rank must end with rank 0's model (the file holds rank 0's): compare a checksum."""
-    from ..errors import SwsTrainingError
-    from .ranks import reduce_device
-
-    with torch.no_grad():
-        total = sum(float(t.double().abs().sum()) for t in model.state_dict().values() if t.is_floating_point())
-    sums = torch.tensor([total, -total], dtype=torch.float64, device=reduce_device(group))
-    torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.MAX, group=group)
-    if float(sums[0]) != -float(sums[1]):
-        raise SwsTrainingError("the processes ended with different weights (the file holds rank 0's): a rank "
-                               "trained on something the others did not see")
 
 
 def _mixture_json(mixture: Mixture) -> dict[str, list[float]]:

@@ -83,6 +83,16 @@ def global_min_max(tensors: Sequence[torch.Tensor]) -> tuple[float, float]:
     return lo, hi
 
 
+def global_rms(tensors: Sequence[torch.Tensor]) -> float:
+    """Root mean square over all ``tensors``, whole or sharded (0.0 when they are empty)."""
+    parts = [(shard_groups(t), np.array([float(local(t).detach().double().square().sum()), local(t).numel()]))
+             for t in tensors]
+    if not parts:
+        return 0.0
+    squares, count = sum_over_shards(parts)
+    return float(np.sqrt(squares / max(count, 1.0)))
+
+
 def count_over_shards(tensors: Sequence[torch.Tensor], counts: Sequence[int]) -> list[int]:
     """``counts`` (one per tensor, taken over its local part) summed over each tensor's shards
     (one all-reduce per distinct set of groups)."""

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,7 +25,7 @@ from .fields import check_types
 from .models import compressible_parameters
 from .prior import MixturePrior, PriorConfig
 from .ranks import set_epoch
-from .shards import global_min_max, is_sharded, local, shard_groups, sum_over_shards
+from .shards import global_min_max, global_rms, is_sharded, local
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -461,16 +460,11 @@ def default_prior(model: nn.Module, config: PriorConfig, weights: list[nn.Parame
     """A prior initialised from the model's current (pretrained) weights (or ``weights``)."""
     weights = weights if weights is not None else [p for _, p in compressible_parameters(model)]
     device = local(weights[0]).device if weights else next(model.parameters()).device
-    rms = None
+    # The means only depend on the weights' range, the units on their RMS: both over every
+    # rank's shards under FSDP.
+    rms = global_rms(weights) if config.scale_to_weights else None
     if any(is_sharded(p) for p in weights):
-        # The means only depend on the weights' range, the units on their RMS: both over every
-        # rank's shards.
         w = torch.tensor(global_min_max(weights), dtype=torch.float32)
-        if config.scale_to_weights:
-            parts = [(shard_groups(p), np.array([float(local(p).detach().double().square().sum()), local(p).numel()]))
-                     for p in weights]
-            squares, count = sum_over_shards(parts)
-            rms = math.sqrt(squares / max(count, 1.0))
     else:
         w = torch.cat([p.detach().flatten() for p in weights])
     return MixturePrior(w, config, weight_rms=rms).to(device)
