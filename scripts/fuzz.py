@@ -55,6 +55,7 @@ def seeds() -> list[bytes]:
 
     g = torch.Generator().manual_seed(0)
     out = [(ROOT / "tests" / "data" / f"golden-v{v}.sws").read_bytes() for v in (1, 2, 3)]
+    out.append((ROOT / "tests" / "data" / "golden-v3-kinds45.sws").read_bytes())
     cases = [((6, 20), 0.3, 5, None), ((4, 1, 3, 3), 0.5, 3, 2), ((3, 200), 0.02, 9, "auto"), ((2, 2), 1.0, 2, 1)]
     for i, (shape, density, k, bits) in enumerate(cases):
         vals = torch.linspace(-1, 1, k)
@@ -70,6 +71,9 @@ def seeds() -> list[bytes]:
         "s": torch.tensor(3.0),
         "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
         "flag": torch.tensor([True, False]),
+        "pruned.bias": torch.tensor([0.0] * 20 + [0.5, -1.0, 0.0, 3.0], dtype=torch.float16),
+        "mask": torch.tensor([False] * 30 + [True, False, True]),
+        "ids": torch.tensor([0] * 9 + [7, 0, -3], dtype=torch.int64).reshape(3, 4),
     }
     out.append(swsformat.encode_bytes(odd, compress=["z.weight", "h.weight", "b.weight"], metadata={"k": "v"}, smallest=False))
     out.append((ROOT / "results" / "paper" / "lenet300-100.sws").read_bytes())  # names its architecture
@@ -216,6 +220,8 @@ def mutate3(data: bytes, rng: random.Random) -> bytes:
         AliasTensor,
         ContextTensor,
         RawTensor,
+        SparseRawTensor,
+        SwsTensor,
         _serialize3,
         decode_header,
         pack_head,
@@ -246,8 +252,11 @@ def mutate3(data: bytes, rng: random.Random) -> bytes:
     c = parse(data)
     t = rng.choice(c.tensors)
     i = c.tensors.index(t)
-    if op == 2 and isinstance(t, ContextTensor | RawTensor) and t.data.size:  # payload, CRCs fixed
-        d = bytearray(t.data.tobytes())
+    payload = "positions" if isinstance(t, SparseRawTensor) and rng.random() < 0.7 else "values"
+    if isinstance(t, ContextTensor | RawTensor):
+        payload = "data"
+    if op == 2 and not isinstance(t, AliasTensor | SwsTensor) and getattr(t, payload).size:  # payload, CRCs fixed
+        d = bytearray(getattr(t, payload).tobytes())
         for _ in range(rng.randint(1, 6)):
             j = rng.randrange(len(d) + 1)
             if rng.random() < 0.7 and j < len(d):
@@ -256,12 +265,14 @@ def mutate3(data: bytes, rng: random.Random) -> bytes:
                 d[j:j] = bytes([rng.getrandbits(8)])
             else:
                 del d[j : j + 1]
-        t.data = np.frombuffer(bytes(d), dtype=np.uint8)
+        setattr(t, payload, np.frombuffer(bytes(d), dtype=np.uint8))
     elif op == 3 and isinstance(t, AliasTensor):
         t.target = rng.choice([x.name for x in c.tensors] + ["missing"])
     elif not isinstance(t, AliasTensor):  # a field set to an odd value
-        field = rng.choice(["shape", "nonzeros", "codebook", "dtype"])
-        if field == "shape":
+        field = rng.choice(["shape", "nonzeros", "codebook", "dtype", "estimator"])
+        if field == "estimator" and isinstance(t, ContextTensor):  # kind 2 <-> 4: same bytes, other model
+            t.counting = not t.counting
+        elif field == "shape":
             t.shape = tuple(rng.choice([0, 1, 2, 3, 7, 2**31, 2**40, *t.shape]) for _ in range(rng.randint(0, 4)))
         elif field == "nonzeros" and hasattr(t, "nonzeros"):
             t.nonzeros = max(0, min(2**62, t.nonzeros + rng.choice([-2, -1, 1, 2, 1000, 2**40])))

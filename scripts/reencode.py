@@ -98,15 +98,20 @@ def update_json(path: Path, r: dict, argv: list[str]) -> None:
         file_bytes=rep["file_bytes"], compression_rate=rep["compression_rate"],
         paper_compression_rate=rep["paper_compression_rate"], nonzero_fraction=rep["nonzero_fraction"],
     )
-    record["config"]["remove_dead"] = r["dead_removed"] > 0 or record["config"].get("remove_dead", False)
-    record["dead_removed"] = r["dead_removed"]
+    if r["dead_removed"]:
+        record["config"]["remove_dead"] = True
+        record["dead_removed"] = r["dead_removed"]
+    earlier = record.get("reencoded")
     record["reencoded"] = {
         "command": "python scripts/reencode.py " + " ".join(argv),
         "bytes_before": r["before"],
-        "note": "same training run; the weights are the committed file's, exact pruning proven by "
-                "bit-identical logits on the whole test set, so the errors above still hold",
+        "note": "same training run; the weights are the committed file's"
+                + (", exact pruning proven by bit-identical logits on the whole test set" if r["dead_removed"] else
+                   ", every tensor decodes bit-identical") + ", so the errors above still hold",
         "provenance": provenance(ROOT),
     }
+    if earlier:
+        record["reencoded"]["earlier"] = earlier
     j.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -402,6 +402,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     for t in rep["tensors"]:
         t = {**t, "name": printable(t["name"])}
         shape = "x".join(map(str, t["shape"])) or "scalar"
+        if t["kind"] == "raw" and t.get("coder") == "sparse":
+            print(f"{t['name']:<16}{shape:<16}{'sraw':<5}{t['nonzeros']:>9}{'':>4}{'':>3}{'':>7}{t['position_bits']:>8}"
+                  f"{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
+            continue
         if t["kind"] == "raw":
             print(f"{t['name']:<16}{shape:<16}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
             continue
@@ -418,6 +422,7 @@ def cmd_info(a: argparse.Namespace) -> int:
               f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
     print(f"(K = shared non-zero values, b = index bits; bits per part; (H) = empirical entropy bound of the stream; "
           f"ctx = context-coded: positions and values in one stream, shown under gaps; "
+          f"sraw = raw non-zeros (under raw) with context-coded positions (under gaps); "
           f"header {rep['header_bytes']} bytes, "
           f"overhead {rep['overhead_bytes']} bytes)")
     return 0

@@ -98,6 +98,7 @@ class ContextTensor:
     codebook: np.ndarray  # bit patterns (unsigned ints) of the non-zero values
     nonzeros: int
     data: np.ndarray  # uint8, the range coder's bytes
+    counting: bool = True  # the counting estimator (kind 4) rather than two fixed rates (kind 2)
     kind: str = field(default="sws", init=False)
     coder: str = field(default="context", init=False)
 
@@ -126,7 +127,22 @@ class RawTensor:
     kind: str = field(default="raw", init=False)
 
 
-Tensor = SwsTensor | ContextTensor | RawTensor | AliasTensor
+@dataclass
+class SparseRawTensor:
+    """A tensor stored as its non-zero elements' raw bytes, their positions context-coded
+    (format 3, kind 5): biases of pruned units, pruned layers that are not quantized."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nonzeros: int
+    positions: np.ndarray  # uint8, the range coder's bytes
+    values: np.ndarray  # uint8, nonzeros * itemsize little-endian bytes in row-major order
+    kind: str = field(default="raw", init=False)
+    coder: str = field(default="sparse", init=False)
+
+
+Tensor = SwsTensor | ContextTensor | RawTensor | SparseRawTensor | AliasTensor
 
 
 @dataclass
@@ -245,13 +261,17 @@ def _serialize3(c: Container, check: bool = True) -> bytes:
         elif isinstance(t, RawTensor):
             kind = f3.KIND_RAW
             fields = f3.shape_fields(t.dtype, t.shape) + struct.pack("<I", place([t.data], True))
+        elif isinstance(t, SparseRawTensor):
+            kind = f3.KIND_SPARSE_RAW
+            fields = (f3.shape_fields(t.dtype, t.shape) + f3.varint(int(t.nonzeros)) + f3.varint(int(t.positions.size))
+                      + struct.pack("<I", place([t.positions, t.values], False)))
         else:
             key = (t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes())
             fields = f3.shape_fields(t.dtype, t.shape) + f3.codebook_fields(t.codebook, t.dtype, codebooks.get(key))
             codebooks.setdefault(key, i)
             fields += f3.varint(int(t.nonzeros))
             if isinstance(t, ContextTensor):
-                kind = f3.KIND_CONTEXT
+                kind = f3.KIND_COUNTING if t.counting else f3.KIND_CONTEXT
                 fields += f3.varint(int(t.data.size)) + struct.pack("<I", place([t.data], False))
             else:
                 kind = f3.KIND_HUFFMAN
@@ -289,8 +309,9 @@ def serialize(c: Container) -> bytes:
     same bytes; the decoded header and the data area are the same with any zlib)."""
     if c.version == 3:
         return _serialize3(c)
-    if any(isinstance(t, AliasTensor | ContextTensor) for t in c.tensors):
-        raise SwsEncodeError(f"format version {c.version} has no aliases or context-coded tensors (version 3 has)")
+    if any(isinstance(t, AliasTensor | ContextTensor | SparseRawTensor) for t in c.tensors):
+        raise SwsEncodeError(f"format version {c.version} has no aliases, context-coded or sparse raw tensors "
+                             "(version 3 has)")
     end = 0
     entries = []
     payload: list[tuple[int, np.ndarray]] = []
@@ -479,9 +500,11 @@ def output_bytes(kind: str, dtype: str, shape: tuple[int, ...], nonzeros: int, c
     count per row and a column index per non-zero (its sparse CSR form); the context coder
     also keeps a symbol per non-zero, a mask byte per row and 10 bytes per column."""
     dense = math.prod(shape) * (SWS_DTYPES if kind == "sws" else RAW_DTYPES)[dtype].itemsize
-    if kind == "raw":
+    if kind == "raw" and coder != "sparse":
         return dense
     rows, cols = matrix_shape(shape)
+    if kind == "raw":  # positions decoded as for the context coder, then the values scattered
+        return dense + 8 * (rows + 1) + 16 * nonzeros + rows + (10 * cols if rows * cols else 0)
     # (column state exists only once a row is live, i.e. when the tensor has elements)
     extra = 8 * nonzeros + rows + (10 * cols if rows * cols else 0) if coder == "context" else 0
     return dense + 8 * (rows + 1) + 8 * nonzeros + extra
@@ -511,7 +534,8 @@ class Entry:
     gap_bits: int = 0
     value_lengths: np.ndarray | None = None
     value_bits: int = 0
-    coder: str = "huffman"  # of a coded tensor: "huffman" or (version 3) "context"
+    coder: str = "huffman"  # of a coded tensor: "huffman" or (version 3) "context"; of a raw one (kind 5) "sparse"
+    counting: bool = False  # a context-coded tensor's estimator: counting (kind 4) or two fixed rates (kind 2)
     alias_of: str | None = None  # version 3: the earlier tensor this name stands for
     crc: int | None = None  # version 3: CRC-32 of all its sections' bytes (None: one per section)
     index_bytes: int = 0  # version 3: bytes of its index record
@@ -794,14 +818,23 @@ def _check_index3(index: bytes, prelude: Prelude) -> Header:
             entries.append(Entry(name, "raw", dtype, shape, (data,), start, layout.end, crc=rec["crc"],
                                  index_bytes=rec["index_bytes"]))
             continue
+        if kind == f3.KIND_SPARSE_RAW:
+            if rec["length"] < 4:
+                raise SwsFormatError(f"{where(name, 'positions')}{rec['length']} bytes; a context-coded stream has at least 4")
+            pos = layout.take([layout.end, rec["length"], 0], name, "positions")
+            vals = layout.take([layout.end, rec["nonzeros"] * RAW_DTYPES[dtype].itemsize, 0], name, "values")
+            entries.append(Entry(name, "raw", dtype, shape, (pos, vals), start, layout.end, nonzeros=rec["nonzeros"],
+                                 coder="sparse", counting=True, crc=rec["crc"], index_bytes=rec["index_bytes"]))
+            continue
         rows, _ = matrix_shape(shape)
         cb, nz = rec["codebook"], rec["nonzeros"]
-        if kind == f3.KIND_CONTEXT:
+        if kind in (f3.KIND_CONTEXT, f3.KIND_COUNTING):
             if rec["length"] < 4:
                 raise SwsFormatError(f"{where(name, 'payload')}{rec['length']} bytes; a context-coded stream has at least 4")
             sec = layout.take([layout.end, rec["length"], 0], name, "payload")
             entries.append(Entry(name, "sws", dtype, shape, (sec,), start, layout.end, codebook=cb, nonzeros=nz,
-                                 entries=nz, coder="context", crc=rec["crc"], index_bytes=rec["index_bytes"]))
+                                 entries=nz, coder="context", counting=kind == f3.KIND_COUNTING, crc=rec["crc"],
+                                 index_bytes=rec["index_bytes"]))
             continue
         sections = [layout.take([layout.end, (rows * rec["row_bits"] + 7) // 8, 0], name, "row_counts")]
         tables = []
@@ -888,7 +921,7 @@ def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
     if len(mv) != e.end - e.start:
         raise SwsFormatError(f"{where(e.name)}file truncated: {len(mv)} of {e.end - e.start} bytes of its sections")
     if e.kind == "raw":
-        names: tuple[str, ...] = ("data",)
+        names: tuple[str, ...] = ("positions", "values") if e.coder == "sparse" else ("data",)
     else:
         names = ("payload",) if e.coder == "context" else ("row_counts", "gaps", "values")
     arrays = []
@@ -908,11 +941,14 @@ def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
     if verify and e.crc is not None and crc & 0xFFFFFFFF != e.crc:
         raise SwsChecksumError(f"{where(e.name)}CRC-32 mismatch: the tensor's bytes are corrupted")
     if e.kind == "raw":
-        if e.dtype == "bool" and arrays[0].size and int(arrays[0].max()) > 1:
-            raise SwsFormatError(f"{where(e.name, 'data')}a bool byte is not 0 or 1")
-        return RawTensor(e.name, e.dtype, e.shape, arrays[0])
+        values = arrays[-1]
+        if e.dtype == "bool" and values.size and int(values.max()) > 1:
+            raise SwsFormatError(f"{where(e.name, 'values' if e.coder == 'sparse' else 'data')}a bool byte is not 0 or 1")
+        if e.coder == "sparse":
+            return SparseRawTensor(e.name, e.dtype, e.shape, e.nonzeros, arrays[0], values)
+        return RawTensor(e.name, e.dtype, e.shape, values)
     if e.coder == "context":
-        return ContextTensor(e.name, e.dtype, e.shape, e.codebook, e.nonzeros, arrays[0])
+        return ContextTensor(e.name, e.dtype, e.shape, e.codebook, e.nonzeros, arrays[0], e.counting)
     rows, _ = matrix_shape(e.shape)
     for fld, arr, bits in (("row_counts", arrays[0], rows * e.row_bits), ("gaps", arrays[1], e.gap_bits),
                            ("values", arrays[2], e.value_bits)):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import ctxcoder, kernels
-from .container import ContextTensor, RawTensor, SwsTensor
+from .container import ContextTensor, RawTensor, SparseRawTensor, SwsTensor
 from .errors import SwsDecodeError, where
 from .huffman import decode_table
 from .spec import RAW_DTYPES, matrix_shape
@@ -62,18 +62,24 @@ def _fail(t: SwsTensor, status: int, row: int) -> None:
         raise SwsDecodeError(f"{where(t.name, 'payload')}{kernels.STATUS[status]}{at}")
 
 
-def _context_symbols(t: ContextTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR ``(crow, columns, symbols 1..K-1)`` of a context-coded tensor."""
-    rows, cols = matrix_shape(t.shape)
-    crow = np.zeros(rows + 1, dtype=np.int64)
-    col = np.zeros(t.nonzeros, dtype=np.int64)
-    syms = np.zeros(t.nonzeros, dtype=np.int64)
-    status, row = ctxcoder.decode(t.data, rows, cols, ctxcoder.kernel_size(t.shape), ctxcoder.negative_symbols(t.codebook),
-                                  t.nonzeros, crow, col, syms)
+def _context_symbols(t: ContextTensor | SparseRawTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR ``(crow, columns, symbols 1..K-1)`` of a context-coded tensor (kind 5: symbols all 1)."""
+    if isinstance(t, SparseRawTensor):
+        data, negative, estimator, field = t.positions, ctxcoder.POSITIONS_ONLY, ctxcoder.COUNTING, "positions"
+    else:
+        data, negative, field = t.data, ctxcoder.negative_symbols(t.codebook), "payload"
+        estimator = ctxcoder.COUNTING if t.counting else ctxcoder.TWO_RATE
+    status, row, crow, col, syms = ctxcoder.decode_tensor(data, t.shape, negative, t.nonzeros, estimator)
     if status != kernels.OK:
         at = f" (row {row})" if row >= 0 else ""
-        raise SwsDecodeError(f"{where(t.name, 'payload')}{ctxcoder.STATUS[status]}{at}")
+        raise SwsDecodeError(f"{where(t.name, field)}{ctxcoder.STATUS[status]}{at}")
     return crow, col, syms
+
+
+def _sparse_raw_into(t: SparseRawTensor, out: np.ndarray) -> None:
+    """Scatter a kind 5 tensor's values into ``out`` (1-D, zeroed, an integer dtype of the item size)."""
+    crow, col, _ = _context_symbols(t)
+    ctxcoder.scatter_values(crow, col, np.frombuffer(t.values, dtype=out.dtype), matrix_shape(t.shape)[1], out)
 
 
 def decode_dense_array(t: SwsTensor | ContextTensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -123,8 +129,13 @@ def _patterns_to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(arr.view(arr.dtype.str.replace("u", "i"))).view(TORCH_DTYPES[dtype])
 
 
-def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor, device: torch.device | str = "cpu", sparse: bool = False) -> torch.Tensor:
+def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor, device: torch.device | str = "cpu",
+                      sparse: bool = False) -> torch.Tensor:
     """Decode one container entry to a torch tensor on ``device``."""
+    if isinstance(t, SparseRawTensor):
+        out = torch.zeros(t.shape, dtype=TORCH_DTYPES[t.dtype])
+        decode_into(t, out)
+        return out.to(device)
     if isinstance(t, RawTensor):
         arr = np.frombuffer(t.data, dtype=RAW_DTYPES[t.dtype]).copy()
         out = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if t.dtype == "bfloat16" else torch.from_numpy(arr)
@@ -146,7 +157,7 @@ def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor, device: torch.de
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def decode_into(t: SwsTensor | ContextTensor | RawTensor, target: torch.Tensor) -> bool:
+def decode_into(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor, target: torch.Tensor) -> bool:
     """Decode ``t`` straight into ``target``'s memory (no second copy) when it is a contiguous
     CPU tensor of the same dtype and shape; False (nothing written) otherwise."""
     if (target.device.type != "cpu" or target.layout != torch.strided or not target.is_contiguous()
@@ -155,6 +166,9 @@ def decode_into(t: SwsTensor | ContextTensor | RawTensor, target: torch.Tensor) 
     flat = target.detach().reshape(-1).view(_SAME_SIZE_INT[target.element_size()]).numpy()
     if isinstance(t, RawTensor):
         flat[:] = np.frombuffer(t.data, dtype=flat.dtype)
+    elif isinstance(t, SparseRawTensor):
+        flat.fill(0)
+        _sparse_raw_into(t, flat)
     else:
         decode_dense_array(t, flat.view(t.codebook.dtype))
     return True

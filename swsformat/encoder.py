@@ -19,7 +19,17 @@ import torch
 from torch import nn
 
 from . import __version__, ctxcoder, kernels
-from .container import AliasTensor, Container, ContextTensor, RawTensor, Stream, SwsTensor, output_bytes, serialize
+from .container import (
+    AliasTensor,
+    Container,
+    ContextTensor,
+    RawTensor,
+    SparseRawTensor,
+    Stream,
+    SwsTensor,
+    output_bytes,
+    serialize,
+)
 from .errors import SwsEncodeError, where
 from .files import atomic_write
 from .huffman import canonical_codes, code_lengths
@@ -42,11 +52,20 @@ CODERS = ("auto", "context", "huffman")
 # "auto" and the context coder: it decodes every position of a live row (18 ns each on one core
 # for a 10%-dense layer) where Huffman decodes only stored entries (1 ns per position there;
 # benchmarks/coders.json), so "auto" takes it only where every byte it saves pays for
-# CONTEXT_AUTO_POSITIONS positions of decode (~75 us per byte saved), and never above
-# CONTEXT_AUTO_MAX elements. On the paper's nets it saves 1-19% per layer and is kept; on a
-# random 2304x768 layer pruned to 10% it saves 0.03% and would decode 18x slower.
+# CONTEXT_AUTO_POSITIONS positions of decode (~75 us per byte saved), never above
+# CONTEXT_AUTO_MAX elements, and above CONTEXT_AUTO_SMALL elements only where it saves
+# CONTEXT_AUTO_SHARE of the bytes. On the paper's nets it saves 3-25% per layer and is kept;
+# on a random 1024x1024 layer pruned to 10% it saves 1.7% and would decode ~18x slower.
 CONTEXT_AUTO_MAX = 1 << 22
 CONTEXT_AUTO_POSITIONS = 4096
+CONTEXT_AUTO_SMALL = 1 << 16
+CONTEXT_AUTO_SHARE = 0.03
+
+
+def _context_pays(saved: int, numel: int, other_bytes: int) -> bool:
+    """The "auto" rule above: ``saved`` bytes against the other coding's ``other_bytes``."""
+    return (saved > 0 and saved * CONTEXT_AUTO_POSITIONS >= numel
+            and (numel <= CONTEXT_AUTO_SMALL or saved >= CONTEXT_AUTO_SHARE * other_bytes))
 
 _TORCH_DTYPES = {
     torch.float64: "float64",
@@ -113,6 +132,28 @@ def _raw(name: str, t: torch.Tensor) -> RawTensor:
     arr = t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
     data = np.ascontiguousarray(arr).astype(RAW_DTYPES[dtype], copy=False).reshape(-1).view(np.uint8)
     return RawTensor(name, dtype, tuple(t.shape), data)
+
+
+def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
+    """``t`` uncoded: its raw bytes, or (version 3) only its non-zero elements' bytes with their
+    positions context-coded (kind 5) where that is smaller by the rule :func:`_sws` uses for
+    the context coder (``coder="context"``: wherever it is smaller; "huffman": never)."""
+    raw = _raw(name, t)
+    numel = t.numel()
+    if version < 3 or coder == "huffman" or not numel or (coder == "auto" and numel > CONTEXT_AUTO_MAX):
+        return raw
+    item = RAW_DTYPES[raw.dtype].itemsize
+    elements = raw.data.view(f"<u{item}" if item > 1 else np.uint8)
+    present = elements != 0
+    nonzeros = int(np.count_nonzero(present))
+    most = raw.data.size - nonzeros * item - 4  # what it could save at best (positions cost >= 4 bytes)
+    if most <= 0 or (coder == "auto" and not _context_pays(most, numel, raw.data.size)):
+        return raw
+    positions = ctxcoder.encode_tensor(present.view(np.uint8), raw.shape, ctxcoder.POSITIONS_ONLY, ctxcoder.COUNTING)
+    sparse = SparseRawTensor(name, raw.dtype, raw.shape, nonzeros, positions, elements[present].view(np.uint8))
+    raw_bytes = _entry_bytes(raw, version)
+    saved = raw_bytes - _entry_bytes(sparse, version)
+    return sparse if (saved > 0 if coder == "context" else _context_pays(saved, numel, raw_bytes)) else raw
 
 
 def _huffman(symbols: np.ndarray, alphabet: int) -> Stream:
@@ -235,19 +276,13 @@ def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.
 
 def _context_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray,
                     symbols: np.ndarray) -> ContextTensor:
-    rows, cols = matrix_shape(shape)
-    nonzeros = int(np.count_nonzero(symbols))
-    out = np.zeros(ctxcoder.max_coded_bytes(rows, cols, nonzeros, codebook.size), dtype=np.uint8)
-    status, n = ctxcoder.encode(symbols, rows, cols, ctxcoder.kernel_size(shape), ctxcoder.value_depth(codebook.size),
-                                ctxcoder.negative_symbols(codebook), out)
-    if status != kernels.OK:  # the bound is proven; this would be a bug, not bad input
-        raise SwsEncodeError(f"{where(name)}the context coder ran out of room ({status})")
-    return ContextTensor(name, dtype, shape, codebook, nonzeros, out[:n].copy())
+    data = ctxcoder.encode_tensor(symbols, shape, ctxcoder.negative_symbols(codebook), ctxcoder.COUNTING)
+    return ContextTensor(name, dtype, shape, codebook, int(np.count_nonzero(symbols)), data)
 
 
 def _sws(name: str, t: torch.Tensor, index_bits: int | str | None, coder: str = "huffman") -> SwsTensor | ContextTensor:
-    """The tensor coded by ``coder`` ("huffman", "context", or "auto": the context coder where it
-    saves a byte per CONTEXT_AUTO_POSITIONS elements, up to CONTEXT_AUTO_MAX elements; else Huffman)."""
+    """The tensor coded by ``coder`` ("huffman", "context", or "auto": the context coder where
+    :func:`_context_pays`, up to CONTEXT_AUTO_MAX elements; else Huffman)."""
     dtype, codebook, symbols = _symbols(name, t)
     shape = tuple(int(s) for s in t.shape)
     if coder == "context" or (coder == "auto" and symbols.size <= CONTEXT_AUTO_MAX):
@@ -255,8 +290,8 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None, coder: str = 
         if coder == "context":
             return ctx
         huff = _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
-        saved = _entry_bytes(huff, 3) - _entry_bytes(ctx, 3)
-        return ctx if saved > 0 and saved * CONTEXT_AUTO_POSITIONS >= symbols.size else huff
+        huff_bytes = _entry_bytes(huff, 3)
+        return ctx if _context_pays(huff_bytes - _entry_bytes(ctx, 3), symbols.size, huff_bytes) else huff
     return _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
 
 
@@ -276,7 +311,7 @@ def _architecture(obj: Any, architecture: str | Mapping[str, Any] | None) -> dic
 SMALLEST_CHECK_BYTES = 1 << 20
 
 
-def _entry_bytes(t: RawTensor | SwsTensor | ContextTensor, version: int) -> int:
+def _entry_bytes(t: RawTensor | SparseRawTensor | SwsTensor | ContextTensor, version: int) -> int:
     """Size of a file that holds ``t`` alone: its header entry (deflated with the rest of the
     header in version 2), code tables and sections."""
     return len(serialize(Container([t], {}, None, "", version)))
@@ -319,7 +354,7 @@ def to_container(
         selector = lambda n, t: n in chosen  # noqa: E731
     else:
         selector = default_selector
-    tensors: list[RawTensor | SwsTensor | ContextTensor | AliasTensor] = []
+    tensors: list[RawTensor | SparseRawTensor | SwsTensor | ContextTensor | AliasTensor] = []
     stored: dict[tuple, str] = {}
     for name, t in sd.items():
         if version >= 3 and t.numel():
@@ -329,19 +364,19 @@ def to_container(
                 tensors.append(AliasTensor(name, stored[key]))
                 continue
             stored[key] = name
+        how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
         if name not in keep and selector(name, t):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} is not a floating type and cannot be coded")
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
-            how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
             coded = _sws(name, t, ib, how if version >= 3 else "huffman")
             if smallest and t.numel() * t.element_size() <= SMALLEST_CHECK_BYTES:
-                raw = _raw(name, t)
+                raw = _stored(name, t, how, version)
                 if _entry_bytes(raw, version) <= _entry_bytes(coded, version):
                     coded = raw
             tensors.append(coded)
         else:
-            tensors.append(_raw(name, t))
+            tensors.append(_stored(name, t, how, version))
     meta = dict(metadata or {})
     for k, v in meta.items():
         if not isinstance(k, str) or not isinstance(v, str):

@@ -34,7 +34,7 @@ from .spec import (
 
 VERSION = 3
 DTYPE_CODES = list(RAW_DTYPES)  # dtype byte -> name, in SPEC.md's order
-KIND_RAW, KIND_HUFFMAN, KIND_CONTEXT, KIND_ALIAS = 0, 1, 2, 3
+KIND_RAW, KIND_HUFFMAN, KIND_CONTEXT, KIND_ALIAS, KIND_COUNTING, KIND_SPARSE_RAW = 0, 1, 2, 3, 4, 5
 MAX_VARINT_BYTES = 10
 INT64_MAX = (1 << 63) - 1
 
@@ -276,7 +276,12 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
         rec: dict[str, Any] = {"name": name, "kind": cur.u8("kind")}
         if rec["kind"] == KIND_ALIAS:
             rec["target"] = cur.varint("alias", INT64_MAX)
-        elif rec["kind"] in (KIND_RAW, KIND_HUFFMAN, KIND_CONTEXT):
+        elif rec["kind"] == KIND_SPARSE_RAW:
+            rec["dtype"], rec["shape"] = read_shape(cur)
+            rec["nonzeros"] = cur.varint("nonzeros", numel(rec["shape"]))
+            rec["length"] = cur.varint("positions")
+            rec["crc"] = cur.u32("crc")
+        elif rec["kind"] in (KIND_RAW, KIND_HUFFMAN, KIND_CONTEXT, KIND_COUNTING):
             rec["dtype"], rec["shape"] = read_shape(cur)
             if rec["kind"] != KIND_RAW:
                 if rec["dtype"] not in SWS_DTYPES:
@@ -293,7 +298,8 @@ def read_index_records(index: bytes) -> tuple[str, dict[str, Any] | None, dict[s
                     rec["length"] = cur.varint("payload")
             rec["crc"] = cur.u32("crc")
         else:
-            raise cur.fail("kind", f"{rec['kind']} is not 0 (raw), 1 (huffman), 2 (context) or 3 (alias)")
+            raise cur.fail("kind", f"{rec['kind']} is not 0 (raw), 1 (huffman), 2 or 4 (context), 3 (alias) "
+                                   "or 5 (sparse raw)")
         rec["index_bytes"] = cur.pos - start
         records.append(rec)
         codebooks.append(rec.get("codebook_of"))

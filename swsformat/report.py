@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from .container import AliasTensor, ContextTensor, RawTensor, SwsTensor
+from .container import AliasTensor, ContextTensor, RawTensor, SparseRawTensor, SwsTensor
 from .decoder import symbol_counts
 from .huffman import entropy_bits
 from .reader import PathLike, SwsFile
@@ -16,7 +16,7 @@ from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 FP32_BITS = 32
 
 
-def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | AliasTensor, header_bits: int, entropy: bool,
+def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | AliasTensor, header_bits: int, entropy: bool,
                    target: dict[str, Any] | None = None) -> dict[str, Any]:
     if isinstance(t, AliasTensor):
         assert target is not None
@@ -32,6 +32,11 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | AliasTensor, heade
     if isinstance(t, RawTensor):
         r["raw_bits"] = int(t.data.size) * 8
         r["total_bits"] = r["raw_bits"] + header_bits
+        return r
+    if isinstance(t, SparseRawTensor):  # the non-zeros' own bytes, their positions context-coded
+        r.update(coder=t.coder, nonzeros=t.nonzeros, position_bits=int(t.positions.size) * 8,
+                 raw_bits=int(t.values.size) * 8)
+        r["total_bits"] = r["position_bits"] + r["raw_bits"] + header_bits
         return r
     rows, cols = matrix_shape(t.shape)
     r["coder"] = t.coder
@@ -107,7 +112,7 @@ def size_report(
     fp32_bits = sum(r["fp32_bits"] for r in tensors)
     coded_fp32 = sum(r["fp32_bits"] for r in sws)
     coded_bits = sum(r["payload_bits"] for r in sws)
-    sections = sum(r.get("raw_bits", 0) + r.get("payload_bits", 0) for r in tensors) // 8
+    sections = sum(r.get("raw_bits", 0) + r.get("position_bits", 0) + r.get("payload_bits", 0) for r in tensors) // 8
     out = {
         "file_bytes": file_bytes,
         "header_bytes": hlen,

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import swsformat
-from swsformat import format3
+from swsformat import ctxcoder, format3
 from swsformat.container import (
     HEADER_MSGPACK,
     AliasTensor,
+    Container,
     ContextTensor,
     _serialize3,
     decode_header,
@@ -25,14 +26,18 @@ from swsformat.container import (
     parse,
     read_prelude,
 )
-from swsformat.errors import SwsDecodeError, SwsFormatError
+from swsformat.errors import SwsDecodeError, SwsError, SwsFormatError
 
 from .conftest import quantized
 from .test_bad_files import rejects_within
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 @given(
@@ -236,9 +241,9 @@ def test_index_crc_and_layout_are_as_specified():
     expect = format3.varint(len(lib)) + lib + b"\x00" + b"\x01" + b"\x01k\x01v" + b"\x01"
     assert index.startswith(expect)
     rec = index[len(expect) :]
-    # name: shares 0 bytes at either end, then "w"; kind 2 (context); dtype 1 (float32); 2 dims 2, 2;
-    # own codebook of 2 patterns 0.5 (0x3f000000) and -0.5 (0xbf000000); 2 non-zeros.
-    head = b"\x00\x00\x01w" + b"\x02" + b"\x01\x02\x02\x02" + b"\x00\x02" + struct.pack("<II", 0x3F000000, 0xBF000000) + b"\x02"
+    # name: shares 0 bytes at either end, then "w"; kind 4 (context, counting); dtype 1 (float32); 2 dims
+    # 2, 2; own codebook of 2 patterns 0.5 (0x3f000000) and -0.5 (0xbf000000); 2 non-zeros.
+    head = b"\x00\x00\x01w" + b"\x04" + b"\x01\x02\x02\x02" + b"\x00\x02" + struct.pack("<II", 0x3F000000, 0xBF000000) + b"\x02"
     assert rec.startswith(head)
     length = rec[len(head)]
     payload = data[-length:]
@@ -304,3 +309,70 @@ def test_auto_takes_the_slow_context_coder_only_where_it_pays():
     w[:, 200:400] = 0
     f = swsformat.open(swsformat.encode_bytes({"a.weight": w}))
     assert f.entry("a.weight").coder == "context"
+
+
+@given(
+    shape=st.sampled_from([(0,), (1,), (37,), (5, 8), (3, 2, 3, 3), ()]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8,
+                           torch.uint8, torch.bool]),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_raw_round_trips_any_dtype_bit_exactly(shape, dtype, density, seed):
+    """Kind 5 keeps every element's bytes, negative zero included; the rest are zero."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        t = torch.rand(shape, generator=g) < density
+    else:
+        t = (torch.randn(shape, generator=g) * 100).to(dtype)
+        t[torch.rand(shape, generator=g) >= density] = 0
+        if dtype.is_floating_point and t.numel():
+            t.view(-1)[0] = -0.0
+    data = swsformat.encode_bytes({"b": t}, coder="context")
+    f = swsformat.open(data)
+    assert same_bits(f.get_tensor("b"), t)
+    if f.entry("b").coder == "sparse":
+        as_bytes = t.contiguous().reshape(-1).view(torch.uint8).reshape(t.numel(), -1)
+        assert f.entry("b").kind == "raw" and f.entry("b").nonzeros == int((as_bytes != 0).any(1).sum())
+
+
+def test_sparse_raw_stores_only_the_live_units_biases():
+    """Biases of pruned units are zero: only the live ones' bytes are stored, positions cost bits."""
+    b = torch.randn(300, generator=torch.Generator().manual_seed(0)).half()
+    b[::3] = 0
+    sd = {"fc.bias": b}
+    f = swsformat.open(swsformat.encode_bytes(sd))
+    assert f.entry("fc.bias").coder == "sparse"
+    assert f.entry("fc.bias").stored_bytes < 200 * 2 + 40
+    assert f.entry("fc.bias").stored_bytes < swsformat.open(swsformat.encode_bytes(sd, coder="huffman")).entry("fc.bias").stored_bytes - 150
+    assert same_bits(swsformat.load_state_dict(swsformat.encode_bytes(sd))["fc.bias"], b)
+    # versions 1-2 have no kind 5; "huffman" (fastest decode) never takes it; a dense tensor stays raw
+    assert swsformat.open(swsformat.encode_bytes(sd, version=2)).entry("fc.bias").coder != "sparse"
+    assert swsformat.open(swsformat.encode_bytes({"fc.bias": b + 1})).entry("fc.bias").coder != "sparse"
+
+
+def test_both_estimators_decode_and_counting_is_smaller_on_a_trained_layer():
+    """Kind 2 files (two-rate estimator) still decode; the writer's kind 4 is smaller; the
+    estimator is part of the record (the same bytes under the other one do not decode to w)."""
+    from swsformat.encoder import _symbols
+
+    w = quantized((120, 200), 0.1, 15, seed=8)
+    w[::4] = 0
+    t = parse(swsformat.encode_bytes({"w.weight": w}, coder="context", smallest=False)).tensors[0]
+    assert isinstance(t, ContextTensor) and t.counting
+    old_bytes = ctxcoder.encode_tensor(_symbols("w", w)[2], t.shape, ctxcoder.negative_symbols(t.codebook),
+                                       ctxcoder.TWO_RATE)
+    assert t.data.size < old_bytes.size
+
+    def file(data, counting):
+        return _serialize3(Container([ContextTensor(t.name, t.dtype, t.shape, t.codebook, t.nonzeros, data, counting)],
+                                     {}, None, "test", 3))
+
+    old = file(old_bytes, False)
+    assert swsformat.open(old).entry("w.weight").counting is False
+    assert same_bits(swsformat.load_state_dict(old)["w.weight"], w)
+    try:
+        wrong = swsformat.load_state_dict(file(old_bytes, True))["w.weight"]
+    except SwsError:
+        return
+    assert not same_bits(wrong, w)

@@ -1,7 +1,9 @@
 """Format stability: committed files of every version decode, and today's writer makes the same bytes.
 
-Set SWSFORMAT_REGEN_GOLDEN=1 to write the current version's file (only when bumping the
-format version; files of older versions are never rewritten).
+Set SWSFORMAT_REGEN_GOLDEN=1 to write the current writer's file (only when the format gains
+a version or a kind; files of older versions and kinds are never rewritten). ``golden-v3.sws``
+is version 3 as first written (context kind 2); ``golden-v3-kinds45.sws`` is what the writer
+makes today (context kind 4, sparse raw kind 5).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from swsformat.spec import FORMAT_VERSION, VERSIONS
 
 from .conftest import DATA, quantized
 
-GOLDEN = DATA / f"golden-v{FORMAT_VERSION}.sws"
+GOLDEN = DATA / f"golden-v{FORMAT_VERSION}-kinds45.sws"
 # The settings the golden files were written with (the encoder's defaults were these before 0.3).
 GOLDEN_SETTINGS = {"index_bits": None, "smallest": False}
 
@@ -30,7 +32,7 @@ def golden_settings(version: int) -> dict:
     return {**GOLDEN_SETTINGS, "coder": {"gap.weight": "huffman", "half.weight": "huffman"}}
 
 
-def golden_state_dict(version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
+def golden_state_dict(version: int = FORMAT_VERSION, kinds45: bool = True) -> dict[str, torch.Tensor]:
     t = torch.zeros(3, 40)
     t[0, 39] = 0.5
     t[2, [0, 1, 35]] = torch.tensor([-0.25, 0.5, -0.25])
@@ -45,30 +47,36 @@ def golden_state_dict(version: int = FORMAT_VERSION) -> dict[str, torch.Tensor]:
     }
     if version >= 3:
         sd["tied.weight"] = sd["fc.weight"]  # one tensor under two names: stored once
+    if version >= 3 and kinds45:  # biases of pruned units: only the non-zeros' bytes are stored
+        sd["pruned.bias"] = torch.tensor([0.0] * 12 + [0.125, -3.5, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 1e-3, 0.0, 0.0])
     return sd
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_golden_file_decodes_to_the_same_tensors(version):
-    if os.environ.get("SWSFORMAT_REGEN_GOLDEN") and version == FORMAT_VERSION:
+@pytest.mark.parametrize("version, kinds45", [(v, False) for v in VERSIONS] + [(FORMAT_VERSION, True)])
+def test_golden_file_decodes_to_the_same_tensors(version, kinds45):
+    if os.environ.get("SWSFORMAT_REGEN_GOLDEN") and kinds45:
         swsformat.encode(golden_state_dict(), GOLDEN, metadata={"purpose": "golden"}, **golden_settings(version))
-    path = DATA / f"golden-v{version}.sws"
+    path = GOLDEN if kinds45 else DATA / f"golden-v{version}.sws"
     assert parse(path.read_bytes()).version == version
     sd = swsformat.load_state_dict(path)
-    want = golden_state_dict(version)
+    want = golden_state_dict(version, kinds45)
     assert list(sd) == list(want)
     for k in want:
         assert sd[k].dtype == want[k].dtype and torch.equal(sd[k], want[k]), k
     if version >= 3:
         assert sd["tied.weight"] is sd["fc.weight"]
-        coders = {swsformat.open(path).entry(k).coder for k in sd if swsformat.open(path).entry(k).kind == "sws"}
-        assert coders == {"huffman", "context"}  # the file exercises both coders
+        f = swsformat.open(path)
+        kinds = {(f.entry(k).kind, f.entry(k).coder, f.entry(k).counting) for k in sd if f.entry(k).kind != "alias"}
+        # the file exercises every coder of its time
+        assert kinds == ({("raw", "huffman", False), ("sws", "huffman", False), ("sws", "context", True),
+                          ("raw", "sparse", True)} if kinds45 else
+                         {("raw", "huffman", False), ("sws", "huffman", False), ("sws", "context", False)})
 
 
 def _rewrite(version: int) -> tuple[bytes, bytes]:
     """Today's writer on the golden tensors at ``version``, with the golden file's library
     string (the only field allowed to differ between releases), and the golden file."""
-    golden = (DATA / f"golden-v{version}.sws").read_bytes()
+    golden = (GOLDEN if version == FORMAT_VERSION else DATA / f"golden-v{version}.sws").read_bytes()
     c = to_container(golden_state_dict(version), metadata={"purpose": "golden"}, version=version,
                      **golden_settings(version))
     c.library = parse(golden).library
