@@ -88,7 +88,7 @@ def reencode(path: Path, version: int, smallest: bool, dead: bool, data_root: st
     return {"before": len(original), "after": len(data), "dead_removed": removed}
 
 
-def update_json(path: Path, r: dict, argv: list[str]) -> None:
+def update_json(path: Path, r: dict, argv: list[str], made_by: dict) -> None:
     j = path.with_suffix(".json")
     if not j.exists():
         return
@@ -108,7 +108,7 @@ def update_json(path: Path, r: dict, argv: list[str]) -> None:
         "note": "same training run; the weights are the committed file's"
                 + (", exact pruning proven by bit-identical logits on the whole test set" if r["dead_removed"] else
                    ", every tensor decodes bit-identical") + ", so the errors above still hold",
-        "provenance": provenance(ROOT),
+        "provenance": made_by,
     }
     if earlier:
         record["reencoded"]["earlier"] = earlier
@@ -125,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the test set (MNIST IDX files)")
     p.add_argument("--json", action="store_true", help="update the results JSON beside each file")
     a = p.parse_args(argv)
+    made_by = provenance(ROOT)  # before this command's own writes make the tree dirty
     for f in a.files:
         r = reencode(f, a.version, a.smallest, a.remove_dead, a.data_root)
         if a.json:
-            update_json(f, r, argv)
+            update_json(f, r, argv, made_by)
         print(f"{f}: {r['before']} -> {r['after']} bytes (format version {a.version}, "
               f"{r['dead_removed']} non-zeros that cannot change the output removed)")
 
