@@ -104,8 +104,10 @@ def test_comparison_covers_every_committed_file_and_counts_bits(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["files"]
     files = sorted(PAPER.glob("*.sws")) + sorted((ROOT / "results" / "methods").glob("*.sws"))
     assert sorted(r["file"] for r in rows) == sorted(str(f.relative_to(ROOT)) for f in files)
-    for r in rows:  # the whole file holds more than the weights either paper counts
-        assert r["rate_whole_file"] < min(r["rate_sws_paper"], r["rate_bc_paper"])
+    for r in rows:
+        # the whole file holds more than the SWS paper's count of the same weights (the BC paper's
+        # count, fixed bits per non-zero, can be beaten: entropy-coded values, cheap dead-unit positions)
+        assert r["rate_whole_file"] < r["rate_sws_paper"]
     assert out.with_suffix(".png").stat().st_size > 0
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
