@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import swsformat
-from swsformat.container import AliasTensor, RawTensor
+from swsformat.container import AliasTensor, RawTensor, SparseRawTensor
 from swsformat.decoder import decode_csr_arrays
 from swsformat.provenance import provenance
 from swsformat.spec import matrix_shape
@@ -63,9 +63,11 @@ def layouts(path: Path) -> dict[str, bytes]:
         t = f.tensor(name)
         if isinstance(t, AliasTensor):
             continue
-        if isinstance(t, RawTensor):
+        if isinstance(t, RawTensor | SparseRawTensor):  # a user would write the dense bytes
+            dense = f.get_tensor(name).contiguous().view(-1)
+            raw = (dense.view(torch.int16) if dense.dtype == torch.bfloat16 else dense).numpy().tobytes()
             for parts in (own, symbols, csr):
-                parts.append(t.data.tobytes())
+                parts.append(raw)
             continue
         dense = f.get_tensor(name).contiguous().view(-1)
         own.append((dense.view(torch.int16) if dense.dtype == torch.bfloat16 else dense).numpy().tobytes())
