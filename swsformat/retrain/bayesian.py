@@ -346,6 +346,7 @@ class BayesianCompression:
     def finalize_(
         self, threshold: float | None = None, max_levels: int = 255,
         check: Callable[[nn.Module], float] | None = None, tolerance: float = 0.1, max_halvings: int = 8,
+        round_values: bool = True,
     ) -> BCFinalized:
         """Prune the groups whose log alpha exceeds ``threshold``, round the posterior means of
         the rest to a per-layer grid and put plain ``nn.Linear`` / ``nn.Conv2d`` layers with
@@ -356,7 +357,9 @@ class BayesianCompression:
         ``check(model) -> error`` (lower is better), layer by layer the step is halved (up to
         ``max_halvings`` times) until the error is within ``tolerance`` of the unrounded
         model's: a short training leaves posterior stds too wide to round to, and one coarse
-        layer can cost several points of accuracy.
+        layer can cost several points of accuracy. ``round_values=False`` keeps the posterior
+        means of the kept groups as they are (the structure alone, for another method to
+        quantize; ``bits`` then reports the dtype's).
         """
         threshold = self.threshold if threshold is None else threshold
         kept_groups, bits, steps = {}, {}, {}
@@ -383,6 +386,12 @@ class BayesianCompression:
         nonzero = total = 0
         for name, (mean, step, finest, _) in plans.items():
             weight = self.model.get_submodule(name).weight
+            if not round_values:
+                weight.copy_(mean + 0.0)
+                bits[name], steps[name] = weight.element_size() * 8, 0.0
+                nonzero += int(weight.count_nonzero())
+                total += weight.numel()
+                continue
             for halvings in range(max_halvings + 1):
                 # + 0.0: a negative mean rounded (or masked) to zero is -0.0, which the encoder keeps
                 # bit-exactly as a stored non-zero entry (it tripled a LeNet-300-100 file's entries).
@@ -472,6 +481,37 @@ class BayesianCompressionResult:
         return {k: v for k, v in asdict(self).items() if k != "model"}
 
 
+def train_bayesian(
+    model: nn.Module,
+    train: Data,
+    config: BayesianCompressionConfig,
+    measure: Callable[[nn.Module], float],
+    progress: bool = True,
+    loss_fn: LossFn = cross_entropy,
+    filter_fn=None,
+    dataset_size: int | None = None,
+) -> tuple[BayesianCompression, list[dict[str, Any]]]:
+    """The Bayesian layers swapped into ``model`` and trained for ``config.epochs`` (Adam,
+    cosine decay, task loss plus KL / N): the method object, to finalize, and per epoch the
+    loss, ``measure(model)`` and the groups each layer would keep."""
+    from .train import dataset_size as size_of
+
+    torch.manual_seed(config.seed)
+    bc = BayesianCompression(model, dataset_size=dataset_size or size_of(train), threshold=config.threshold,
+                             init_logvar=config.init_logvar, filter_fn=filter_fn, prior=config.prior, tau0=config.tau0)
+    opt = adam(bc.param_groups(config.lr, config.lr_logvar), lr=config.lr)
+    sched = cosine_schedule(opt, config.epochs * steps_per_epoch(train, config.batch_size))
+    gen = torch.Generator().manual_seed(config.seed)
+    epochs = []
+    for epoch in range(1, config.epochs + 1):
+        loss, _, _ = train_epoch(model, opt, batches_of(train, config.batch_size, gen),
+                                 loss_fn=lambda m, x, y: loss_fn(m, x, y) + bc.kl_loss(), scheduler=sched,
+                                 desc=f"bayesian epoch {epoch}", progress=progress)
+        kept = {n: int((la < config.threshold).sum()) for n, la in bc.log_alphas().items()}
+        epochs.append({"epoch": epoch, "loss": loss, "test_error": measure(model), "groups_kept": kept})
+    return bc, epochs
+
+
 def bayesian_compress(
     model: nn.Module,
     train: Data,
@@ -491,21 +531,10 @@ def bayesian_compress(
     from .train import dataset_size as size_of
 
     measure = evaluate_fn if evaluate_fn is not None else (lambda m: evaluate(m, test))
-    torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     pre = measure(model)
-    bc = BayesianCompression(model, dataset_size=dataset_size or size_of(train), threshold=config.threshold,
-                             init_logvar=config.init_logvar, filter_fn=filter_fn, prior=config.prior, tau0=config.tau0)
-    opt = adam(bc.param_groups(config.lr, config.lr_logvar), lr=config.lr)
-    sched = cosine_schedule(opt, config.epochs * steps_per_epoch(train, config.batch_size))
-    gen = torch.Generator().manual_seed(config.seed)
-    epochs = []
-    for epoch in range(1, config.epochs + 1):
-        loss, _, _ = train_epoch(model, opt, batches_of(train, config.batch_size, gen),
-                                 loss_fn=lambda m, x, y: loss_fn(m, x, y) + bc.kl_loss(), scheduler=sched,
-                                 desc=f"bayesian epoch {epoch}", progress=progress)
-        kept = {n: int((la < config.threshold).sum()) for n, la in bc.log_alphas().items()}
-        epochs.append({"epoch": epoch, "loss": loss, "test_error": measure(model), "groups_kept": kept})
+    bc, epochs = train_bayesian(model, train, config, measure, progress=progress, loss_fn=loss_fn, filter_fn=filter_fn,
+                                dataset_size=dataset_size or size_of(train))
     trained = epochs[-1]["test_error"]
     check = evaluate_fn if evaluate_fn is not None else check_split(train, 10000)
     on_check = check if callable(check) else (lambda m: evaluate(m, check))
@@ -538,4 +567,5 @@ __all__ = [
     "GroupNJConv2d",
     "GroupNJLinear",
     "bayesian_compress",
+    "train_bayesian",
 ]

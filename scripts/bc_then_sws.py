@@ -1,0 +1,71 @@
+"""Bayesian Compression's structure, then soft weight-sharing's quantization, on a built-in MNIST net.
+
+The combination the seeds suggest: group normal-Jeffreys (or horseshoe) training prunes whole
+input units and filters (:func:`train_bayesian`, then ``finalize_(round_values=False)``:
+pruned groups zeroed, the kept ones at their posterior means), and soft weight-sharing
+retrains what is left under its mixture prior, snaps it to the mixture's means and writes the
+file (:func:`compress` with the config ``sws compress --model M`` uses). Starts from the same
+pretrained net as both; writes ``results/methods/M-bc-then-sws.sws`` and its JSON.
+
+    python scripts/bc_then_sws.py --model lenet300-100
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from _method_run import parser, run
+from torch import nn
+
+from swsformat.retrain.bayesian import BayesianCompressionConfig, train_bayesian
+from swsformat.retrain.pipeline import compress
+from swsformat.retrain.reproduce import best_config
+from swsformat.retrain.train import evaluate
+
+
+@dataclass
+class Combined:
+    bayesian: BayesianCompressionConfig
+    sws: Any  # CompressConfig
+
+
+@dataclass
+class CombinedResult:
+    bayesian_epochs: list[dict[str, Any]]
+    groups_kept: dict[str, tuple[int, int]]
+    structured_error: float
+    sws: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.sws, "bayesian_epochs": self.bayesian_epochs, "groups_kept": self.groups_kept,
+                "structured_error": self.structured_error}
+
+
+def combined(model: nn.Module, train, test, config: Combined, path, metadata) -> CombinedResult:
+    measure = lambda m: evaluate(m, test)  # noqa: E731
+    bc, epochs = train_bayesian(model, train, config.bayesian, measure)
+    done = bc.finalize_(round_values=False)
+    structured = measure(model)
+    print(f"structure {done.groups_kept}: {structured:.2f}% error before soft weight-sharing")
+    result = compress(model, train, test, config.sws, path=path, metadata=metadata)
+    return CombinedResult(epochs, done.groups_kept, structured, result.summary())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--prior", choices=("jeffreys", "horseshoe"), default="jeffreys")
+    p.add_argument("--bc-epochs", type=int, default=BayesianCompressionConfig.epochs)
+    p.add_argument("--threshold", type=float, default=BayesianCompressionConfig.threshold)
+    p.add_argument("--lr-logvar", type=float, default=BayesianCompressionConfig.lr_logvar)
+    p.add_argument("--tau", type=float, default=None, help="soft weight-sharing's tau (default: the model's)")
+    p.add_argument("--stem", default="bc-then-sws")
+    a = p.parse_args(argv)
+    bc = BayesianCompressionConfig(prior=a.prior, epochs=a.bc_epochs, threshold=a.threshold, lr_logvar=a.lr_logvar,
+                                   seed=a.seed)
+    config = Combined(bc, best_config(a.model, seed=a.seed, tau=a.tau))
+    run("bc_then_sws.py", a.stem, a, config, combined, argv)
+
+
+if __name__ == "__main__":
+    main()
