@@ -945,6 +945,9 @@ def materialize(e: Entry, chunk: Buffer, verify: bool = True) -> Tensor:
         if e.dtype == "bool" and values.size and int(values.max()) > 1:
             raise SwsFormatError(f"{where(e.name, 'values' if e.coder == 'sparse' else 'data')}a bool byte is not 0 or 1")
         if e.coder == "sparse":
+            item = RAW_DTYPES[e.dtype].itemsize
+            if values.size and not np.all(values.view(f"<u{item}" if item > 1 else np.uint8)):
+                raise SwsFormatError(f"{where(e.name, 'values')}a stored element is zero (kind 5 stores non-zeros only)")
             return SparseRawTensor(e.name, e.dtype, e.shape, e.nonzeros, arrays[0], values)
         return RawTensor(e.name, e.dtype, e.shape, values)
     if e.coder == "context":

@@ -376,3 +376,19 @@ def test_both_estimators_decode_and_counting_is_smaller_on_a_trained_layer():
     except SwsError:
         return
     assert not same_bits(wrong, w)
+
+
+def test_sparse_raw_with_a_stored_zero_is_refused():
+    """Kind 5 stores non-zeros only: a flagged position whose bytes are zero is another
+    encoding of the same tensor, and a reader refuses it (found by an independent decoder)."""
+    from swsformat.container import SparseRawTensor
+
+    b = torch.tensor([0.0] * 20 + [0.5, -1.0], dtype=torch.float16)
+    c = parse(swsformat.encode_bytes({"b": b}))
+    t = c.tensors[0]
+    assert isinstance(t, SparseRawTensor)
+    values = t.values.copy()
+    values[:2] = 0  # the first stored element becomes +0.0
+    c.tensors[0] = SparseRawTensor(t.name, t.dtype, t.shape, t.nonzeros, t.positions, values)
+    with pytest.raises(SwsFormatError, match="stored element is zero"):
+        swsformat.load_state_dict(_serialize3(c))
