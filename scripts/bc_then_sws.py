@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from _method_run import parser, run
 from torch import nn
 
@@ -28,6 +29,7 @@ from swsformat.retrain.train import evaluate
 class Combined:
     bayesian: BayesianCompressionConfig
     sws: Any  # CompressConfig
+    restart: bool = False  # soft weight-sharing from the pretrained weights of the kept groups
 
 
 @dataclass
@@ -44,8 +46,20 @@ class CombinedResult:
 
 def combined(model: nn.Module, train, test, config: Combined, path, metadata) -> CombinedResult:
     measure = lambda m: evaluate(m, test)  # noqa: E731
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bc, epochs = train_bayesian(model, train, config.bayesian, measure)
+    shapes = {n: layer._group_shape() for n, layer in bc.layers.items()}
+    keep = {n: la < config.bayesian.threshold for n, la in bc.log_alphas().items()}
     done = bc.finalize_(round_values=False)
+    if config.restart:  # the structure alone: the pretrained weights of the kept groups
+        with torch.no_grad():
+            for n, k in keep.items():
+                layer = model.get_submodule(n)
+                layer.weight.copy_(pretrained[f"{n}.weight"] * k.view(shapes[n]).expand_as(layer.weight) + 0.0)
+                if layer.bias is not None and isinstance(layer, nn.Conv2d):  # a pruned filter's output is gone
+                    layer.bias.copy_(pretrained[f"{n}.bias"] * k + 0.0)
+                elif layer.bias is not None:
+                    layer.bias.copy_(pretrained[f"{n}.bias"])
     structured = measure(model)
     print(f"structure {done.groups_kept}: {structured:.2f}% error before soft weight-sharing")
     result = compress(model, train, test, config.sws, path=path, metadata=metadata)
@@ -59,11 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=BayesianCompressionConfig.threshold)
     p.add_argument("--lr-logvar", type=float, default=BayesianCompressionConfig.lr_logvar)
     p.add_argument("--tau", type=float, default=None, help="soft weight-sharing's tau (default: the model's)")
+    p.add_argument("--restart", action="store_true",
+                   help="keep only the structure: soft weight-sharing starts from the pretrained weights of the kept groups")
     p.add_argument("--stem", default="bc-then-sws")
     a = p.parse_args(argv)
     bc = BayesianCompressionConfig(prior=a.prior, epochs=a.bc_epochs, threshold=a.threshold, lr_logvar=a.lr_logvar,
                                    seed=a.seed)
-    config = Combined(bc, best_config(a.model, seed=a.seed, tau=a.tau))
+    config = Combined(bc, best_config(a.model, seed=a.seed, tau=a.tau), a.restart)
     run("bc_then_sws.py", a.stem, a, config, combined, argv)
 
 
