@@ -12,7 +12,8 @@ pretrained net as both; writes ``results/methods/M-bc-then-sws.sws`` and its JSO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -62,7 +63,8 @@ def combined(model: nn.Module, train, test, config: Combined, path, metadata) ->
                     layer.bias.copy_(pretrained[f"{n}.bias"])
     structured = measure(model)
     print(f"structure {done.groups_kept}: {structured:.2f}% error before soft weight-sharing")
-    result = compress(model, train, test, config.sws, path=path, metadata=metadata)
+    method = {"method": "bc-then-sws", "bayesian": asdict(config.bayesian), "restart": config.restart}
+    result = compress(model, train, test, config.sws, path=path, metadata={"sws.method": json.dumps(method), **metadata})
     return CombinedResult(epochs, done.groups_kept, structured, result.summary())
 
 
