@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
     e.add_argument("--coder", default="auto", choices=["auto", "context", "huffman"],
                    help="entropy coder of coded tensors: auto (default: context where it saves a byte per 4096 weights, "
-                        "else Huffman), context (smallest files) or huffman (decode up to ~18x faster per weight)")
+                        "else Huffman), context (smallest files) or huffman (decode up to ~10x faster per weight)")
     e.add_argument("--format-version", type=int, default=3, choices=[1, 2, 3],
                    help="file format to write (default 3; 2 and 1 for readers older than swsformat 0.3 / 0.2)")
     e.add_argument("--remove-dead", action="store_true",

@@ -49,13 +49,13 @@ from .spec import (
 IndexBits = int | str | None | Mapping[str, int | str]
 AUTO_RANGE = range(1, 13)
 CODERS = ("auto", "context", "huffman")
-# "auto" and the context coder: it decodes every position of a live row (18 ns each on one core
-# for a 10%-dense layer) where Huffman decodes only stored entries (1 ns per position there;
+# "auto" and the context coder: it decodes every position of a live row (8 ns each on one core
+# for a 10%-dense layer) where Huffman decodes only stored entries (0.8 ns per position there;
 # benchmarks/coders.json), so "auto" takes it only where every byte it saves pays for
-# CONTEXT_AUTO_POSITIONS positions of decode (~75 us per byte saved), never above
+# CONTEXT_AUTO_POSITIONS positions of decode (~35 us per byte saved), never above
 # CONTEXT_AUTO_MAX elements, and above CONTEXT_AUTO_SMALL elements only where it saves
 # CONTEXT_AUTO_SHARE of the bytes. On the paper's nets it saves 3-25% per layer and is kept;
-# on a random 1024x1024 layer pruned to 10% it saves 1.7% and would decode ~18x slower.
+# on a random 1024x1024 layer pruned to 10% it saves 1.7% and would decode ~10x slower.
 CONTEXT_AUTO_MAX = 1 << 22
 CONTEXT_AUTO_POSITIONS = 4096
 CONTEXT_AUTO_SMALL = 1 << 16
@@ -447,7 +447,7 @@ def encode(
             tables cost ~150-300 bytes). Both forms decode to the same bit patterns.
         coder: how coded tensors are entropy coded (version 3): ``"auto"`` (default: per
             tensor the context coder where it saves at least a byte per 4096 elements, up to
-            4M elements; Huffman otherwise, whose decode can be ~18x faster per position), ``"context"`` (context-modelled range coder:
+            4M elements; Huffman otherwise, whose decode can be ~10x faster per position), ``"context"`` (context-modelled range coder:
             smallest files, decode touches every position) or ``"huffman"`` (relative-index
             CSR with Huffman codes: decode work per stored entry), or a mapping of tensor
             names to those (others: ``"auto"``).
