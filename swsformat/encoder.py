@@ -54,7 +54,7 @@ CODERS = ("auto", "context", "huffman")
 # benchmarks/coders.json), so "auto" takes it only where every byte it saves pays for
 # CONTEXT_AUTO_POSITIONS positions of decode (~35 us per byte saved), never above
 # CONTEXT_AUTO_MAX elements, and above CONTEXT_AUTO_SMALL elements only where it saves
-# CONTEXT_AUTO_SHARE of the bytes. On the paper's nets it saves 3-25% per layer and is kept;
+# CONTEXT_AUTO_SHARE of the bytes. On the paper's nets it saves 3-20% per layer and is kept;
 # on a random 1024x1024 layer pruned to 10% it saves 1.7% and would decode ~10x slower.
 CONTEXT_AUTO_MAX = 1 << 22
 CONTEXT_AUTO_POSITIONS = 4096
@@ -66,6 +66,7 @@ def _context_pays(saved: int, numel: int, other_bytes: int) -> bool:
     """The "auto" rule above: ``saved`` bytes against the other coding's ``other_bytes``."""
     return (saved > 0 and saved * CONTEXT_AUTO_POSITIONS >= numel
             and (numel <= CONTEXT_AUTO_SMALL or saved >= CONTEXT_AUTO_SHARE * other_bytes))
+
 
 _TORCH_DTYPES = {
     torch.float64: "float64",

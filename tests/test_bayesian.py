@@ -223,3 +223,22 @@ def test_finalized_zeros_are_positive_zeros():
     for t in (net.conv.weight, net.conv.bias, net.fc.weight):
         zeros = t.detach() == 0
         assert zeros.any() and not torch.signbit(t.detach()[zeros]).any()
+
+
+def test_finalize_can_keep_the_structure_only():
+    """``round_values=False``: groups pruned as before, the kept weights at their posterior
+    means (for another method to quantize), not on a grid."""
+    torch.manual_seed(0)
+    net = TinyConv()
+    bc = BayesianCompression(net, dataset_size=100, threshold=-3.0)
+    with torch.no_grad():
+        net.conv.z.logvar[[1, 4]] = 2.0
+        net.fc.z.logvar[:10] = 2.0
+    means = {n: layer.posterior()[0].clone() for n, layer in bc.layers.items()}
+    done = bc.finalize_(round_values=False)
+    assert done.groups_kept == {"conv": (4, 6), "fc": (86, 96)}
+    assert not net.conv.weight[[1, 4]].any() and not net.fc.weight[:, :10].any()
+    assert torch.equal(net.fc.weight[:, 10:], means["fc"][:, 10:])
+    assert torch.equal(net.conv.weight[[0, 2, 3, 5]], means["conv"][[0, 2, 3, 5]])
+    assert done.bits == {"conv": 32, "fc": 32}
+    assert torch.unique(net.fc.weight).numel() > 255  # nothing snapped to a grid
