@@ -67,6 +67,9 @@ def entry(sws: Path) -> dict:
     f = swsformat.open(sws)
     meta = f.metadata()
     method = json.loads(meta["sws.method"])["method"] if "sws.method" in meta else "soft-weight-sharing"
+    tau = record.get("config", {}).get("retrain", {}).get("tau")
+    if method == "soft-weight-sharing" and tau is not None:
+        method += f" tau {tau:g}"  # several settings of the same method side by side
     weights = {n: t.numpy() for n, t in swsformat.load_state_dict(sws).items() if n.endswith("weight") and t.dim() > 1}
     full, kept = precision_bits(weights)
     rep = swsformat.size_report(sws)
@@ -104,6 +107,19 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['model']} | {r['method']} | {r['seed']} | {r['test_error']:.2f} | "
                      f"{100 * r['nonzero_fraction']:.2f} | {r['file_bytes']:,} | {r['rate_whole_file']:.0f} | "
                      f"{r['rate_sws_paper']:.0f} | {bc} |")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"]), []).append(r)
+    several = {k: g for k, g in sorted(groups.items()) if len(g) > 1}
+    if several:
+        lines += ["", "Settings run with several seeds: mean (min-max).", "",
+                  "| net | method | seeds | test error % | whole file |", "|---|---|---|---|---|"]
+        for (model, method), g in several.items():
+            err = [r["test_error"] for r in g]
+            rate = [r["rate_whole_file"] for r in g]
+            lines.append(f"| {model} | {method} | {', '.join(str(r['seed']) for r in sorted(g, key=lambda r: r['seed']))} | "
+                         f"{np.mean(err):.2f} ({min(err):.2f}-{max(err):.2f}) | "
+                         f"{np.mean(rate):.0f} ({min(rate):.0f}-{max(rate):.0f}) |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
@@ -114,8 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
+        colours: dict[str, object] = {}  # one colour and legend entry per method, seeds alike
         for r in (r for r in rows if r["model"] == model):
-            dot = ax.scatter(r["rate_whole_file"], r["test_error"], s=40, label=f"{r['method']} (whole file)")
+            first = r["method"] not in colours
+            dot = ax.scatter(r["rate_whole_file"], r["test_error"], s=40, color=colours.get(r["method"]),
+                             label=f"{r['method']} (whole file)" if first else None)
+            colours.setdefault(r["method"], dot.get_facecolor())
             if r["rate_bc_paper"]:
                 ax.scatter(r["rate_bc_paper"], r["test_error"], s=40, marker="s", facecolors="none",
                            edgecolors=dot.get_facecolor())
