@@ -66,9 +66,9 @@ def measure(tensors: dict[str, torch.Tensor]) -> dict:
         bound += order0_bits(symbols)
         coded += 8 * len(ctxcoder.encode_tensor(symbols, tuple(t.shape), ctxcoder.negative_symbols(codebook),
                                                 ctxcoder.COUNTING))
-        rows, cols = matrix_shape(tuple(t.shape))
-        r, c = np.nonzero(symbols.reshape(rows, cols))
-        csr.append(uint8_csr(r, c, symbols.reshape(rows, cols)[r, c], rows))
+        matrix = symbols.reshape(matrix_shape(tuple(t.shape)))
+        r, c = np.nonzero(matrix)
+        csr.append(uint8_csr(r, c, matrix[r, c], matrix.shape[0]))
     flat = b"".join(csr)
     generic = {k: len(fn(flat)) for k, fn in compressors().items()}
     best = min(generic, key=generic.get)

@@ -62,11 +62,15 @@ def precision_bits(state: dict[str, np.ndarray]) -> tuple[int, int]:
     return full, kept
 
 
+def method_name(metadata: dict[str, str]) -> str:
+    """The method a file records in its ``sws.method`` metadata; ``sws compress`` files record none."""
+    return json.loads(metadata["sws.method"])["method"] if "sws.method" in metadata else "soft-weight-sharing"
+
+
 def entry(sws: Path) -> dict:
     record = json.loads(sws.with_suffix(".json").read_text())
     f = swsformat.open(sws)
-    meta = f.metadata()
-    method = json.loads(meta["sws.method"])["method"] if "sws.method" in meta else "soft-weight-sharing"
+    method = method_name(f.metadata())
     tau = record.get("config", {}).get("retrain", {}).get("tau")
     if method == "soft-weight-sharing" and tau is not None:
         method += f" tau {tau:g}"  # several settings of the same method side by side
