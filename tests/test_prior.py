@@ -15,10 +15,13 @@ from torch import nn
 from swsformat.retrain import prior as prior_mod
 from swsformat.retrain._prior_kernel import (
     ORDER_CHUNK,
+    _exact_one,
     mixture_param_grads,
     mixture_params,
     nll_and_grads,
     nll_and_grads_f32,
+    table_gradients,
+    table_pass,
     value_order,
 )
 from swsformat.retrain.prior import (
@@ -521,6 +524,7 @@ def test_scale_to_weights_unit_is_saved_and_old_states_read_as_absolute():
 
 def _table_run(prior: MixturePrior, w: torch.Tensor, monkeypatch, table: bool) -> tuple[float, np.ndarray, list]:
     monkeypatch.setattr(prior_mod, "TABLE_MIN", 1000 if table else 1 << 62)
+    monkeypatch.setattr(prior_mod, "TABLE_MIN_TENSOR", 1000)
     w.grad = None
     for p in prior.parameters():
         p.grad = None
@@ -558,6 +562,45 @@ def test_table_path_matches_the_exact_kernel(monkeypatch):
     assert not math.isfinite(value) and np.isnan(grad[7]) and np.isfinite(np.delete(grad, 7)).all()
 
 
+def test_table_path_shares_one_grid_across_a_calls_tensors(monkeypatch):
+    """Several tensors of one call on one grid spanning all of them (one half as wide as the
+    other): each within 1e-3 of the exact kernel, the small tensor on the exact kernel, and a
+    tensor with a NaN taken exactly on its own while the others keep the table."""
+    w_np, _, (mu, lam, _) = _converged_mixture()
+    rng = np.random.default_rng(8)
+    narrow = w_np[np.abs(w_np) < 0.2]
+    big = [np.tile(w_np, 3)[:100_000], np.tile(narrow, 2)[:70_000], rng.normal(0, 0.02, 2000).astype(np.float32)]
+    prior = MixturePrior(torch.tensor(np.concatenate(big)), PriorConfig(components=16))
+    with torch.no_grad():
+        prior.means.copy_(torch.tensor(mu[1:]))
+        prior.log_precisions.copy_(torch.tensor(np.log(lam)))
+    ws = [torch.tensor(a, requires_grad=True) for a in big]
+
+    def run(table: bool) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
+        monkeypatch.setattr(prior_mod, "TABLE_MIN", 1000 if table else 1 << 62)
+        for t in [*ws, *prior.parameters()]:
+            t.grad = None
+        value = prior.add_complexity_grad_(ws, 0.5)
+        return value, [w.grad.numpy().copy() for w in ws], [p.grad.numpy().copy() for p in prior.parameters()
+                                                             if p.grad is not None]
+
+    exact, table = run(False), run(True)
+    assert sorted(prior._spans) == [0, 1]
+    assert table[0] == pytest.approx(exact[0], rel=1e-5)
+    for a, b in zip(table[1], exact[1]):
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
+    assert np.array_equal(table[1][2], exact[1][2])
+    for a, b in zip(table[2], exact[2]):
+        assert np.abs(a - b).max() <= 3e-3 * np.abs(b).max()
+    prior.reset_grouping()
+    with torch.no_grad():
+        ws[1][5] = float("nan")
+    value, grads, _ = run(True)
+    assert sorted(prior._spans) == [0] and not math.isfinite(value)
+    assert np.isnan(grads[1][5]) and np.isfinite(np.delete(grads[1], 5)).all()
+    assert np.abs(grads[0] - exact[1][0]).max() <= 1e-3 * np.abs(exact[1][0]).max()
+
+
 def test_table_path_hands_sharp_turns_to_the_exact_path(monkeypatch):
     """Between two narrow components far apart the gradient flips sign over much less than a
     grid cell: weights there take the exact path, so no weight's gradient is off by more than
@@ -593,6 +636,55 @@ def test_table_path_is_the_same_on_any_thread_count(monkeypatch):
         torch.set_num_threads(before)
     (v1, g1, p1), (v2, g2, p2) = runs
     assert v1 == v2 and np.array_equal(g1, g2) and all(np.array_equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_table_pass_counts_and_gradients_against_numpy():
+    """The table pass on its own, against its definition in numpy: every served weight's
+    gradient interpolated in its cell and its share of the cell's two grid points counted
+    exactly (integers, across the unpacking of the packed counts every 1M weights: here 2.2M
+    weights share one cell near its right end), and the weights outside the grid, in cells that
+    are not smooth or not finite taken exactly; on one thread as on two."""
+    rng = np.random.default_rng(3)
+    n = 2_500_003
+    w = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    w[:2_200_000] = -0.3 + 75.99 * 0.004
+    rng.shuffle(w)
+    w[::10007] = 3.0
+    w[[11, 2_000_001]] = np.nan
+    w[[12, 1_048_600]] = -np.inf
+    mu, lam, c = np.array([0.0, -0.08, 0.08]), np.array([1e4, 4e4, 4e4]), np.array([-0.1, -3.0, -3.0])
+    x0, h = -0.3, 0.004
+    points = int(0.6 / h) + 2
+    table, smooth = table_gradients(x0, h, points, mu, lam, c, 1e-4)
+    smooth[40:45] = False
+    before = rng.standard_normal(n).astype(np.float32)
+    runs = []
+    for threads in (1, 2):
+        gw = before.copy()
+        runs.append((gw, *table_pass(w, x0, 1.0 / h, table, smooth, gw, 0.5, True, threads, mu, lam, c)))
+    (gw, counts, off, outside), two = runs
+    assert np.array_equal(gw, two[0], equal_nan=True) and np.array_equal(counts, two[1]) and outside == two[3]
+
+    pos = (w - np.float32(x0)) * np.float32(1.0 / h)
+    with np.errstate(invalid="ignore"):
+        inside = (pos >= 0) & (pos < points - 1)
+    k = np.where(inside, pos, 0).astype(np.int64)
+    served = inside & smooth[k]
+    f = (pos - k.astype(np.float32))[served]
+    ks = k[served]
+    q = (f * np.float32(1 << 16) + np.float32(0.5)).astype(np.int64)
+    expected = np.zeros(points, np.int64)
+    np.add.at(expected, ks, (1 << 16) - q)
+    np.add.at(expected, ks + 1, q)
+    assert np.array_equal(counts, expected)
+    assert outside == int((~inside).sum())
+    g = f.astype(np.float64) * (table[ks + 1] - table[ks]) + table[ks]
+    np.testing.assert_allclose(gw[served], before[served] + 0.5 * g.astype(np.float32), rtol=1e-6, atol=1e-6)
+    rest = np.flatnonzero(~served)
+    acc, e = np.zeros((4, 3)), np.empty(3)
+    exact = np.array([_exact_one(float(w[i]), mu, lam, c, acc, e) for i in rest], np.float32)
+    np.testing.assert_allclose(gw[rest], before[rest] + np.float32(0.5) * exact, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(off, acc, rtol=1e-9)
 
 
 def test_kernels_run_on_torchs_thread_count():

@@ -551,8 +551,9 @@ def mixture_param_grads(
 # come from the weights' linear binning onto the grid (each weight's share of its two grid
 # points in integer units of 1/TABLE_ONE: integer sums do not depend on how the threads split
 # the tensor). One light pass per weight instead of a pass
-# per weight and component; four count rows per thread, taken in turn, keep consecutive weights
-# of similar value from waiting on each other's increments. The grid spans a range the caller
+# per weight and component (split into three loops, see ``table_pass``); four count rows per
+# thread, taken in turn, keep consecutive weights of similar value from waiting on each
+# other's increments. The grid spans a range the caller
 # keeps from an earlier call (a pass for the range costs a third of the rest); the rare weight
 # outside it takes the exact float64 path.
 TABLE_POINTS_PER_STD = 16
@@ -561,6 +562,13 @@ TABLE_TOLERANCE = 1e-4
 TABLE_ONE = 1 << 16
 _TABLE_ONE_F = np.float32(TABLE_ONE)
 _ROWS = 4
+TABLE_RUN = 1024
+# A weight adds 1 << _PACK_SHIFT (its count) plus its fraction in units of 1/TABLE_ONE (at most
+# 1 << 16) to one int64: _PACK_FLUSH weights' fractions stay below 1 << _PACK_SHIFT, so the
+# two sums are unpacked exactly every _PACK_FLUSH weights.
+_PACK_SHIFT = 37
+_PACK_ONE = np.int64(1) << _PACK_SHIFT
+_PACK_FLUSH = 1 << 20
 
 
 @njit(parallel=True, nogil=True)
@@ -618,39 +626,83 @@ def table_pass(
     the table does not serve (outside the grid, in a cell that is not ``smooth``, or not
     finite: they take ``_exact_one``) and how many lay outside the grid. The exact terms are summed per fixed
     block of weights, then over the blocks in order: the same on any thread count. No
-    fast-math flags: a NaN weight must fail the range test and reach the exact path."""
+    fast-math flags: a NaN weight must fail the range test and reach the exact path.
+
+    Each run of TABLE_RUN weights takes three loops: cells and fractions (vectorised), the
+    gradients (a scalar gather; a cell that is not smooth has a NaN slope, so its weights show
+    as NaN gradients), then one packed increment per weight of its cell's count and fraction.
+    A run with a weight the table does not serve puts those weights' old gradients back and
+    redoes them exactly, in order."""
     n = w.shape[0]
     points = table.shape[0]
     blocks = max((n + BLOCK - 1) // BLOCK, 1)
-    counts = np.zeros((threads, _ROWS, points), np.int64)
+    slope = np.full(points, np.float32(np.nan))
+    for k in range(points - 1):
+        if smooth[k]:
+            slope[k] = table[k + 1] - table[k]
+    totals = np.zeros((threads, 2, points), np.int64)
     off = np.zeros((blocks, 4, mu.shape[0]))
     n_out = np.zeros(blocks, np.int64)
     base, step, s = np.float32(x0), np.float32(inv_h), np.float32(scale)
     last = np.float32(points - 1)
     per = (blocks + threads - 1) // threads
     for t in numba.prange(threads):
-        rows = counts[t]
+        cells = np.empty(TABLE_RUN, np.uint32)
+        frac = np.empty(TABLE_RUN, np.float32)
+        old = np.empty(TABLE_RUN, np.float32)
+        packed = np.zeros((_ROWS, points), np.int64)
         e = np.empty(mu.shape[0])
-        for i in range(t * per * BLOCK, min(n, (t + 1) * per * BLOCK)):
-            b = i // BLOCK
-            pos = (w[i] - base) * step
-            k = int(pos) if pos >= _ZERO and pos < last else -1
-            if k >= 0 and smooth[k]:
-                f = pos - np.float32(k)
-                g = _fma(f, table[k + 1] - table[k], table[k])
-                q = np.int64(f * _TABLE_ONE_F + _HALF)
-                row = rows[i & (_ROWS - 1)]
-                row[k] += TABLE_ONE - q
-                row[k + 1] += q
+        start, stop = t * per * BLOCK, min(n, (t + 1) * per * BLOCK)
+        since = 0
+        for r0 in range(start, stop, TABLE_RUN):
+            m = min(TABLE_RUN, stop - r0)
+            x = w[r0:r0 + m]
+            y = gw[r0:r0 + m]
+            served = 0
+            for j in range(m):
+                pos = (x[j] - base) * step
+                inside = (pos >= _ZERO) & (pos < last)
+                k = np.uint32(pos if inside else _ZERO)
+                cells[j] = k
+                frac[j] = pos - np.float32(k)
+                served += np.int64(inside)
+            for j in range(m):
+                k = cells[j]
+                g = _fma(frac[j], slope[k], table[k])
+                o = y[j]
+                old[j] = o
+                y[j] = _fma(s, g, o) if accumulate else g
+                served += np.int64(g == g)
+            if served == 2 * m:
+                for j in range(m):
+                    packed[j & (_ROWS - 1), cells[j]] += _PACK_ONE + np.int64(frac[j] * _TABLE_ONE_F + _HALF)
             else:
-                g = np.float32(_exact_one(np.float64(w[i]), mu, lam, c, off[b], e))
-                if k < 0:
-                    n_out[b] += 1
-            if accumulate:
-                gw[i] = _fma(s, g, gw[i])
-            else:
-                gw[i] = g
-    return counts.sum(axis=0).sum(axis=0), off.sum(axis=0), n_out.sum()
+                b = r0 // BLOCK
+                for j in range(m):
+                    pos = (x[j] - base) * step
+                    inside = (pos >= _ZERO) & (pos < last)
+                    k = cells[j]
+                    if inside and slope[k] == slope[k]:
+                        packed[j & (_ROWS - 1), k] += _PACK_ONE + np.int64(frac[j] * _TABLE_ONE_F + _HALF)
+                    else:
+                        g = np.float32(_exact_one(np.float64(x[j]), mu, lam, c, off[b], e))
+                        if not inside:
+                            n_out[b] += 1
+                        y[j] = _fma(s, g, old[j]) if accumulate else g
+            since += m
+            if since >= _PACK_FLUSH or r0 + TABLE_RUN >= stop:
+                for r in range(_ROWS):
+                    for k in range(points):
+                        v = packed[r, k]
+                        if v != 0:
+                            totals[t, 0, k] += v >> _PACK_SHIFT
+                            totals[t, 1, k] += v & (_PACK_ONE - 1)
+                            packed[r, k] = 0
+                since = 0
+    tot = totals.sum(axis=0)
+    counts = TABLE_ONE * tot[0] - tot[1]
+    counts[1:] += tot[1][:-1]
+    return counts, off.sum(axis=0), n_out.sum()
 
 
 @njit(nogil=True)

@@ -55,11 +55,14 @@ CHUNK = 1 << 20
 # stale slowly; re-grouping costs about one kernel call.
 REGROUP_EVERY = 64
 PAYS_BELOW = 0.5
-# float32 weight tensors of at least TABLE_MIN weights take the table path on the training
-# path (see _prior_kernel): one light pass per weight whatever the mixture. Its gradients are
-# within about 1e-4 of the largest one (tested); smaller tensors, the MNIST nets' included,
-# keep the exact kernel, whose cost per weight is comparable there.
+# On the training path, a call whose float32 weights total at least TABLE_MIN takes the table
+# (see _prior_kernel) for each of its float32 tensors of at least TABLE_MIN_TENSOR weights: one
+# light pass per weight whatever the mixture, over one grid built once per call for all of
+# them (building it costs as much as a pass over ~1M weights). Its gradients are within about
+# 1e-4 of the largest one (tested). The MNIST nets (under 1M weights) keep the exact kernel,
+# whose cost per weight is comparable there.
 TABLE_MIN = 1 << 20
+TABLE_MIN_TENSOR = 1 << 16
 TABLE_MARGIN = 0.05
 # Devices whose tensors take the numba kernels; others (CUDA) take the chunked torch
 # expressions. Tests empty it to run the GPU code path on CPU tensors.
@@ -171,10 +174,6 @@ def _param_grads(acc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return -acc[1], acc[2] + 0.5 * g_pi, g_pi
 
 
-def _takes_table(wn: np.ndarray, gw: np.ndarray, params: dict[type, tuple[np.ndarray, ...]]) -> bool:
-    return wn.shape[0] >= TABLE_MIN and _takes_f32(wn, gw, params)
-
-
 def _takes_f32(wn: np.ndarray, gw: np.ndarray, params: dict[type, tuple[np.ndarray, ...]]) -> bool:
     return wn.dtype == np.float32 and gw.dtype == np.float32 and np.float32 in params
 
@@ -196,34 +195,34 @@ def _cpu_kernel(
     return nll_and_grads(wn, *params[np.float64], gw, scale, accumulate), 1.0
 
 
-def _table_kernel(
-    wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float,
-    span: tuple[float, float] | None,
-) -> tuple[np.ndarray, tuple[float, float] | None] | None:
-    """The table path on one float32 tensor, adding ``scale`` times the gradient into ``gn``,
-    over the grid ``span`` (None: measure the weights' range now and widen it by
-    TABLE_MARGIN). Returns the per-component sums and the span to use next time (None when
-    too many weights fell outside this one), or None (nothing done) where the path does not
-    apply: non-finite weights, or a span too wide for the narrowest component's resolution."""
+def _table_kernels(
+    picks: list[tuple[np.ndarray, np.ndarray, tuple]], spans: list[tuple[float, float]],
+    params: dict[type, tuple[np.ndarray, ...]], scale: float,
+) -> tuple[list[tuple[tuple, np.ndarray]], list[bool]] | None:
+    """The table path on float32 tensors ``picks`` ((weights, gradients, shard groups)), adding
+    ``scale`` times the gradient into each one's gradients, over one grid covering all their
+    ``spans``. Returns the per-component sums for each set of shard groups and, per tensor,
+    whether its span can serve the next call (not when more than 1/1024 of its weights fell
+    outside the grid); or None (nothing done) where the grid would be too fine for the span."""
     mu, lam, c = params[np.float64]
-    if span is None:
-        lo, hi, finite = table_range(wn)
-        if not finite:
-            return None
-        margin = TABLE_MARGIN * (hi - lo)
-        span = (lo - margin, hi + margin)
     h = 1.0 / math.sqrt(float(lam.max())) / TABLE_POINTS_PER_STD
     if not (h > 0 and math.isfinite(h)):
         return None
-    lo, hi = span
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     points = int((hi - lo) / h) + 2
     if points > TABLE_MAX_POINTS:
         return None
     table, smooth = table_gradients(lo, h, points, mu, lam, c, TABLE_TOLERANCE)
-    counts, off, outside = table_pass(wn, lo, 1.0 / h, table, smooth, gn, scale, True, numba.get_num_threads(),
-                                      mu, lam, c)
-    acc = table_sums(lo, h, counts, mu, lam, c) + off
-    return acc, (span if outside <= wn.shape[0] >> 10 else None)
+    sums: dict[tuple[int, ...], tuple[tuple, np.ndarray, np.ndarray]] = {}
+    keep = []
+    for wn, gn, groups in picks:
+        counts, off, outside = table_pass(wn, lo, 1.0 / h, table, smooth, gn, scale, True, numba.get_num_threads(),
+                                          mu, lam, c)
+        key = tuple(id(g) for g in groups)
+        have = sums.get(key)
+        sums[key] = (groups, counts, off) if have is None else (groups, have[1] + counts, have[2] + off)
+        keep.append(outside <= wn.shape[0] >> 10)
+    return [(g, table_sums(lo, h, counts, mu, lam, c) + off) for g, counts, off in sums.values()], keep
 
 
 @dataclass
@@ -443,19 +442,25 @@ class MixturePrior(nn.Module):
         )
         params = _kernel_params(mu, lam, c, fits_f32)
         parts = []
+        table = np.float32 in params and sum(wn.shape[0] for wn in flat if wn.dtype == np.float32) >= TABLE_MIN
+        picks: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []
         for i, (w, wn) in enumerate(zip(weights, flat)):
             if w.requires_grad and w.grad is None:
                 w.grad = torch.zeros_like(w)
             gn = _flat_numpy(local(w.grad)) if w.requires_grad else None
             if gn is not None and gn.dtype == wn.dtype:
-                acc = self._table_kernel(i, wn, gn, params, scale) if _takes_table(wn, gn, params) else None
-                parts.append((shard_groups(w), acc if acc is not None else self._grouped_kernel(i, wn, gn, params, scale)))
+                if table and wn.shape[0] >= TABLE_MIN_TENSOR and _takes_f32(wn, gn, params):
+                    picks.append((i, wn, gn, shard_groups(w)))
+                else:
+                    parts.append((shard_groups(w), self._grouped_kernel(i, wn, gn, params, scale)))
                 continue
             gw = np.empty_like(wn)
             parts.append((shard_groups(w), _cpu_kernel(wn, params, gw, 1.0, False)[0]))
             if w.requires_grad:
                 g = local(w.grad)
                 g.add_(torch.from_numpy(gw).view(g.shape).to(g.dtype), alpha=scale)
+        if picks:
+            parts.extend(self._table_kernels(picks, params, scale))
         acc = sum_over_shards(parts) if parts else np.zeros((4, mu.size))
         # Chain rule through all_means, log_mixing and hyper_nll.
         g_means, g_lp, g_logits, g_pi0, rest_sum, hyper = mixture_param_grads(
@@ -526,23 +531,42 @@ class MixturePrior(nn.Module):
         seen by the training path): tells whether the mixture has narrowed enough to pay."""
         return sum(g.pays for g in self._groupings.values()), len(self._groupings)
 
-    def _table_kernel(
-        self, i: int, wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float
-    ) -> np.ndarray | None:
-        """The table path on the ``i``-th weight tensor, over the span kept from earlier calls
-        (re-measured every REGROUP_EVERY calls, at every epoch start and when weights leave it)."""
-        kept = self._spans.get(i)
-        span = kept[0] if kept is not None and kept[1] < REGROUP_EVERY else None
-        done = _table_kernel(wn, gn, params, scale, span)
+    def _table_kernels(
+        self, picks: list[tuple[int, np.ndarray, np.ndarray, tuple]], params: dict[type, tuple[np.ndarray, ...]],
+        scale: float,
+    ) -> list[tuple[tuple, np.ndarray]]:
+        """The table path on the picked weight tensors (index, weights, gradients, shard groups),
+        each over the span of its values kept from earlier calls (re-measured every
+        REGROUP_EVERY calls, at every epoch start and when weights leave it, and widened by
+        TABLE_MARGIN); tensors holding a non-finite weight, and all of them where the grid
+        would be too fine, take the exact kernel. Returns (shard groups, sums) parts."""
+        parts, served, spans = [], [], []
+        for i, wn, gn, groups in picks:
+            kept = self._spans.get(i)
+            if kept is not None and kept[1] < REGROUP_EVERY:
+                span, age = kept
+            else:
+                lo, hi, finite = table_range(wn)
+                if not finite:
+                    self._spans.pop(i, None)
+                    parts.append((groups, self._grouped_kernel(i, wn, gn, params, scale)))
+                    continue
+                span, age = (lo - TABLE_MARGIN * (hi - lo), hi + TABLE_MARGIN * (hi - lo)), 0
+            served.append((i, wn, gn, groups))
+            spans.append((span, age))
+        done = _table_kernels([p[1:] for p in served], [sp for sp, _ in spans], params, scale) if served else None
         if done is None:
-            self._spans.pop(i, None)
-            return None
-        acc, nxt = done
-        if nxt is None:
-            self._spans.pop(i, None)
-        else:
-            self._spans[i] = (nxt, 1 if span is None else kept[1] + 1)
-        return acc
+            for i, wn, gn, groups in served:
+                self._spans.pop(i, None)
+                parts.append((groups, self._grouped_kernel(i, wn, gn, params, scale)))
+            return parts
+        sums, keep = done
+        for (i, *_), (span, age), ok in zip(served, spans, keep):
+            if ok:
+                self._spans[i] = (span, age + 1)
+            else:
+                self._spans.pop(i, None)
+        return parts + sums
 
     def _grouped_kernel(
         self, i: int, wn: np.ndarray, gn: np.ndarray, params: dict[type, tuple[np.ndarray, ...]], scale: float
