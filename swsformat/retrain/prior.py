@@ -195,7 +195,7 @@ def _cpu_kernel(
     return nll_and_grads(wn, *params[np.float64], gw, scale, accumulate), 1.0
 
 
-def _table_kernels(
+def _table_on_one_grid(
     picks: list[tuple[np.ndarray, np.ndarray, tuple]], spans: list[tuple[float, float]],
     params: dict[type, tuple[np.ndarray, ...]], scale: float,
 ) -> tuple[list[tuple[tuple, np.ndarray]], list[bool]] | None:
@@ -554,7 +554,7 @@ class MixturePrior(nn.Module):
                 span, age = (lo - TABLE_MARGIN * (hi - lo), hi + TABLE_MARGIN * (hi - lo)), 0
             served.append((i, wn, gn, groups))
             spans.append((span, age))
-        done = _table_kernels([p[1:] for p in served], [sp for sp, _ in spans], params, scale) if served else None
+        done = _table_on_one_grid([p[1:] for p in served], [sp for sp, _ in spans], params, scale) if served else None
         if done is None:
             for i, wn, gn, groups in served:
                 self._spans.pop(i, None)
