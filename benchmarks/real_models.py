@@ -18,11 +18,13 @@ import json
 import lzma
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from torch import nn
@@ -96,12 +98,47 @@ def generic(raw: bytes, fast: bool) -> dict[str, int]:
 
 
 def median_time(fn, repeat: int) -> float:
-    times = []
+    return median_times([fn], repeat)[0]
+
+
+def median_times(fns: list, repeat: int) -> list[float]:
+    """Median seconds of each of ``fns``, run interleaved (one of each per round) so that a
+    noisy machine slows them alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+_RSS = """
+def _rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+"""
+
+
+def peak_rss(code: str) -> int:
+    """Peak resident bytes that ``code`` adds in a fresh Python process, above what it holds
+    after importing torch and swsformat (Linux: the peak is reset through /proc/self/clear_refs)."""
+    head = (_RSS + "import torch, swsformat, swsformat.cli, swsformat.quantize\n"
+            "open('/proc/self/clear_refs', 'w').write('5')\nbase = _rss('VmRSS:')\n")
+    tail = "\nprint('PEAK', _rss('VmHWM:') - base)"
+    out = subprocess.run([sys.executable, "-c", head + code + tail], check=True, capture_output=True, text=True).stdout
+    return int(out.rsplit("PEAK", 1)[1])
+
+
+def memory(path: Path, prune: float, clusters: int, out: Path) -> dict:
+    """Peak memory that ``sws encode --prune --clusters`` on a checkpoint adds to a fresh process,
+    against what loading it (``torch.load``) adds."""
+    load = peak_rss(f"sd = torch.load({str(path)!r}, weights_only=True)")
+    cli = peak_rss("from swsformat.cli import main\n"
+                   f"assert main(['encode', {str(path)!r}, '-o', {str(out)!r}, '--prune', '{prune}', "
+                   f"'--clusters', '{clusters}']) in (0, None)")
+    return {"torch_load_peak_bytes": load, "cli_encode_peak_bytes": cli}
 
 
 def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, previous: dict | None = None) -> dict:
@@ -114,8 +151,11 @@ def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, p
     cluster_s = time.perf_counter() - t
     coded = {k for k in q if swsformat.encoder.default_selector(k, q[k])}
     paths = {k: folder / f"{name}.{k}" for k in ("sws", "pt", "safetensors")}
-    encode_s = median_time(lambda: swsformat.encode(q, paths["sws"]), repeat)
-    save_s = median_time(lambda: torch.save(q, paths["pt"]), repeat)
+    encode_s, save_s, both_s = median_times([
+        lambda: swsformat.encode(q, paths["sws"]),
+        lambda: torch.save(q, paths["pt"]),
+        lambda: swsformat.encode(prune_and_cluster(sd, prune=prune, clusters=clusters), paths["sws"]),
+    ], repeat)
     model.load_state_dict(q)
     save_model(model, str(paths["safetensors"]))  # ties once, as transformers does
     load_s = median_time(lambda: touch(swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40)), repeat)
@@ -155,6 +195,8 @@ def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, p
         "encode_s": encode_s,
         "torch_save_s": save_s,
         "encode_over_torch_save": encode_s / save_s,
+        "prune_cluster_encode_s": both_s,
+        "prune_cluster_encode_over_torch_save": both_s / save_s,
         "load_s": load_s,
         "torch_load_s": torch_load_s,
         "load_over_torch_load": load_s / torch_load_s,
@@ -169,21 +211,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--timing-only", action="store_true",
-                   help="take the generic compressors' sizes from the --json file of an earlier run (same models and settings)")
+                   help="take the generic compressors' sizes from an earlier run's JSON (--sizes-from, default --json)")
+    p.add_argument("--sizes-from", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: as started)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure peak memory of `sws encode --prune --clusters` on each model's checkpoint "
+                        "against torch.load of it (fresh processes)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        numba.set_num_threads(a.threads)
     earlier = {}
     if a.timing_only:
-        earlier = {r["model"]: r for r in json.loads(a.json.read_text())["results"]}
+        earlier = {r["model"]: r for r in json.loads((a.sizes_from or a.json).read_text())["results"]}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
             r = measure(name, a.prune, a.clusters, a.repeat, Path(tmp), earlier.get(name))
+            if a.memory:
+                ckpt = Path(tmp) / f"{name}.checkpoint.pt"
+                torch.save(build(name).state_dict(), ckpt)
+                r.update(memory(ckpt, a.prune, a.clusters, Path(tmp) / f"{name}.cli.sws"))
+                r["checkpoint_bytes"] = ckpt.stat().st_size
+                print(f"  peak memory: sws encode {r['cli_encode_peak_bytes'] / 2**20:.0f} MiB, torch.load "
+                      f"{r['torch_load_peak_bytes'] / 2**20:.0f} MiB, checkpoint {r['checkpoint_bytes'] / 2**20:.0f} MiB")
             rows.append(r)
             print(f"{name}: {r['sws_bytes']:,} B .sws, safetensors {r['safetensors_bytes']:,} B "
                   f"({r['safetensors_bytes'] / r['sws_bytes']:.1f}x), best generic {r['generic'][r['best_generic']]:,} B "
                   f"({r['best_generic']}; .sws is {r['sws_over_best_generic']:.2f}x of it, "
                   f"{r['sws_over_best_generic_own_bytes']:.2f}x of the best on the tensors' own bytes); "
-                  f"encode {r['encode_over_torch_save']:.2f}x torch.save, load {r['load_over_torch_load']:.2f}x torch.load; "
+                  f"encode {r['encode_over_torch_save']:.2f}x torch.save "
+                  f"({r['prune_cluster_encode_over_torch_save']:.2f}x with prune_and_cluster), load {r['load_over_torch_load']:.2f}x torch.load; "
                   f"aliases {r['aliases']}")
             for f in Path(tmp).iterdir():
                 os.unlink(f)

@@ -67,8 +67,8 @@ def build_entries(symbols: np.ndarray, rows: int, cols: int, index_bits: int):
                 p = c + 1
         counts[r] = n
     total = counts.sum()
-    gaps = np.empty(total, dtype=np.int64)
-    vals = np.empty(total, dtype=np.int64)
+    gaps = np.empty(total, dtype=np.uint16)  # index_bits <= 12
+    vals = np.empty(total, dtype=np.uint8)
     k = 0
     for r in range(rows):
         p = 0
@@ -154,37 +154,48 @@ def huffman_cost(counts: np.ndarray) -> int:
 
 
 @jit
-def nonzero_distances(symbols: np.ndarray, rows: int, cols: int):
-    """For each non-zero: the zeros before it since the previous one in its row, and its row."""
-    n = 0
-    for i in range(rows * cols):
-        if symbols[i] != 0:
-            n += 1
-    dist = np.empty(n, dtype=np.int64)
-    row_of = np.empty(n, dtype=np.int64)
-    k = 0
+def index_width_stats(symbols: np.ndarray, rows: int, cols: int, max_bits: int):
+    """What ranking gap widths needs, in one pass: the histogram of the zeros before each
+    non-zero (since the previous one in its row), the histogram of the non-zero symbols, and
+    for each width b in 0..max_bits the most entries any row takes at that width (its
+    non-zeros plus ``gap >> b`` fillers each)."""
+    gaps = np.zeros(max(cols, 1), dtype=np.int64)
+    values = np.zeros(256, dtype=np.int64)
+    most = np.zeros(max_bits + 1, dtype=np.int64)
+    entries = np.zeros(max_bits + 1, dtype=np.int64)
     for r in range(rows):
         p = 0
         base = r * cols
+        entries[:] = 0
         for c in range(cols):
-            if symbols[base + c] != 0:
-                dist[k] = c - p
-                row_of[k] = r
-                k += 1
+            s = symbols[base + c]
+            if s != 0:
+                d = c - p
+                gaps[d] += 1
+                values[s] += 1
+                for b in range(max_bits + 1):
+                    entries[b] += (d >> b) + 1
                 p = c + 1
-    return dist, row_of
+        for b in range(max_bits + 1):
+            if entries[b] > most[b]:
+                most[b] = entries[b]
+    return gaps, values, most
 
 
 @jit
-def pack_bits(values: np.ndarray, widths: np.ndarray, total_bits: int) -> np.ndarray:
-    """Concatenate the low ``widths[i]`` bits of ``values[i]``, MSB first, zero-padded."""
-    out = np.zeros((total_bits + 7) // 8, dtype=np.uint8)
+def pack_codes(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray):
+    """Concatenate ``codes[s]``'s low ``lengths[s]`` bits for each ``s`` in ``symbols``, MSB
+    first, zero-padded; returns (bytes, bits). No per-symbol arrays: a table lookup each."""
+    bits = np.int64(0)
+    for i in range(symbols.size):
+        bits += lengths[symbols[i]]
+    out = np.zeros((bits + 7) // 8, dtype=np.uint8)
     acc = np.int64(0)
     nacc = 0
     pos = 0
-    for i in range(values.shape[0]):
-        w = np.int64(widths[i])
-        v = np.int64(values[i])
+    for i in range(symbols.size):
+        w = np.int64(lengths[symbols[i]])
+        v = np.int64(codes[symbols[i]])
         # Feed at most 32 bits at a time so the accumulator never holds more than 39.
         while w > 0:
             take = min(w, 32)
@@ -198,6 +209,16 @@ def pack_bits(values: np.ndarray, widths: np.ndarray, total_bits: int) -> np.nda
             acc &= (np.int64(1) << nacc) - 1
     if nacc > 0:
         out[pos] = (acc << (8 - nacc)) & 0xFF
+    return out, bits
+
+
+def pack_bits(values: np.ndarray, widths: np.ndarray, total_bits: int) -> np.ndarray:
+    """Concatenate the low ``widths[i]`` bits of ``values[i]``, MSB first, zero-padded
+    (``total_bits`` is their sum)."""
+    out, bits = pack_codes(np.arange(values.shape[0]), np.asarray(values, dtype=np.int64),
+                           np.asarray(widths, dtype=np.int64))
+    if bits != total_bits:
+        raise ValueError(f"widths sum to {bits} bits, not {total_bits}")
     return out
 
 

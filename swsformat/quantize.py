@@ -6,13 +6,15 @@ be written as ``.sws`` (``sws encode model.pt --prune 0.9 --clusters 16``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .encoder import default_selector, tie_key
+from .encoder import default_selector, in_order, tie_key
+from .kernels import jit
 
 
 def kmeans_1d(values: np.ndarray, k: int, iters: int = 30, init: str = "quantile") -> np.ndarray:
@@ -27,16 +29,61 @@ def kmeans_1d(values: np.ndarray, k: int, iters: int = 30, init: str = "quantile
         centres = np.unique(np.quantile(values, (np.arange(k) + 0.5) / k))
     else:
         raise ValueError(f"init must be 'quantile' or 'linear', got {init!r}")
+    wide = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     for _ in range(iters):
         edges = (centres[1:] + centres[:-1]) / 2
-        idx = np.searchsorted(edges, values)
-        sums = np.bincount(idx, weights=values, minlength=centres.size)
-        counts = np.bincount(idx, minlength=centres.size)
+        sums = np.zeros(centres.size)
+        counts = np.zeros(centres.size, dtype=np.int64)
+        _assign(wide, edges, sums, counts)
         new = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
         if np.allclose(new, centres):
             break
         centres = new
     return np.unique(centres)
+
+
+@jit
+def _cluster_of(edges: np.ndarray, v: float) -> int:
+    """``np.searchsorted(edges, v)`` for sorted ``edges``: how many lie below ``v`` (NaN after
+    all). Up to 32 edges a count without branches beats a binary search (3x at 15 edges)."""
+    n = edges.size
+    if v != v:
+        return n
+    if n <= 32:
+        below = 0
+        for j in range(n):
+            below += edges[j] < v
+        return below
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if edges[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@jit
+def _assign(values: np.ndarray, edges: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:
+    """Lloyd's assignment step in one pass: each value's cluster is ``searchsorted(edges, v)``
+    (NaN last, as numpy sorts it), and its sums and counts are added in order, so the result is
+    bit for bit that of ``np.bincount``."""
+    for k in range(values.size):
+        v = values[k]
+        i = _cluster_of(edges, v)
+        sums[i] += v
+        counts[i] += 1
+
+
+@jit
+def _snap_kept(values: np.ndarray, keep: np.ndarray, edges: np.ndarray, centres: np.ndarray, out: np.ndarray) -> None:
+    """``out = where(keep, snap(values, centres), 0)`` in one pass (no centres: all zero)."""
+    for k in range(values.size):
+        if not keep[k] or centres.size == 0:
+            out[k] = 0.0
+            continue
+        out[k] = centres[_cluster_of(edges, np.float64(values[k]))]
 
 
 def snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -258,12 +305,11 @@ def prune_and_cluster(
     out = dict(state_dict)
     if not names:
         return out
-    for n in names:
-        finite = torch.isfinite(state_dict[n])
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
+    for n in names:  # chunk by chunk: torch.isfinite of a whole tensor takes 7 bytes per weight
+        t = state_dict[n]
+        if not all(np.isfinite(c).all() for c in _chunks(t, _wide([t]))):
+            bad = sum(int(np.count_nonzero(~np.isfinite(c))) for c in _chunks(t, _wide([t])))
             raise SwsEncodeError(f"tensor {n!r} holds {bad} NaN or infinite values; fix the checkpoint before quantizing it")
-        del finite
     tensors = {n: state_dict[n] for n in names}
     cuts, floored = _layer_cuts(tensors, prune, prune_scope, min_layer_keep)
     # A layer the floor saved has weights of another scale than the model's: the shared
@@ -271,16 +317,25 @@ def prune_and_cluster(
     shared = [n for n in names if n not in floored]
     groups = [[n] for n in names] if per_layer else ([shared] if shared else []) + [[n] for n in floored]
     rng = np.random.default_rng(0)
+    centres_of = {}
     for group in groups:
         centres = kmeans_1d(_kmeans_sample([tensors[n] for n in group], [cuts[n] for n in group], rng), clusters)
-        for n in group:
-            t = tensors[n]
-            target = t if inplace and t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
-            flat, at = target.view(-1), 0
-            for c, m in _masked(t, cuts[n]):
-                flat[at : at + c.size] = torch.from_numpy(np.where(m, snap(c, centres) if centres.size else 0.0, 0.0))
-                at += c.size
-            out[n] = target
+        centres_of.update(dict.fromkeys(group, centres))
+
+    def snapped(n: str) -> torch.Tensor:
+        t, centres = tensors[n], centres_of[n]
+        target = t if inplace and t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+        flat, at = target.view(-1), 0
+        edges = (centres[1:] + centres[:-1]) / 2
+        for c, m in _masked(t, cuts[n]):
+            chunk = np.empty(c.size)
+            _snap_kept(c, m, edges, centres, chunk)
+            flat[at : at + c.size] = torch.from_numpy(chunk)
+            at += c.size
+        return target
+
+    # One tensor per thread (numba's count; the kernel releases the GIL).
+    out.update(zip(names, in_order([functools.partial(snapped, n) for n in names])))
     for n, target in ties.items():
         out[n] = out[target]
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import swsformat
-from swsformat.quantize import keep_mask, prune_and_cluster
+from swsformat.quantize import keep_mask, kmeans_1d, prune_and_cluster, snap
 
 
 def nonzero_fraction(t: torch.Tensor) -> float:
@@ -125,3 +126,49 @@ def test_working_memory_is_a_fraction_of_the_model(monkeypatch):
     assert peak < 0.1 * model_bytes
     assert all(out[k] is sd[k] and torch.equal(out[k], reference[k]) for k in sd)
     assert sum(int(t.count_nonzero()) for t in out.values()) == int(0.1 * 8 * 1024 * 1024) + 1
+
+
+def lloyd_in_numpy(values: np.ndarray, k: int, init: str, iters: int = 30) -> np.ndarray:
+    """Lloyd's k-means as ``kmeans_1d`` defines it, with numpy's searchsorted and bincount."""
+    if init == "linear":
+        centres = np.unique(np.linspace(values.min(), values.max(), k))
+    else:
+        centres = np.unique(np.quantile(values, (np.arange(k) + 0.5) / k))
+    for _ in range(iters):
+        edges = (centres[1:] + centres[:-1]) / 2
+        idx = np.searchsorted(edges, values)
+        sums = np.bincount(idx, weights=values, minlength=centres.size)
+        counts = np.bincount(idx, minlength=centres.size)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        if np.allclose(new, centres):
+            break
+        centres = new
+    return np.unique(centres)
+
+
+@pytest.mark.parametrize("k", [1, 2, 16, 33, 255])
+@pytest.mark.parametrize("init", ["quantile", "linear"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kmeans_is_bit_for_bit_numpys_lloyd(k, init, dtype):
+    """The compiled assignment step (a count below 33 edges, a binary search above) sums in the
+    values' order, as np.bincount does, so the centres are the same bits."""
+    rng = np.random.default_rng(k)
+    v = np.concatenate([rng.standard_normal(20000) * 0.05, rng.standard_normal(50) * 0.5, [0.0, 0.0, 1e-3]])
+    v = v.astype(dtype)
+    got = kmeans_1d(v, k, init=init)
+    want = lloyd_in_numpy(v, k, init)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_clustered_weights_are_the_nearest_centres_of_the_kept_ones():
+    """Every kept weight becomes its nearest centre of the shared codebook (np.searchsorted
+    between midpoints), every pruned one an exact zero."""
+    g = torch.Generator().manual_seed(3)
+    sd = {"a.weight": torch.randn(300, 200, generator=g), "b.weight": torch.randn(64, 300, generator=g)}
+    out = prune_and_cluster(sd, prune=0.8, clusters=12)
+    centres = np.unique(np.concatenate([out[k][out[k] != 0].double().numpy() for k in sd]))
+    assert centres.size == 12
+    for k, t in sd.items():
+        kept = out[k] != 0
+        assert int(kept.sum()) > 0.15 * t.numel()
+        assert torch.equal(out[k][kept], torch.from_numpy(snap(t[kept].double().numpy(), centres)).float())

@@ -1,0 +1,154 @@
+"""The encoder's own work: index-width ranking, bit packing, the "auto" coder's sample rule, and
+coding tensors on several threads without changing a byte."""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import swsformat
+from swsformat import encoder, kernels
+from swsformat.errors import SwsEncodeError
+
+
+def symbols_of(rows: int, cols: int, density: float, values: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    s = rng.integers(1, values + 1, size=rows * cols).astype(np.uint8)
+    s[rng.random(rows * cols) >= density] = 0
+    return s
+
+
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), density=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+@settings(max_examples=60, deadline=None)
+def test_index_width_stats_match_their_definition(rows, cols, density, seed):
+    s = symbols_of(rows, cols, density, 20, seed)
+    gaps, values, most = kernels.index_width_stats(s, rows, cols, 12)
+    want_gaps = np.zeros(max(cols, 1), np.int64)
+    want_most = np.zeros(13, np.int64)
+    for r in range(rows):
+        c = np.flatnonzero(s[r * cols:(r + 1) * cols])
+        d = np.diff(np.r_[-1, c]) - 1  # zeros before each non-zero since the previous one
+        np.add.at(want_gaps, d, 1)
+        for b in range(13):
+            want_most[b] = max(want_most[b], int(((d >> b) + 1).sum()))
+    np.testing.assert_array_equal(gaps, want_gaps)
+    np.testing.assert_array_equal(values, np.bincount(s[s != 0], minlength=256))
+    np.testing.assert_array_equal(most, want_most)
+
+
+def reference_index_bits(s: np.ndarray, rows: int, cols: int) -> int:
+    """The ranking of :func:`best_index_bits` written out per non-zero in numpy."""
+    r, c = np.nonzero(s.reshape(rows, cols))
+    if not r.size:
+        return 1
+    first = np.r_[True, r[1:] != r[:-1]]
+    dist = np.where(first, c, c - np.r_[0, c[:-1]] - 1)
+    best = None
+    for b in encoder.AUTO_RANGE:
+        span = 1 << b
+        fill = dist >> b
+        gaps = np.bincount(dist & (span - 1), minlength=span)
+        gaps[span - 1] += fill.sum()
+        vals = np.bincount(s[s != 0])
+        vals[0] += fill.sum()
+        per_row = np.bincount(r, weights=fill + 1).max()
+        total = (encoder._stream_bits(gaps) + encoder._stream_bits(vals) + rows * int(per_row).bit_length()
+                 + 4 * span)
+        if best is None or total < best[0]:
+            best = (total, b)
+    return best[1]
+
+
+@given(rows=st.integers(1, 30), cols=st.integers(1, 600), density=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_best_index_bits_ranks_widths_by_their_huffman_cost(rows, cols, density, seed):
+    s = symbols_of(rows, cols, density, 6, seed)
+    assert encoder.best_index_bits(s, rows, cols) == reference_index_bits(s, rows, cols)
+
+
+@given(st.lists(st.integers(0, 15), max_size=500), st.integers(0, 99))
+@settings(max_examples=60, deadline=None)
+def test_pack_codes_is_pack_bits_of_looked_up_codes(symbols, seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 40, size=16)
+    codes = rng.integers(0, 1 << 40, size=16) & ((1 << lengths) - 1)
+    s = np.array(symbols, dtype=np.uint8)
+    data, bits = kernels.pack_codes(s, codes, lengths)
+    assert bits == int(lengths[s].sum())
+    np.testing.assert_array_equal(data, kernels.pack_bits(codes[s], lengths[s], bits))
+    # bit by bit, MSB first
+    want = "".join(format(int(codes[x]), f"0{int(lengths[x])}b") if lengths[x] else "" for x in s)
+    got = "".join(format(int(b), "08b") for b in data)[:bits]
+    assert got == want
+
+
+def structured(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    return torch.where(w.abs() > 1.645, (w * 4).round().clamp(-8, 8) / 4, 0.0)
+
+
+def test_auto_decides_large_tensors_on_a_sample_as_it_would_on_the_whole(monkeypatch):
+    """Above CONTEXT_SAMPLE_FROM elements a sample decides whether the context coder is tried
+    on the whole; it must not drop it where the whole pays (dead rows and columns), and it
+    must skip it where it would not be kept (iid sparsity)."""
+    iid = structured(1024, 1024)
+    dead = iid.clone()
+    dead[::2] = 0
+    dead[:, 200:400] = 0
+    tried = []
+    real = encoder._context_tensor
+    monkeypatch.setattr(encoder, "_context_tensor", lambda *a: tried.append(a[0]) or real(*a))
+    got = {name: swsformat.open(swsformat.encode_bytes({"w.weight": w})).entry("w.weight").coder
+           for name, w in (("iid", iid), ("dead", dead))}
+    assert got == {"iid": "huffman", "dead": "context"}
+    assert tried == ["w.weight"]  # the iid layer was never coded whole by the context coder
+    monkeypatch.setattr(encoder, "CONTEXT_SAMPLE_FROM", 1 << 30)  # no sample: the whole decides alike
+    assert swsformat.open(swsformat.encode_bytes({"w.weight": iid})).entry("w.weight").coder == "huffman"
+    assert tried == ["w.weight", "w.weight"]
+
+
+@pytest.fixture
+def numba_threads():
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    sd = {f"l{i}.weight": structured(64 + 32 * i, 96, seed=i) for i in range(6)}
+    sd["l0.bias"] = torch.randn(64, generator=g)
+    sd["emb.weight"] = structured(300, 20, seed=9)
+    sd["head.weight"] = sd["emb.weight"]  # tied
+    sd["steps"] = torch.tensor(7)
+    return sd
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has one thread")
+def test_threads_do_not_change_a_byte_and_errors_and_warnings_come_in_order(numba_threads):
+    sd = mixed_state_dict()
+    numba.set_num_threads(1)
+    one = swsformat.encode_bytes(sd)
+    numba.set_num_threads(2)
+    assert swsformat.encode_bytes(sd) == one
+    bad = dict(sd)
+    bad["l2.weight"] = torch.randn(96, 96)  # too many distinct values
+    bad["l4.weight"] = torch.full((128, 96), float("nan"))
+    with pytest.raises(SwsEncodeError, match="'l2.weight'"):
+        swsformat.encode_bytes(bad)
+    neg = dict(sd)
+    for k in ("l1.weight", "l3.weight"):
+        neg[k] = torch.where(sd[k] == 0, torch.tensor(-0.0), sd[k])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        swsformat.encode_bytes(neg)
+    messages = [str(w.message) for w in caught if "negative zeros" in str(w.message)]
+    assert [m.split("'")[1] for m in messages] == ["l1.weight", "l3.weight"]
+    assert all(w.filename == __file__ for w in caught if "negative zeros" in str(w.message))
