@@ -228,7 +228,8 @@ def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
     # Symbol 0 is zero; 1..K-1 index the codebook (sorted by bit pattern, deterministic).
     codebook = np.sort(distinct[distinct != 0])
     sym_of_index = np.where(distinct == 0, 0, np.searchsorted(codebook, distinct) + 1).astype(np.uint8)
-    return dtype, codebook, sym_of_index[index]
+    kernels.remap(index, sym_of_index)
+    return dtype, codebook, index
 
 
 def _negative_zeros_warning(name: str, codebook: np.ndarray, symbols: np.ndarray) -> str | None:

@@ -154,6 +154,13 @@ def huffman_cost(counts: np.ndarray) -> int:
 
 
 @jit
+def remap(index: np.ndarray, table: np.ndarray) -> None:
+    """``index[i] = table[index[i]]`` in place (no second array the size of a tensor)."""
+    for i in range(index.size):
+        index[i] = table[index[i]]
+
+
+@jit
 def index_width_stats(symbols: np.ndarray, rows: int, cols: int, max_bits: int):
     """What ranking gap widths needs, in one pass: the histogram of the zeros before each
     non-zero (since the previous one in its row), the histogram of the non-zero symbols, and
