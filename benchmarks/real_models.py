@@ -97,10 +97,6 @@ def generic(raw: bytes, fast: bool) -> dict[str, int]:
     return out
 
 
-def median_time(fn, repeat: int) -> float:
-    return median_times([fn], repeat)[0]
-
-
 def median_times(fns: list, repeat: int) -> list[float]:
     """Median seconds of each of ``fns``, run interleaved (one of each per round) so that a
     noisy machine slows them alike."""
@@ -158,8 +154,10 @@ def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, p
     ], repeat)
     model.load_state_dict(q)
     save_model(model, str(paths["safetensors"]))  # ties once, as transformers does
-    load_s = median_time(lambda: touch(swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40)), repeat)
-    torch_load_s = median_time(lambda: touch(torch.load(paths["pt"])), repeat)
+    load_s, torch_load_s = median_times([
+        lambda: touch(swsformat.load_state_dict(paths["sws"], max_output_bytes=1 << 40)),
+        lambda: touch(torch.load(paths["pt"])),
+    ], repeat)
     seen: set[int] = set()
     own = []
     for t_ in q.values():
