@@ -641,9 +641,11 @@ def test_table_path_is_the_same_on_any_thread_count(monkeypatch):
 def test_table_pass_counts_and_gradients_against_numpy():
     """The table pass on its own, against its definition in numpy: every served weight's
     gradient interpolated in its cell and its share of the cell's two grid points counted
-    exactly (integers, across the unpacking of the packed counts every 1M weights: here 2.2M
-    weights share one cell near its right end), and the weights outside the grid, in cells that
-    are not smooth or not finite taken exactly; on one thread as on two."""
+    exactly (integers; the packed counts are unpacked every 1M weights, and here 2.2M weights
+    share one cell near its right end, so unpacking happens mid-cell; a packed fraction would
+    overflow only past 2M weights per row between unpackings, 8.4M in one cell, not tried
+    here), and the weights outside the grid, in cells that are not smooth or not finite taken
+    exactly; on one thread as on two."""
     rng = np.random.default_rng(3)
     n = 2_500_003
     w = (rng.standard_normal(n) * 0.05).astype(np.float32)
