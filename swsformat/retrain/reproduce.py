@@ -39,7 +39,7 @@ BEST: dict[str, dict[str, Any]] = {
         "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
         "overrides": {"qat_epochs": 20, "qat_distill": 0.5},
     },
-    "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.02},
+    "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.03, "overrides": {"qat_distill": 0.5}},
 }
 
 
