@@ -202,7 +202,7 @@ def test_bad_inputs_are_refused_before_any_work():
         SoftWeightSharing(model, dataset_size=True)
     assert SoftWeightSharing(model, dataset_size=__import__("numpy").int64(7)).dataset_size == 7
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(swsformat.SwsTrainingError, match="the model is unchanged"):
+    with pytest.raises(swsformat.SwsTrainingError, match="the model is unchanged"), pytest.warns(UserWarning):
         SoftWeightSharing(model, PriorConfig(pi_zero=0.999), dataset_size=10).finalize_()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="cross-entropy loss only"):
@@ -317,3 +317,39 @@ def test_off_scale_weights_warn_unless_the_prior_scales_to_them():
         warnings.simplefilter("error")
         sws = SoftWeightSharing(model, PriorConfig(scale_to_weights=True), dataset_size=100)
     assert float(sws.prior.unit) == pytest.approx(0.02 / 0.05, rel=1e-3)
+
+
+def test_mistakes_in_a_users_loop_get_clear_errors():
+    """What a new user got silently wrong or as a long traceback: a wrapped model, a model cast
+    after the prior was built, a second finalize_, an optimizer without the prior's groups,
+    and the default cross-entropy on regression targets."""
+    model = trained_mlp()
+    with pytest.raises(ValueError, match=r"wrapper.module"):
+        SoftWeightSharing(nn.DataParallel(model), dataset_size=10)
+    sws = SoftWeightSharing(model, dataset_size=2000)
+    model.half()
+    with pytest.raises(swsformat.SwsTrainingError, match=r"float16.*only after finalize_"):
+        sws.add_complexity_grad_()
+    with pytest.raises(swsformat.SwsTrainingError, match=r"float16"):
+        sws.complexity_loss()
+    model.float()
+    x, y = blobs(2000, 0)
+    with pytest.warns(UserWarning, match=r"param_groups"), pytest.raises(swsformat.SwsTrainingError):
+        sws.finalize_()  # untrained: the zero component claims every weight
+    trained = SoftWeightSharing(trained_mlp(), PriorConfig(init_std=0.05), dataset_size=2000, tau=0.05)
+    own_loop(trained.model, trained, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained.finalize_()
+    with pytest.raises(swsformat.SwsTrainingError, match=r"already called"):
+        trained.finalize_()
+    with pytest.raises(swsformat.SwsTrainingError, match=r"loss_fn"):
+        trained.finetune_([(x[:100], torch.randn(100, 4))], epochs=1, progress=False)
+
+
+def test_a_checkpoint_resumes_only_on_its_number_of_ranks():
+    from swsformat.retrain.pipeline import _settings
+
+    config = CompressConfig()
+    assert _settings(config) == config.to_dict(drop_added_defaults=True)  # one process: as before
+    assert _settings(config, 2) != _settings(config, 1)

@@ -61,7 +61,8 @@ def load(path: str | os.PathLike, settings_fingerprint: str | None, map_location
         raise SwsCheckpointError(f"checkpoint {os.fsdecode(path)} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict) or (settings_fingerprint is not None and state.get("fingerprint") != settings_fingerprint):
         raise SwsCheckpointError(
-            f"checkpoint {os.fsdecode(path)} was written by a run with other settings (config, seed, data "
-            "or model differ); resume with the settings it was started with, or move it away to start afresh"
+            f"checkpoint {os.fsdecode(path)} was written by a run with other settings (config, seed, data, "
+            "model or number of torchrun processes differ); resume with the settings it was started with, or move "
+            "it away to start afresh"
         )
     return state

@@ -76,20 +76,31 @@ class SoftWeightSharing:
         if not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau >= 0):
             raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
         dataset_size = int(dataset_size)
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError(f"pass the module inside the {type(model).__name__} wrapper (wrapper.module): the prior "
+                             "names weights as the model's state_dict does, which the wrapper prefixes with 'module.'")
         self.model = model
         self.named_weights = compressible_parameters(model, filter_fn)
         if not self.named_weights:
             raise ValueError("no weights to put under the prior: the model has no layer filter_fn selects")
-        odd = sorted({str(p.dtype) for _, p in self.named_weights} - {"torch.float32", "torch.float64"})
-        if odd:
-            raise ValueError(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in "
-                             "float32 (mixed precision through torch.autocast keeps float32 weights)")
         self.weights = [p for _, p in self.named_weights]
+        self._check_dtypes(ValueError)
         if not prior.scale_to_weights:
             _warn_if_off_scale(self.weights)
         self.prior: MixturePrior | PriorGroups = make_prior(model, prior, self.named_weights, groups)
         self.tau, self.dataset_size, self.prior_config = tau, dataset_size, prior
         self._hook = PriorGradient(self.prior, self.weights)
+        self._initial = [p.detach().clone() for p in self._prior_parameters()]
+
+    def _prior_parameters(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups() for p in g["params"]]
+
+    def _check_dtypes(self, error: type[Exception] = SwsTrainingError) -> None:
+        odd = sorted({str(p.dtype) for p in self.weights} - {"torch.float32", "torch.float64"})
+        if odd:
+            raise error(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in float32 "
+                        "(mixed precision through torch.autocast keeps float32 weights), and cast the model (e.g. "
+                        ".half()) only after finalize_()")
 
     @property
     def scale(self) -> float:
@@ -109,12 +120,14 @@ class SoftWeightSharing:
         if any(is_sharded(w) for w in self.weights):
             raise SwsTrainingError("complexity_loss() cannot see the other ranks' shards of an FSDP model: call "
                                    "sws.add_complexity_grad_() after loss.backward() instead")
+        self._check_dtypes()
         return self.scale * self.prior.complexity(self.weights)
 
     def add_complexity_grad_(self) -> float:
         """After ``loss.backward()``: add the complexity term's gradient to the weights' and the
         prior's ``.grad`` in closed form (a fused kernel on CPU, cheaper than autograd).
         Returns the term's value."""
+        self._check_dtypes()
         self._hook.scale = self.scale
         return self._hook()
 
@@ -128,6 +141,14 @@ class SoftWeightSharing:
         and snap every other weight to its nearest non-zero mean, in place."""
         from .pipeline import prune_masks, quantize_model_
 
+        if hasattr(self, "masks"):
+            raise SwsTrainingError("finalize_() was already called: the weights are pruned and snapped to the "
+                                   "mixture's means; fine-tune with finetune_(), or encode the model")
+        self._check_dtypes()
+        if all(torch.equal(p.detach(), q) for p, q in zip(self._prior_parameters(), self._initial)):
+            warnings.warn("the mixture's parameters are where they started: add *sws.param_groups() to your "
+                          "optimizer (or load a trained prior with sws.load_state_dict) before finalize_()",
+                          stacklevel=2)
         mixture, merged = merged_mixtures(self.prior, merge_threshold)
         masks = prune_masks(self.model, mixture, assign, self.named_weights)
         kept = count_over_shards(self.weights, [int(m.sum()) for m in masks])

@@ -24,7 +24,7 @@ from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import Mixture, MixturePrior, PriorConfig, PriorGroups
-from .ranks import all_agree, from_writer, is_writer, set_epoch, sync_buffers, world
+from .ranks import all_agree, from_writer, is_writer, set_epoch, sync_buffers, world, world_size
 from .shards import count_over_shards, is_sharded, local, shard_groups, sum_over_shards
 from .train import (
     Data,
@@ -523,7 +523,9 @@ def compress(
     better (classification error on ``test`` by default; it also decides whether biases may be
     rounded, so measure it on held-out training data for a clean test). ``filter_fn(name,
     module, param)`` chooses the weights under the prior (see
-    :func:`~swsformat.retrain.models.default_filter`).
+    :func:`~swsformat.retrain.models.default_filter`). A resumed run repeats an uninterrupted
+    one bit for bit when its batches do: a shuffling ``DataLoader`` needs a ``generator`` (or
+    sampler) whose state you restore too, else it starts its shuffle afresh.
 
     Under ``torchrun``, with ``distributed=True``: wrap the model in
     ``DistributedDataParallel``, pass the unwrapped ``model``, the wrapper as ``forward`` (the
@@ -531,7 +533,7 @@ def compress(
     your own must call it itself), each rank's own batches (a ``DataLoader`` with a
     ``DistributedSampler``; its ``set_epoch`` is called every epoch) and the whole test set.
     Rank 0 alone writes the file and the checkpoint (put it on a file system every rank reads,
-    to resume with the same world size); its BatchNorm statistics are every rank's before each
+    to resume with the same number of processes, which is checked); its BatchNorm statistics are every rank's before each
     measurement. Without ``distributed`` each process runs on its own, as a single process.
 
     The file holds the weights, the architecture and ``metadata``; with ``embed_summary`` it
@@ -565,7 +567,8 @@ def compress(
     named, prior = sws.named_weights, sws.prior
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
-        checkpoint=checkpoint, resume=resume, settings=_settings(config), loss_fn=loss_fn, evaluate_fn=evaluate_fn,
+        checkpoint=checkpoint, resume=resume, settings=_settings(config, world_size(group)), loss_fn=loss_fn,
+        evaluate_fn=evaluate_fn,
         weights=sws.weights, writer=is_writer(group),
     )
     sync_buffers(model, group)
@@ -628,7 +631,10 @@ def write_model(
                   architecture=getattr(model, "sws_architecture", None), **options)
 
 
-def _settings(config: CompressConfig) -> dict[str, Any]:
+def _settings(config: CompressConfig, ranks: int = 1) -> dict[str, Any]:
     """The config as a checkpoint's fingerprint sees it: settings added later are left out at
-    the defaults that do what runs before them did, so their checkpoints still resume."""
-    return config.to_dict(drop_added_defaults=True)
+    the defaults that do what runs before them did, so their checkpoints still resume. The
+    number of ranks joins it (above one): a run resumed on another count would go on with
+    other batches per step."""
+    settings = config.to_dict(drop_added_defaults=True)
+    return settings if ranks == 1 else {**settings, "ranks": ranks}

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import SwsCheckpointError
+from ..errors import SwsCheckpointError, SwsTrainingError
 from . import checkpoint as checkpoint_io
 from .data import Split
 from .fields import check_types
@@ -154,8 +154,15 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The default task loss: cross-entropy of the model's logits."""
-    return F.cross_entropy(model(x), y)
+    """The default task loss: cross-entropy of the model's logits (class indices, or class
+    probabilities as float targets)."""
+    out = model(x)
+    if y.is_floating_point() and (out.dim() < 2 or out.shape[1] < 2 or bool((y < 0).any())):
+        raise SwsTrainingError(
+            f"the default loss is cross-entropy over classes, but the targets are floats {tuple(y.shape)} that "
+            f"cannot be class probabilities for outputs {tuple(out.shape)}: pass your own loss_fn(model, x, y), "
+            "e.g. lambda m, x, y: torch.nn.functional.mse_loss(m(x), y)")
+    return F.cross_entropy(out, y)
 
 
 def train_epoch(
