@@ -79,11 +79,11 @@ def _assign(values: np.ndarray, edges: np.ndarray, sums: np.ndarray, counts: np.
 @jit
 def _snap_kept(values: np.ndarray, keep: np.ndarray, edges: np.ndarray, centres: np.ndarray, out: np.ndarray) -> None:
     """``out = where(keep, snap(values, centres), 0)`` in one pass (no centres: all zero)."""
+    if centres.size == 0:
+        out[:] = 0.0
+        return
     for k in range(values.size):
-        if not keep[k] or centres.size == 0:
-            out[k] = 0.0
-            continue
-        out[k] = centres[_cluster_of(edges, np.float64(values[k]))]
+        out[k] = centres[_cluster_of(edges, np.float64(values[k]))] if keep[k] else 0.0
 
 
 def snap(values: np.ndarray, centres: np.ndarray) -> np.ndarray:

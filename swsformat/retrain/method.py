@@ -96,6 +96,9 @@ class SoftWeightSharing:
         return [p for g in self.param_groups() for p in g["params"]]
 
     def _check_dtypes(self, error: type[Exception] = SwsTrainingError) -> None:
+        """Called every step: a model cast after construction would reach the kernels."""
+        if all(p.dtype in (torch.float32, torch.float64) for p in self.weights):
+            return
         odd = sorted({str(p.dtype) for p in self.weights} - {"torch.float32", "torch.float64"})
         if odd:
             raise error(f"the prior's kernels take float32 or float64 weights, the model has {odd}: train in float32 "

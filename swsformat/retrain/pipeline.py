@@ -533,8 +533,8 @@ def compress(
     your own must call it itself), each rank's own batches (a ``DataLoader`` with a
     ``DistributedSampler``; its ``set_epoch`` is called every epoch) and the whole test set.
     Rank 0 alone writes the file and the checkpoint (put it on a file system every rank reads,
-    to resume with the same number of processes, which is checked); its BatchNorm statistics are every rank's before each
-    measurement. Without ``distributed`` each process runs on its own, as a single process.
+    to resume with the same number of processes, which is checked); its BatchNorm statistics
+    are every rank's before each measurement. Without ``distributed`` each process runs on its own, as a single process.
 
     The file holds the weights, the architecture and ``metadata``; with ``embed_summary`` it
     also holds the measured errors and the whole config as JSON strings (about 0.9 KB, 8% of
@@ -568,8 +568,7 @@ def compress(
     logs = retrain(
         model, prior, train, test, config.retrain, seed=config.seed, on_epoch=on_epoch, progress=progress,
         checkpoint=checkpoint, resume=resume, settings=_settings(config, world_size(group)), loss_fn=loss_fn,
-        evaluate_fn=evaluate_fn,
-        weights=sws.weights, writer=is_writer(group),
+        evaluate_fn=evaluate_fn, weights=sws.weights, writer=is_writer(group),
     )
     sync_buffers(model, group)
     retrained = measure(model)
