@@ -36,7 +36,7 @@ BEST: dict[str, dict[str, Any]] = {
         "overrides": {"bias_clusters": 0, "qat_epochs": 100, "qat_distill": 0.5, "prior.init_std": 0.1},
     },
     "lenet5-caffe": {
-        "pretrain_epochs": 20, "epochs": 12, "tau": 0.065, "normalization": "standard",
+        "pretrain_epochs": 20, "epochs": 12, "tau": 0.08, "normalization": "standard",
         "overrides": {"qat_epochs": 20, "qat_distill": 0.5},
     },
     "tutorial-net": {"pretrain_epochs": 20, "epochs": 12, "tau": 0.03, "overrides": {"qat_distill": 0.5}},
