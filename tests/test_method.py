@@ -347,6 +347,39 @@ def test_mistakes_in_a_users_loop_get_clear_errors():
         trained.finetune_([(x[:100], torch.randn(100, 4))], epochs=1, progress=False)
 
 
+def test_finalize_with_a_metric_refuses_a_collapse_and_puts_the_weights_back():
+    """A regression net whose snapped weights are all tiny keeps every layer non-empty but
+    predicts a constant: with ``evaluate_fn`` that is refused, as chance level is for a
+    classifier, and the weights are as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 1))
+    x = torch.linspace(-3, 3, 256).unsqueeze(1)
+    y = torch.sin(x)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def mse(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.mse_loss(m(x), y))
+
+    assert mse(model) < 0.05
+    sws = SoftWeightSharing(model, dataset_size=256)
+    with torch.no_grad():
+        sws.prior.means.fill_(1e-4)
+        sws.prior.means.add_(torch.arange(sws.prior.means.numel()) * 1e-6)
+        sws.prior.pi_zero_logit.fill_(-20.0)
+    before = [p.detach().clone() for p in sws.weights]
+    with pytest.raises(swsformat.SwsTrainingError, match=r"collapsed.*near the model's with every coded weight zero"
+                       r".*as they were before finalize_"):
+        sws.finalize_(evaluate_fn=mse)
+    assert all(torch.equal(p, q) for p, q in zip(sws.weights, before))
+    assert not hasattr(sws, "masks")
+
+
 def test_a_checkpoint_resumes_only_on_its_number_of_ranks():
     from swsformat.retrain.pipeline import _settings
 

@@ -211,3 +211,28 @@ def test_compress_refuses_a_collapsed_model_and_writes_nothing(tmp_path):
     with pytest.raises(swsformat.SwsTrainingError, match=r"layers \['2.weight'\] lost every weight.*tau"):
         compress(model, data, data, cfg, path=tmp_path / "toy.sws", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_metric_near_its_no_weights_value_is_a_collapse():
+    """With a metric of the user's, the collapse level is measured with the coded weights zeroed
+    (and then restored), so a regression net is guarded as a classifier is."""
+    import swsformat
+    from swsformat.retrain.pipeline import check_not_collapsed
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+    y = model(x).detach()
+    weight = model.weight.detach().clone()
+
+    def mse(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(((m(x) - y) ** 2).mean())
+
+    null = float(((model.bias.detach() - y) ** 2).mean())
+    named = [("weight", model.weight)]
+    check_not_collapsed(model, None, 0.0, 0.5 * null, named, measure=mse)
+    with pytest.raises(swsformat.SwsTrainingError, match=r"near the model's with every coded weight zero.*Nothing was written"):
+        check_not_collapsed(model, None, 0.0, 0.9 * null, named, measure=mse)
+    assert torch.equal(model.weight.detach(), weight)
+    check_not_collapsed(model, None, 0.0, 0.9 * null, named)  # no metric: only empty layers count

@@ -546,7 +546,7 @@ def bayesian_compress(
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named,
-                        advice="Raise the threshold (prune fewer groups) or train longer")
+                        advice="Raise the threshold (prune fewer groups) or train longer", measure=evaluate_fn)
     dead = _remove_dead(model, test if test is not None else train) if config.remove_dead else 0
     nonzero = _nonzero_fraction([p for _, p in named])
     result = BayesianCompressionResult(model, pre, epochs, trained, quant, nonzero, done.groups_kept, done.bits, dead,

@@ -143,7 +143,7 @@ def deep_compress(
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named)
     quant = measure(model)
     check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named,
-                        advice="Prune less (a gentler prune_schedule) or retrain longer after each step (retrain_epochs)")
+                        advice="Prune less (a gentler prune_schedule) or retrain longer after each step (retrain_epochs)", measure=evaluate_fn)
     total = sum(p.numel() for p in params)
     nonzero = sum(int(p.count_nonzero()) for p in params)
     result = DeepCompressionResult(model, pre, steps, quant, nonzero / total, values_per_layer,

@@ -139,10 +139,18 @@ class SoftWeightSharing:
         self.prior.reset_grouping()
 
     @torch.no_grad()
-    def finalize_(self, merge_threshold: float = 1.0, assign: str = "map") -> Finalized:
+    def finalize_(
+        self, merge_threshold: float = 1.0, assign: str = "map",
+        evaluate_fn: Callable[[nn.Module], float] | None = None,
+    ) -> Finalized:
         """Merge close components, prune the weights the zero component claims (exactly 0.0)
-        and snap every other weight to its nearest non-zero mean, in place."""
-        from .pipeline import prune_masks, quantize_model_
+        and snap every other weight to its nearest non-zero mean, in place.
+
+        ``evaluate_fn(model)`` (your metric, lower is better; held-out data) guards the result:
+        if it falls most of the way to what the model scores with these weights all zero, the
+        weights are put back as they were and :class:`SwsTrainingError` says so. Without it
+        only a layer that would lose every weight is refused."""
+        from .pipeline import check_not_collapsed, prune_masks, quantize_model_
 
         if hasattr(self, "masks"):
             raise SwsTrainingError("finalize_() was already called: the weights are pruned and snapped to the "
@@ -163,7 +171,18 @@ class SoftWeightSharing:
                 + ("" if self.prior_config.scale_to_weights else
                    ", or use PriorConfig(scale_to_weights=True) if the weights are far from LeNet scale (RMS 0.05)")
             )
+        before = None if evaluate_fn is None else float(evaluate_fn(self.model))
+        saved = None if evaluate_fn is None else [p.detach().clone() for p in self.weights]
         fraction, used = quantize_model_(self.model, mixture, masks, self.named_weights)
+        if evaluate_fn is not None:
+            try:
+                check_not_collapsed(self.model, None, before, float(evaluate_fn(self.model)), self.named_weights,
+                                    measure=evaluate_fn, outcome="The weights are as they were before finalize_().",
+                                    advice="Train longer under the prior, lower tau or lower PriorConfig.pi_zero")
+            except SwsTrainingError:
+                for p, s in zip(self.weights, saved):
+                    p.copy_(s)
+                raise
         self.mixture, self.masks = mixture, masks
         return Finalized(mixture, merged, masks, fraction, used)
 

@@ -449,27 +449,51 @@ def check_not_collapsed(
     model: nn.Module, test: Data | None, before: float, after: float, weights: Named = None,
     advice: str = "Lower the prior's pull (smaller retrain.tau), keep more weights (lower prior.pi_zero) or retrain "
     "longer (more epochs)",
+    measure: Callable[[nn.Module], float] | None = None, outcome: str = "Nothing was written.",
 ) -> None:
-    """Refuse a result that lost a whole layer or fell to chance level (nothing is written).
-    Chance level is known for a classification Split; with another ``test`` only empty layers count."""
+    """Refuse a result that lost a whole layer or fell most of the way to what the model
+    scores with no weights at all (nothing is written).
+
+    For a classification Split that level is chance. With ``measure`` (a user's metric, lower is
+    better) it is measured: the coded weights are zeroed for one evaluation, then restored, so
+    a regression net whose outputs went flat is caught as a classifier at chance is."""
     layers = _named(model, weights)
     empty = [n for n, p in layers if not bool(p.detach().any())]
-    near_chance, chance = False, 0.0
+    near_null, null, what_null = False, 0.0, ""
     if isinstance(test, Split):
         classes = max(int(test.y.unique().numel()), 2)
-        chance = 100.0 * (1 - 1 / classes)
+        null, what_null = 100.0 * (1 - 1 / classes), "chance"
+    elif measure is not None and not empty:
+        null, what_null = metric_without_weights(model, measure, layers), "the model's with every coded weight zero"
+    if what_null and null > before:
         # Chance level is 90% error for 10 classes; "near" it means most of the way from the
         # model's own error there.
-        near_chance = after >= before + 0.8 * (chance - before)
-    if not empty and not near_chance:
+        near_null = after >= before + 0.8 * (null - before)
+    if not empty and not near_null:
         return
     kept = sum(int(p.detach().count_nonzero()) for _, p in layers)
     total = sum(p.numel() for _, p in layers)
-    what = f"layers {empty} lost every weight" if empty else f"test error {after:.2f}% is near chance ({chance:.0f}%)"
+    what = (f"layers {empty} lost every weight" if empty else
+            f"the metric {after:.4g} is near {what_null} ({null:.4g})")
     raise SwsTrainingError(
         f"compression collapsed the model: {what}; {kept} of {total} weights non-zero ({100 * kept / max(total, 1):.3f}%), "
-        f"test error {before:.2f}% before and {after:.2f}% after. Nothing was written. {advice}"
+        f"metric {before:.4g} before and {after:.4g} after. {outcome} {advice}"
     )
+
+
+@torch.no_grad()
+def metric_without_weights(
+    model: nn.Module, measure: Callable[[nn.Module], float], layers: list[tuple[str, nn.Parameter]],
+) -> float:
+    """``measure(model)`` with the weights of ``layers`` zeroed; they are restored after."""
+    saved = [p.detach().clone() for _, p in layers]
+    try:
+        for _, p in layers:
+            p.zero_()
+        return float(measure(model))
+    finally:
+        for (_, p), s in zip(layers, saved):
+            p.copy_(s)
 
 
 def _remove_dead(model: nn.Module, data: Data, samples: int = 10000) -> int:
@@ -589,7 +613,7 @@ def compress(
     shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance, named, group)
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named, group)
     quant = measure(model)
-    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named)
+    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named, measure=evaluate_fn)
     # Under torchrun the proof must run on the same data everywhere: the test set, not each rank's batches.
     proof = test if test is not None else (train if group is None else None)
     dead = _remove_dead(model, proof) if config.remove_dead and proof is not None else 0
