@@ -107,6 +107,20 @@ def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(model(x), y)
 
 
+def distilled_loss(teacher: nn.Module, weight: float, temperature: float = 2.0):
+    """``(1 - weight) * CE + weight * T^2 * KL(teacher || student)``: the quantized net learns
+    the pretrained net's soft outputs as well as the labels (as ``CompressConfig.qat_distill``)."""
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        with torch.no_grad():
+            soft = F.log_softmax(teacher(x) / temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True, reduction="batchmean")
+        return (1 - weight) * F.cross_entropy(logits, y) + weight * temperature**2 * kl
+
+    return loss_fn
+
+
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, sws=None, desc: str = "train") -> None:
     """The user's own loop: Adam with cosine decay; the prior's gradient added after backward."""
     opt = torch.optim.Adam([{"params": model.parameters(), "lr": lr}, *(sws.param_groups() if sws else [])])
@@ -133,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--assign", choices=("map", "nearest"), default="map",
                    help="snap rule: the paper's most probable component, or the nearest mean")
     p.add_argument("--qat-epochs", type=int, default=3)
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the pretrained net's soft outputs in the fine-tuning loss (0: labels only)")
     p.add_argument("--tau", type=float, default=0.05)
     p.add_argument("--init-std", type=float, default=0.05, help="starting std of the non-zero components")
     p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
@@ -172,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     model = fold_batchnorm(with_bn.eval())
     folded_error = evaluate(model, test)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = ResNet(norm=False)
+    teacher.load_state_dict(pretrained)
+    teacher.eval()
 
     prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero,
                         scale_to_weights=a.scale_to_weights)
@@ -182,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     retrained = evaluate(model, test)
     done = sws.finalize_(assign=a.assign)
     snapped = evaluate(model, test)
-    sws.finetune_(loader, epochs=a.qat_epochs, lr=3e-4, loss_fn=task_loss)
+    sws.finetune_(loader, epochs=a.qat_epochs, lr=3e-4,
+                  loss_fn=distilled_loss(teacher, a.distill) if a.distill > 0 else task_loss)
     final = evaluate(model, test)
 
     out = Path(a.out)
@@ -222,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{sum(p.numel() for p in model.parameters())} parameters, {total} under the prior",
         "data": {"train": len(dataset), "test": len(test), "normalization": "standard"},
         "pretrained_from_cache": cached,
-        "epochs": a.epochs, "sws_epochs": sws_epochs, "assign": a.assign, "qat_epochs": a.qat_epochs, "tau": a.tau, "pi_zero": a.pi_zero, "scale_to_weights": a.scale_to_weights, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
+        "epochs": a.epochs, "sws_epochs": sws_epochs, "assign": a.assign, "qat_epochs": a.qat_epochs, "distill": a.distill, "tau": a.tau, "pi_zero": a.pi_zero, "scale_to_weights": a.scale_to_weights, "groups": a.groups, "init_std": a.init_std, "init_zero_std": a.init_zero_std, "batch": a.batch,
         "seed": a.seed, "threads": torch.get_num_threads(),
         "test_error": {"pretrained": pre, "batchnorm_folded": folded_error, "retrained": retrained, "snapped": snapped, "final": final,
                        "decoded_file": decoded},
