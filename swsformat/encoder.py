@@ -186,13 +186,20 @@ def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Itera
     Computed from the distances between consecutive non-zeros, so each candidate costs
     a few histograms, not another pass over the tensor.
     """
+    return _index_width(symbols, rows, cols, candidates)[0]
+
+
+def _index_width(symbols: np.ndarray, rows: int, cols: int,
+                 candidates: Iterable[int] = AUTO_RANGE) -> tuple[int, int, int]:
+    """:func:`best_index_bits`, the number of entries at that width and the non-zeros."""
     candidates = list(candidates)
     hist, val_base, row_most = kernels.index_width_stats(symbols, rows, cols, max(candidates))
-    if not val_base.any():
-        return min(candidates)
+    nonzeros = int(val_base.sum())
+    if not nonzeros:
+        return min(candidates), 0, 0
     # Per candidate only histograms (at most ``cols`` long) are touched, not the non-zeros.
     ks = np.arange(hist.size, dtype=np.int64)
-    best, best_bits = candidates[0], None
+    best, best_bits, best_entries = candidates[0], None, 0
     for b in candidates:
         span = 1 << b
         nfill = int((hist * (ks >> b)).sum())
@@ -204,8 +211,8 @@ def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Itera
         total = (_stream_bits(gap_counts) + _stream_bits(val_counts) + rows * int(row_most[b]).bit_length()
                  + table_bits)
         if best_bits is None or total < best_bits:
-            best, best_bits = b, total
-    return int(best)
+            best, best_bits, best_entries = b, total, nonzeros + nfill
+    return int(best), best_entries, nonzeros
 
 
 def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
@@ -251,13 +258,16 @@ def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.
                     index_bits: int | str | None) -> SwsTensor:
     rows, cols = matrix_shape(shape)
     if index_bits == "auto":
-        bits = best_index_bits(symbols, rows, cols)
+        bits, total, nonzeros = _index_width(symbols, rows, cols)
     else:
         bits = default_index_bits(len(shape)) if index_bits is None else int(index_bits)
         if not 1 <= bits <= MAX_INDEX_BITS:
             raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
-    counts, gaps, vals = kernels.build_entries(symbols, rows, cols, bits)
+        total, nonzeros = -1, int(np.count_nonzero(symbols))
+    counts, gaps, vals = kernels.build_entries(symbols, rows, cols, bits, total)
     entries = int(gaps.size)
+    if entries != int(counts.sum()):
+        raise AssertionError(f"{where(name)}the entry count ({total}) disagrees with the tensor's entries")
     row_bits = int(counts.max()).bit_length() if entries else 0
     row_data = kernels.pack_bits(counts, np.full(rows, row_bits, dtype=np.int64), rows * row_bits)
     return SwsTensor(
@@ -266,7 +276,7 @@ def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.
         shape=shape,
         index_bits=bits,
         codebook=codebook,
-        nonzeros=int(np.count_nonzero(symbols)),
+        nonzeros=nonzeros,
         entries=entries,
         row_bits=row_bits,
         row_counts=row_data,

@@ -47,44 +47,55 @@ jit = njit(nogil=True)
 
 
 @jit
-def build_entries(symbols: np.ndarray, rows: int, cols: int, index_bits: int):
+def build_entries(symbols: np.ndarray, rows: int, cols: int, index_bits: int, total: int = -1):
     """Relative-index CSR of a (rows*cols) symbol matrix (0 = zero).
 
     Each stored entry has a gap ``g`` in ``[0, 2**index_bits)``: its column is the previous
     entry's column + 1 + g (the first entry's is g). A longer run of zeros is bridged by
     filler entries with gap ``2**index_bits - 1`` and the zero symbol, as in Deep Compression.
-    Returns per-row entry counts, gap symbols and value symbols.
+    Returns per-row entry counts, gap symbols and value symbols. ``total``, the number of
+    entries when the caller knows it (:func:`index_width_stats` gives it), saves a counting
+    pass; -1 counts first.
     """
     maxgap = (1 << index_bits) - 1
     counts = np.zeros(rows, dtype=np.int64)
-    for r in range(rows):
-        p = 0
-        n = 0
-        base = r * cols
-        for c in range(cols):
-            if symbols[base + c] != 0:
-                n += (c - p) // (maxgap + 1) + 1
-                p = c + 1
-        counts[r] = n
-    total = counts.sum()
+    if total < 0:
+        for r in range(rows):
+            p = 0
+            n = 0
+            base = r * cols
+            for c in range(cols):
+                if symbols[base + c] != 0:
+                    n += (c - p) // (maxgap + 1) + 1
+                    p = c + 1
+            counts[r] = n
+        total = counts.sum()
     gaps = np.empty(total, dtype=np.uint16)  # index_bits <= 12
     vals = np.empty(total, dtype=np.uint8)
     k = 0
     for r in range(rows):
         p = 0
         base = r * cols
+        start = k
         for c in range(cols):
             s = symbols[base + c]
             if s != 0:
                 while c - p > maxgap:
+                    if k == total:
+                        return counts, gaps[:0], vals[:0]
                     gaps[k] = maxgap
                     vals[k] = 0
                     k += 1
                     p += maxgap + 1
+                if k == total:
+                    return counts, gaps[:0], vals[:0]
                 gaps[k] = c - p
                 vals[k] = s
                 k += 1
                 p = c + 1
+        counts[r] = k - start
+    if k != total:
+        return counts, gaps[:0], vals[:0]
     return counts, gaps, vals
 
 
@@ -174,18 +185,23 @@ def index_width_stats(symbols: np.ndarray, rows: int, cols: int, max_bits: int):
         p = 0
         base = r * cols
         entries[:] = 0
+        n = 0
         for c in range(cols):
             s = symbols[base + c]
             if s != 0:
                 d = c - p
                 gaps[d] += 1
                 values[s] += 1
-                for b in range(max_bits + 1):
-                    entries[b] += (d >> b) + 1
+                n += 1
+                b = 0
+                while d > 0 and b <= max_bits:  # fillers: d >> b for each width b below d's bit length
+                    entries[b] += d
+                    d >>= 1
+                    b += 1
                 p = c + 1
         for b in range(max_bits + 1):
-            if entries[b] > most[b]:
-                most[b] = entries[b]
+            if entries[b] + n > most[b]:
+                most[b] = entries[b] + n
     return gaps, values, most
 
 
