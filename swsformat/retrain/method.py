@@ -148,9 +148,13 @@ class SoftWeightSharing:
 
         ``evaluate_fn(model)`` (your metric, lower is better; held-out data) guards the result:
         if it falls most of the way to what the model scores with these weights all zero, the
-        weights are put back as they were and :class:`SwsTrainingError` says so. Without it
-        only a layer that would lose every weight is refused."""
+        weights are put back as they were and :class:`SwsTrainingError` says so (on every rank
+        under torchrun, if one rank's metric says so). Without it only a layer that would lose
+        every weight is refused."""
+        import torch.distributed as dist
+
         from .pipeline import check_not_collapsed, prune_masks, quantize_model_
+        from .ranks import world
 
         if hasattr(self, "masks"):
             raise SwsTrainingError("finalize_() was already called: the weights are pruned and snapped to the "
@@ -178,7 +182,8 @@ class SoftWeightSharing:
             try:
                 check_not_collapsed(self.model, None, before, float(evaluate_fn(self.model)), self.named_weights,
                                     measure=evaluate_fn, outcome="The weights are as they were before finalize_().",
-                                    advice="Train longer under the prior, lower tau or lower PriorConfig.pi_zero")
+                                    advice="Train longer under the prior, lower tau or lower PriorConfig.pi_zero",
+                                    group=world(dist.is_available() and dist.is_initialized()))
             except SwsTrainingError:
                 for p, s in zip(self.weights, saved):
                     p.copy_(s)

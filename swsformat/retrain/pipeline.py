@@ -449,14 +449,15 @@ def check_not_collapsed(
     model: nn.Module, test: Data | None, before: float, after: float, weights: Named = None,
     advice: str = "Lower the prior's pull (smaller retrain.tau), keep more weights (lower prior.pi_zero) or retrain "
     "longer (more epochs)",
-    measure: Callable[[nn.Module], float] | None = None, outcome: str = "Nothing was written.",
+    measure: Callable[[nn.Module], float] | None = None, outcome: str = "Nothing was written.", group: Any = None,
 ) -> None:
     """Refuse a result that lost a whole layer or fell most of the way to what the model
     scores with no weights at all (nothing is written).
 
     For a classification Split that level is chance. With ``measure`` (a user's metric, lower is
     better) it is measured: the coded weights are zeroed for one evaluation, then restored, so
-    a regression net whose outputs went flat is caught as a classifier at chance is."""
+    a regression net whose outputs went flat is caught as a classifier at chance is. Under
+    ``group`` every rank refuses if one does (a metric of local data may differ by rank)."""
     layers = _named(model, weights)
     empty = [n for n, p in layers if not bool(p.detach().any())]
     near_null, null, what_null = False, 0.0, ""
@@ -469,6 +470,8 @@ def check_not_collapsed(
         # Chance level is 90% error for 10 classes; "near" it means most of the way from the
         # model's own error there.
         near_null = after >= before + 0.8 * (null - before)
+    if what_null:
+        near_null = not all_agree(not near_null, group)
     if not empty and not near_null:
         return
     kept = sum(int(p.detach().count_nonzero()) for _, p in layers)
@@ -613,7 +616,8 @@ def compress(
     shared_biases = share_biases_(model, config.bias_clusters, check, config.bias_tolerance, named, group)
     rounded = round_biases_(model, config.bias_dtype, check, config.bias_tolerance, named, group)
     quant = measure(model)
-    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named, measure=evaluate_fn)
+    check_not_collapsed(model, test if evaluate_fn is None else None, pre, quant, named, measure=evaluate_fn,
+                        group=group)
     # Under torchrun the proof must run on the same data everywhere: the test set, not each rank's batches.
     proof = test if test is not None else (train if group is None else None)
     dead = _remove_dead(model, proof) if config.remove_dead and proof is not None else 0
