@@ -128,8 +128,12 @@ def test_comparison_covers_every_committed_file_and_counts_bits(tmp_path):
     assert precision_bits({"a": w, "b": np.zeros((2, 2))}) == (32 * 44, 3 * 2)
 
 
-@pytest.mark.parametrize("folder, stem, factory", [("text-gpt", "byte-gpt", "ByteGPT"), ("fashion-resnet", "resnet", "ResNet")])
-def test_beyond_mnist_files_load_into_their_scripts_models(folder, stem, factory):
+@pytest.mark.parametrize("folder, stem, summary, factory", [
+    ("text-gpt", "byte-gpt", "summary", "ByteGPT"),
+    ("fashion-resnet", "resnet", "summary", "ResNet"),
+    ("fashion-resnet", "resnet-distill", "summary-distill", "ResNet"),
+])
+def test_beyond_mnist_files_load_into_their_scripts_models(folder, stem, summary, factory):
     """The committed files of the scripts beyond MNIST decode into the scripts' own modules with
     the sizes and non-zero shares their summaries record (their metrics need the scripts' data:
     the Python sources of the Python that ran them, Fashion-MNIST)."""
@@ -137,11 +141,11 @@ def test_beyond_mnist_files_load_into_their_scripts_models(folder, stem, factory
 
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        module = __import__({"byte-gpt": "text_gpt", "resnet": "fashion_resnet"}[stem])
+        module = __import__({"ByteGPT": "text_gpt", "ResNet": "fashion_resnet"}[factory])
     finally:
         sys.path.pop(0)
     path = ROOT / "results" / folder / f"{stem}.sws"
-    summary = json.loads((path.parent / "summary.json").read_text())
+    summary = json.loads((path.parent / f"{summary}.json").read_text())
     assert path.stat().st_size == summary["file_bytes"]
     kwargs = {"norm": False} if factory == "ResNet" else {"layers": 3}
     model = swsformat.load_model(path, getattr(module, factory)(**kwargs))
