@@ -476,11 +476,15 @@ def check_not_collapsed(
         return
     kept = sum(int(p.detach().count_nonzero()) for _, p in layers)
     total = sum(p.numel() for _, p in layers)
+    split = isinstance(test, Split)
     what = (f"layers {empty} lost every weight" if empty else
+            f"test error {after:.2f}% is near chance ({null:.0f}%)" if split else
             f"the metric {after:.4g} is near {what_null} ({null:.4g})")
+    numbers = (f"test error {before:.2f}% before and {after:.2f}% after" if split or measure is None else
+               f"the metric {before:.4g} before and {after:.4g} after")
     raise SwsTrainingError(
         f"compression collapsed the model: {what}; {kept} of {total} weights non-zero ({100 * kept / max(total, 1):.3f}%), "
-        f"metric {before:.4g} before and {after:.4g} after. {outcome} {advice}"
+        f"{numbers}. {outcome} {advice}"
     )
 
 
