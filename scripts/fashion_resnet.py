@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import swsformat
 from swsformat.provenance import provenance
 from swsformat.quantize import prune_and_cluster
-from swsformat.retrain import PriorConfig, data
+from swsformat.retrain import PriorConfig, data, distillation_loss
 from swsformat.retrain.train import cosine_schedule, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,20 +105,6 @@ def fold_batchnorm(model: ResNet) -> ResNet:
 
 def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
-
-
-def distilled_loss(teacher: nn.Module, weight: float, temperature: float = 2.0):
-    """``(1 - weight) * CE + weight * T^2 * KL(teacher || student)``: the quantized net learns
-    the pretrained net's soft outputs as well as the labels (as ``CompressConfig.qat_distill``)."""
-
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        with torch.no_grad():
-            soft = F.log_softmax(teacher(x) / temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True, reduction="batchmean")
-        return (1 - weight) * F.cross_entropy(logits, y) + weight * temperature**2 * kl
-
-    return loss_fn
 
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, sws=None, desc: str = "train") -> None:
@@ -202,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     done = sws.finalize_(assign=a.assign)
     snapped = evaluate(model, test)
     sws.finetune_(loader, epochs=a.qat_epochs, lr=3e-4,
-                  loss_fn=distilled_loss(teacher, a.distill) if a.distill > 0 else task_loss)
+                  loss_fn=distillation_loss(teacher, a.distill) if a.distill > 0 else task_loss)
     final = evaluate(model, test)
 
     out = Path(a.out)

@@ -236,3 +236,17 @@ def test_a_users_metric_near_its_no_weights_value_is_a_collapse():
         check_not_collapsed(model, None, 0.0, 0.9 * null, named, measure=mse)
     assert torch.equal(model.weight.detach(), weight)
     check_not_collapsed(model, None, 0.0, 0.9 * null, named)  # no metric: only empty layers count
+
+
+def test_distillation_loss_is_cross_entropy_at_weight_0_and_zero_against_itself_at_1():
+    from torch.nn import functional as F
+
+    from swsformat.retrain import distillation_loss
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    assert torch.equal(distillation_loss(model, 0.0)(model, x, y), F.cross_entropy(model(x), y))
+    assert float(distillation_loss(model, 1.0)(model, x, y).detach()) == pytest.approx(0.0, abs=1e-6)
+    other = nn.Linear(5, 3)
+    assert float(distillation_loss(other, 1.0)(model, x, y).detach()) > 0.0

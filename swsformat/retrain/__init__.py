@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import data
 from .method import SoftWeightSharing
 from .models import MODELS, build_model
-from .pipeline import CompressConfig, CompressResult, compress
+from .pipeline import CompressConfig, CompressResult, compress, distillation_loss
 from .prior import MixturePrior, PriorConfig
 from .train import RetrainConfig, evaluate, pretrain, retrain
 
@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "compress",
     "data",
+    "distillation_loss",
     "evaluate",
     "pretrain",
     "retrain",
