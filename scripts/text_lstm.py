@@ -7,8 +7,8 @@ model has), fine-tunes the quantized net, writes a ``.sws`` file, and compares w
 post-training pruning + k-means at the same number of non-zero weights. Results, with their
 provenance, go to ``results/text-lstm/summary.json``.
 
-    python scripts/text_lstm.py                      # about 15 minutes on 2 cores
-    python scripts/text_lstm.py --steps 20 --out /tmp/t   # a smoke run
+    python scripts/text_lstm.py                      # about 40 minutes on 2 cores
+    python scripts/text_lstm.py --steps 20 --qat-steps 5 --init-zero-std 0.01 --out /tmp/t   # a smoke run
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _shared import corpus
+from _shared import corpus, file_size
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 import swsformat
 from swsformat.provenance import provenance
 from swsformat.quantize import prune_and_cluster
-from swsformat.retrain import PriorConfig
+from swsformat.retrain import PriorConfig, distillation_loss
 from swsformat.retrain.train import cosine_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,17 @@ class ByteLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.lstm(self.emb(x))[0])
+
+
+class Flat(nn.Module):
+    """Logits as ``(batch * time, 256)``: the layout ``distillation_loss`` and cross-entropy read."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).reshape(-1, 256)
 
 
 def batches(text: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
@@ -93,10 +104,20 @@ def train(model, steps, lr, data, sws=None, desc="train"):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3000, help="pretraining steps; retraining takes as many")
+    p.add_argument("--steps", type=int, default=4000, help="pretraining steps")
+    p.add_argument("--sws-steps", type=int, default=None, help="retraining steps (default: as --steps)")
+    p.add_argument("--qat-steps", type=int, default=1000, help="quantization-aware fine-tuning steps")
     p.add_argument("--tau", type=float, default=0.02)
-    p.add_argument("--init-zero-std", type=float, default=PriorConfig.init_zero_std,
+    p.add_argument("--groups", choices=("shared", "layer"), default="layer", help="one mixture, or one per weight")
+    p.add_argument("--assign", choices=("map", "nearest"), default="nearest",
+                   help="how finalize_ picks each weight's component")
+    p.add_argument("--pi-zero", type=float, default=0.9, help="the zero component's mixing proportion")
+    p.add_argument("--init-std", type=float, default=0.05, help="spread of the non-zero means at the start")
+    p.add_argument("--init-zero-std", type=float, default=0.05,
                    help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="weight of the pretrained net's soft outputs in the fine-tune's loss (0: labels only)")
+    p.add_argument("--pretrained", default=None, help="a state_dict file: loaded if it exists, else written")
     p.add_argument("--bytes", type=int, default=3_000_000)
     p.add_argument("--out", default=str(ROOT / "results" / "text-lstm"))
     p.add_argument("--seed", type=int, default=0)
@@ -108,18 +129,32 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(a.seed)
     data = batches(text, 128, 32, gen)
     model = ByteLSTM()
-    train(model, a.steps, 2e-3, data, desc="pretrain")
+    cached = bool(a.pretrained) and Path(a.pretrained).exists()
+    if cached:
+        model.load_state_dict(torch.load(a.pretrained, weights_only=True))
+    else:
+        train(model, a.steps, 2e-3, data, desc="pretrain")
+        if a.pretrained:
+            torch.save(model.state_dict(), a.pretrained)
     pre = bits_per_byte(model, held)
     pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = ByteLSTM()
+    teacher.load_state_dict(pretrained)
+    teacher.eval()
     windows = text.numel() // 128
-    prior = PriorConfig(init_std=0.05, init_zero_std=a.init_zero_std)
-    sws = swsformat.SoftWeightSharing(model, prior, dataset_size=windows, tau=a.tau)
-    train(model, a.steps, 1e-3, data, sws, desc="soft weight-sharing")
+    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero)
+    sws = swsformat.SoftWeightSharing(model, prior, dataset_size=windows, tau=a.tau,
+                                      groups=None if a.groups == "shared" else a.groups)
+    sws_steps = a.sws_steps or a.steps
+    train(model, sws_steps, 1e-3, data, sws, desc="soft weight-sharing")
     retrained = bits_per_byte(model, held)
-    done = sws.finalize_()
+    done = sws.finalize_(assign=a.assign)
     snapped = bits_per_byte(model, held)
-    sws.finetune_([next(data) for _ in range(max(a.steps // 4, 1))], epochs=2, lr=3e-4, loss_fn=lm_loss,
-                  batch_size=32, progress=True)
+    # Logits and targets flattened to (batch * time, 256) and (batch * time,), as the losses read them.
+    qat = [(x, y.reshape(-1)) for x, y in (next(data) for _ in range(max(a.qat_steps, 1)))]
+    student = Flat(model)
+    loss_fn = distillation_loss(Flat(teacher), a.distill, forward=student)
+    sws.finetune_(qat, epochs=1, lr=3e-4, loss_fn=loss_fn, batch_size=32, progress=True)
     final = bits_per_byte(model, held)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,16 +168,26 @@ def main(argv: list[str] | None = None) -> None:
     coded = sws.coded_names()
     kept = sum(int(model.state_dict()[n].count_nonzero()) for n in coded)
     total = sum(model.state_dict()[n].numel() for n in coded)
-    # Post-training pruning and k-means at the same non-zero count and about as many values.
-    baseline = ByteLSTM()
-    baseline.load_state_dict(prune_and_cluster(pretrained, prune=1 - kept / total, clusters=done.values_used))
+    # Post-training pruning and k-means (per-layer budgets, as many values), at several non-zero counts.
+
+    def post_training(prune: float) -> dict[str, float]:
+        net = ByteLSTM()
+        net.load_state_dict(prune_and_cluster(pretrained, prune=prune, clusters=done.values_used))
+        size = file_size(lambda f: swsformat.encode(net, f, smallest=True))
+        return {"prune": prune, "bits_per_byte": bits_per_byte(net, held), "file_bytes": size}
+
+    baseline = [post_training(q) for q in sorted({0.3, 0.5, 0.7, round(1 - kept / total, 4)})]
+    reach = [b for b in baseline if b["bits_per_byte"] <= final]
     summary = {
         "command": " ".join(["python", "scripts/text_lstm.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": "byte-level LSTM (embedding 64, LSTM 256, linear 256)",
         "text": {"train_bytes": text.numel(), "held_out_bytes": held.numel(), "source": "stdlib *.py"},
-        "steps": a.steps, "tau": a.tau, "seed": a.seed,
-        "bits_per_byte": {"pretrained": pre, "retrained": retrained, "snapped": snapped, "final": final,
-                          "post_training_prune_kmeans": bits_per_byte(baseline, held)},
+        "steps": a.steps, "sws_steps": sws_steps, "qat_steps": a.qat_steps, "tau": a.tau, "groups": a.groups,
+        "assign": a.assign, "pi_zero": a.pi_zero, "init_std": a.init_std, "init_zero_std": a.init_zero_std,
+        "distill": a.distill, "pretrained_from_cache": cached, "seed": a.seed,
+        "bits_per_byte": {"pretrained": pre, "retrained": retrained, "snapped": snapped, "final": final},
+        "post_training": baseline,
+        "post_training_smallest_at_same_bits_per_byte": min(reach, key=lambda b: b["file_bytes"]) if reach else None,
         "nonzero_fraction": kept / total,
         "values_used": done.values_used,
         "file_bytes": rep["file_bytes"],
