@@ -127,14 +127,23 @@ def peak_rss(code: str) -> int:
     return int(out.rsplit("PEAK", 1)[1])
 
 
+def _cli_encode_peak(path: Path, prune: float, clusters: int, out: Path) -> int:
+    return peak_rss("from swsformat.cli import main\n"
+                    f"assert main(['encode', {str(path)!r}, '-o', {str(out)!r}, '--prune', '{prune}', "
+                    f"'--clusters', '{clusters}']) in (0, None)")
+
+
 def memory(path: Path, prune: float, clusters: int, out: Path) -> dict:
     """Peak memory that ``sws encode --prune --clusters`` on a checkpoint adds to a fresh process,
-    against what loading it (``torch.load``) adds."""
+    against what loading it (``torch.load``) adds; and the same encode of a 16 KB checkpoint:
+    the fixed cost, mostly numba's code generator (~65 MB, taken by the first compiled kernel
+    a process runs, even a trivial cached one)."""
     load = peak_rss(f"sd = torch.load({str(path)!r}, weights_only=True)")
-    cli = peak_rss("from swsformat.cli import main\n"
-                   f"assert main(['encode', {str(path)!r}, '-o', {str(out)!r}, '--prune', '{prune}', "
-                   f"'--clusters', '{clusters}']) in (0, None)")
-    return {"torch_load_peak_bytes": load, "cli_encode_peak_bytes": cli}
+    cli = _cli_encode_peak(path, prune, clusters, out)
+    tiny = out.with_name("tiny.pt")
+    torch.save({"fc.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}, tiny)
+    fixed = _cli_encode_peak(tiny, prune, clusters, out.with_name("tiny.sws"))
+    return {"torch_load_peak_bytes": load, "cli_encode_peak_bytes": cli, "cli_encode_fixed_peak_bytes": fixed}
 
 
 def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, previous: dict | None = None) -> dict:
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                 torch.save(build(name).state_dict(), ckpt)
                 r.update(memory(ckpt, a.prune, a.clusters, Path(tmp) / f"{name}.cli.sws"))
                 r["checkpoint_bytes"] = ckpt.stat().st_size
-                print(f"  peak memory: sws encode {r['cli_encode_peak_bytes'] / 2**20:.0f} MiB, torch.load "
+                print(f"  peak memory: sws encode {r['cli_encode_peak_bytes'] / 2**20:.0f} MiB (of which fixed "
+                      f"{r['cli_encode_fixed_peak_bytes'] / 2**20:.0f} MiB), torch.load "
                       f"{r['torch_load_peak_bytes'] / 2**20:.0f} MiB, checkpoint {r['checkpoint_bytes'] / 2**20:.0f} MiB")
             rows.append(r)
             print(f"{name}: {r['sws_bytes']:,} B .sws, safetensors {r['safetensors_bytes']:,} B "
