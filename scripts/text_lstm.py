@@ -99,7 +99,7 @@ def train(model, steps, lr, data, sws=None, desc="train"):
         opt.step()
         sched.step()
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}", complexity=f"{extra:.3g}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", complexity=f"{extra:.3g}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="how finalize_ picks each weight's component")
     p.add_argument("--pi-zero", type=float, default=0.9, help="the zero component's mixing proportion")
     p.add_argument("--init-std", type=float, default=0.05, help="spread of the non-zero means at the start")
+    p.add_argument("--scale-to-weights", action="store_true",
+                   help="read the prior's stds and hyper-priors relative to each group's own weights")
     p.add_argument("--init-zero-std", type=float, default=0.05,
                    help="the zero component's starting std (smoke runs, too short to narrow it, use 0.01)")
     p.add_argument("--distill", type=float, default=0.5,
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher.load_state_dict(pretrained)
     teacher.eval()
     windows = text.numel() // 128
-    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero)
+    prior = PriorConfig(init_std=a.init_std, init_zero_std=a.init_zero_std, pi_zero=a.pi_zero,
+                        scale_to_weights=a.scale_to_weights)
     sws = swsformat.SoftWeightSharing(model, prior, dataset_size=windows, tau=a.tau,
                                       groups=None if a.groups == "shared" else a.groups)
     sws_steps = a.sws_steps or a.steps
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "text": {"train_bytes": text.numel(), "held_out_bytes": held.numel(), "source": "stdlib *.py"},
         "steps": a.steps, "sws_steps": sws_steps, "qat_steps": a.qat_steps, "tau": a.tau, "groups": a.groups,
         "assign": a.assign, "pi_zero": a.pi_zero, "init_std": a.init_std, "init_zero_std": a.init_zero_std,
-        "distill": a.distill, "pretrained_from_cache": cached, "seed": a.seed,
+        "scale_to_weights": a.scale_to_weights, "distill": a.distill, "pretrained_from_cache": cached, "seed": a.seed,
         "bits_per_byte": {"pretrained": pre, "retrained": retrained, "snapped": snapped, "final": final},
         "post_training": baseline,
         "post_training_smallest_at_same_bits_per_byte": min(reach, key=lambda b: b["file_bytes"]) if reach else None,
