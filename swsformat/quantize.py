@@ -304,6 +304,11 @@ def prune_and_cluster(
         else:
             first[key] = n
             names.append(n)
+    # A name that is not selected but shares the storage of one that is (``lin.weight`` tied to a
+    # parameter called ``codebook``) gets the same result tensor: the tie must survive.
+    for n, t in state_dict.items():
+        if n not in ties and n not in names and isinstance(t, torch.Tensor) and t.numel() and tie_key(t) in first:
+            ties[n] = first[tie_key(t)]
     out = dict(state_dict)
     if not names:
         return out

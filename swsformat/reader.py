@@ -253,6 +253,19 @@ class SwsFile:
         fits = all(tuple(targets[e.name].shape) == e.shape for e in self.header.entries if e.name in targets)
         if not fits or (strict and set(targets) != set(self._by_name)):
             targets = {}
+        # Names the module ties (one storage) that the file holds as separate tensors: decoding
+        # both into the one storage at once would leave whichever thread ends last. They are
+        # decoded apart and copied in file order by load_state_dict (the last one stays).
+        by_storage: dict[int, list[str]] = {}
+        for e in self.header.entries:
+            t = targets.get(e.name)
+            if e.alias_of is None and t is not None and t.numel():
+                by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(e.name)
+        clashes = [names for names in by_storage.values() if len(names) > 1]
+        if clashes:
+            warnings.warn("the module ties " + "; ".join(" and ".join(map(repr, n)) for n in clashes) + ", which the "
+                          "file holds as separate tensors: the tied parameter gets the last of them", stacklevel=3)
+            targets = {k: v for k, v in targets.items() if not any(k in n for n in clashes)}
         return self._decode("cpu", False, targets)
 
     def _decode(self, device: torch.device | str, sparse: bool, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -236,6 +236,25 @@ def test_a_users_metric_near_its_no_weights_value_is_a_collapse():
         check_not_collapsed(model, None, 0.0, 0.9 * null, named, measure=mse)
     assert torch.equal(model.weight.detach(), weight)
     check_not_collapsed(model, None, 0.0, 0.9 * null, named)  # no metric: only empty layers count
+    for before, after in ((0.0, float("nan")), (float("nan"), 0.1), (0.0, float("inf"))):
+        with pytest.raises(swsformat.SwsTrainingError, match="must return a finite number"):
+            check_not_collapsed(model, None, before, after, named, measure=mse)
+    # A higher-is-better metric (here -MSE) is better with no weights than trained: the check says so.
+    with pytest.warns(UserWarning, match="lower-is-better"):
+        check_not_collapsed(model, None, 0.0, -0.1 * null, named, measure=lambda m: -mse(m))
+
+
+def test_the_default_evaluation_refuses_what_is_not_classification():
+    import swsformat
+    from swsformat.retrain import evaluate
+
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    with pytest.raises(swsformat.SwsTrainingError, match="evaluate_fn"):
+        evaluate(model, [(x, torch.randn(8, 1))])
+    with pytest.raises(swsformat.SwsTrainingError, match="no samples"):
+        evaluate(nn.Linear(4, 3), [])
+    assert evaluate(nn.Linear(4, 3), [(x, torch.zeros(8, dtype=torch.long))]) in {100.0 * k / 8 for k in range(9)}
 
 
 def test_distillation_loss_is_cross_entropy_at_weight_0_and_zero_against_itself_at_1():

@@ -11,6 +11,7 @@ import zlib
 import msgpack
 import pytest
 import torch
+from torch import nn
 
 import swsformat
 from swsformat.cli import main
@@ -413,3 +414,22 @@ def test_normalize_inputs_applies_once_however_often_a_module_is_loaded(tmp_path
     assert model.sws_input["applied_by_model"] is True
     model = swsformat.load_model(path, target)
     assert torch.equal(model(torch.tensor([1.0, 0.5])), torch.tensor([1.0, 0.5]))
+
+
+def test_a_module_tie_the_file_holds_apart_loads_the_same_way_every_time(tmp_path):
+    """Two different tensors in the file for one tied parameter: decoded apart and copied in
+    file order (the last stays), with a warning, never both into one storage at once."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.codebook = nn.Parameter(torch.randn(32, 16))
+            self.lin = nn.Linear(16, 32)
+            self.lin.weight = self.codebook
+
+    sd = {k: v.detach().clone() for k, v in Tied().state_dict().items()}
+    sd["codebook"], sd["lin.weight"] = torch.zeros(32, 16), torch.ones(32, 16)
+    swsformat.encode(sd, tmp_path / "t.sws", compress=set())
+    for _ in range(3):
+        with pytest.warns(UserWarning, match="holds as separate tensors"):
+            m = swsformat.load_model(tmp_path / "t.sws", Tied())
+        assert m.codebook is m.lin.weight and bool((m.codebook == 1).all())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 import warnings
@@ -471,6 +472,11 @@ def check_not_collapsed(
     better) it is measured: the coded weights are zeroed for one evaluation, then restored, so
     a regression net whose outputs went flat is caught as a classifier at chance is. Under
     ``group`` every rank refuses if one does (a metric of local data may differ by rank)."""
+    # Every rank takes part in the vote (one rank's NaN must not leave the others waiting).
+    if not all_agree(math.isfinite(before) and math.isfinite(after), group if measure is not None else None):
+        raise SwsTrainingError(f"the metric is {before} before and {after} after compression (on this or another "
+                               f"rank), so a collapse cannot be ruled out. {outcome} Check evaluate_fn: it must "
+                               "return a finite number, lower is better")
     layers = _named(model, weights)
     empty = [n for n, p in layers if not bool(p.detach().any())]
     near_null, null, what_null = False, 0.0, ""
@@ -479,6 +485,10 @@ def check_not_collapsed(
         null, what_null = 100.0 * (1 - 1 / classes), "chance"
     elif measure is not None and not empty:
         null, what_null = metric_without_weights(model, measure, layers), "the model's with every coded weight zero"
+    if measure is not None and not isinstance(test, Split) and what_null and null < before:
+        warnings.warn(f"the metric is lower with every coded weight zero ({null:.4g}) than for the model before "
+                      f"compression ({before:.4g}): the collapse check reads evaluate_fn as lower-is-better; negate a "
+                      "metric where higher is better (accuracy, R^2)", stacklevel=3)
     if what_null and null > before:
         # Chance level is 90% error for 10 classes; "near" it means most of the way from the
         # model's own error there.

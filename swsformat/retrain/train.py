@@ -56,7 +56,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Data, batch_size: int = 2000) -> float:
-    """Classification error in percent (argmax of the outputs against integer targets)."""
+    """Classification error in percent (argmax of the outputs against integer targets). Any
+    other task (float targets, other shapes) is refused: pass your own ``evaluate_fn``."""
     was_training = model.training
     model.eval()
     # A sparsified model keeps its weights as buffers, so look at buffers too.
@@ -68,10 +69,19 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 2000) -> float:
     )
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        wrong += int((model(x).argmax(1) != y).sum())
+        out = model(x)
+        if y.is_floating_point() or y.is_complex() or y.dim() != 1 or out.dim() != 2 or out.shape[0] != y.shape[0]:
+            model.train(was_training)
+            raise SwsTrainingError(
+                f"the default evaluation is classification error: it needs (N, classes) outputs and (N,) integer "
+                f"targets, got outputs {tuple(out.shape)} and {y.dtype} targets {tuple(y.shape)}; pass "
+                "evaluate_fn=your_metric (lower is better) for any other task")
+        wrong += int((out.argmax(1) != y).sum())
         total += int(y.shape[0])
     model.train(was_training)
-    return 100.0 * wrong / max(total, 1)
+    if total == 0:
+        raise SwsTrainingError("the test data holds no samples: there is no error to measure")
+    return 100.0 * wrong / total
 
 
 def batches_of(data: Data, batch_size: int, generator: torch.Generator) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,23 +107,45 @@ def zero_pruned_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
         p.mul_(m)
 
 
+def _samples_in(batch: object) -> int:
+    """Samples in one ``(x, y)`` batch: the first dimension of its input."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(x, dict) and x:
+        x = next(iter(x.values()))
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return int(x.shape[0])
+    raise TypeError(
+        f"cannot tell how many samples a training batch of type {type(batch).__name__} holds (expected (x, y) with a "
+        "tensor x); set RetrainConfig.train_size (or SoftWeightSharing's dataset_size) to the number of training samples"
+    )
+
+
 def dataset_size(data: Data) -> int:
-    """N in the prior's ``tau/N`` scaling: samples in a Split or a DataLoader's dataset."""
+    """N in the prior's ``tau/N`` scaling: samples in a Split or a DataLoader's dataset, and
+    for any other re-iterable of ``(x, y)`` batches (a list of batches, your own loader) the
+    samples of one pass over it, counted by iterating it once (``len()`` of such an object
+    counts batches, which made the prior's pull as many times too strong as a batch holds)."""
     if isinstance(data, Split):
         return len(data)
-    # A DataLoader's sampler decides how many samples an epoch sees (a subset sampler fewer than the dataset).
-    sampler = getattr(data, "sampler", None)
-    dataset = getattr(data, "dataset", None)
-    if isinstance(sampler, torch.utils.data.DistributedSampler):
-        # Each rank sees its share; together (DDP averages their gradients) they see the dataset.
-        return len(sampler.dataset)  # type: ignore[arg-type]
-    try:
-        return len(sampler if sampler is not None else dataset if dataset is not None else data)
-    except TypeError:
+    if isinstance(data, torch.utils.data.DataLoader):
+        # The sampler decides how many samples an epoch sees (a subset sampler fewer than the dataset).
+        sampler = data.sampler
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            # Each rank sees its share; together (DDP averages their gradients) they see the dataset.
+            return len(sampler.dataset)  # type: ignore[arg-type]
+        try:
+            return len(sampler)  # type: ignore[arg-type]
+        except TypeError:
+            pass  # an iterable dataset: count its batches below
+    if iter(data) is data:
         raise TypeError(
-            "cannot tell how many training samples the data has; pass a Split, a DataLoader over a sized "
-            "dataset, or set RetrainConfig.train_size"
-        ) from None
+            "the training data is an iterator, which one epoch would use up: pass a re-iterable (a list of batches, "
+            "a DataLoader, a Split)"
+        )
+    n = sum(_samples_in(batch) for batch in data)
+    if n == 0:
+        raise SwsTrainingError("the training data holds no batches (or only empty ones)")
+    return n
 
 
 @dataclass
@@ -310,6 +342,8 @@ class RetrainConfig:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
         if self.tau < 0 or self.tau_warmup_epochs < 0:
             raise ValueError("tau and tau_warmup_epochs must be >= 0")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be >= 1 (or None: counted from the data), got {self.train_size}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         for name in ("lr_weights", "lr_means", "lr_log_precisions", "lr_mixing"):
