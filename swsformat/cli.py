@@ -336,7 +336,11 @@ def cmd_encode(a: argparse.Namespace) -> int:
     source = sum(os.path.getsize(f) for f in checkpoint_files(a.input))
     print(f"wrote {printable(a.output)}: {len(data)} bytes, {source / len(data):.1f}x smaller than {printable(a.input)} "
           f"({source} bytes; {rep['compression_rate']:.1f}x against float32 tensors, "
-          f"{rep['dtype_compression_rate']:.1f}x against their own dtypes), {100 * rep['nonzero_fraction']:.2f}% non-zero")
+          f"{rep['dtype_compression_rate']:.1f}x against their own dtypes), "
+          + (f"{100 * rep['nonzero_fraction']:.2f}% non-zero" if rep["coded_weights"] else "no tensor coded"))
+    if a.clusters and not rep["coded_weights"]:
+        print("sws: note: --prune/--clusters found no weight tensor to quantize (the weights of parametrized layers, "
+              "e.g. torch.nn.utils.parametrizations.weight_norm, are stored as they are)", file=sys.stderr)
     if test is not None:
         from .reader import load_model
         from .retrain.train import evaluate

@@ -128,9 +128,14 @@ def sparsify_(
     report: dict[str, str] = {}
     for name, child in list(module.named_children()):
         full = f"{prefix}{name}"
-        if isinstance(child, nn.Linear | nn.Conv2d) and type(child) in (nn.Linear, nn.Conv2d):
+        if isinstance(child, _READS_WEIGHTS):
+            # Their fused inference path reads the sublayers' weights as dense tensors.
+            report.update(_kept_dense(child, full, f"inside {type(child).__name__}, whose fused path reads the weights"))
+        elif isinstance(child, nn.Linear | nn.Conv2d) and type(child) in (nn.Linear, nn.Conv2d):
             device_type = child.weight.device.type
             why = unsupported(child, device_type)
+            if why is None and (child._forward_pre_hooks or child._forward_hooks):
+                why = "forward hooks (e.g. nn.utils.weight_norm) that set or read its weight"
             if why is None and mode == "auto":
                 density = float(child.weight.count_nonzero()) / max(child.weight.numel(), 1)
                 limit = crossover_density(device_type, batch_size)
@@ -144,5 +149,21 @@ def sparsify_(
             else:
                 report[full] = f"dense: {why}"
         else:
+            if _own_matrices(child):
+                report[full] = f"dense: no CSR version of {type(child).__name__}"
             report.update(sparsify_(child, mode, batch_size, prefix=f"{full}.", csr=csr))
     return report
+
+
+# Layers whose inference fast path reads their sublayers' weights directly (a CSR weight breaks it).
+_READS_WEIGHTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _own_matrices(layer: nn.Module) -> bool:
+    """Whether ``layer`` holds weight matrices of its own (not its children's)."""
+    return any(p.dim() >= 2 and p.numel() for p in layer.parameters(recurse=False))
+
+
+def _kept_dense(layer: nn.Module, name: str, why: str) -> dict[str, str]:
+    """``{name: "dense: why"}`` for ``layer`` and every weight-holding layer inside it."""
+    return {f"{name}.{n}" if n else name: f"dense: {why}" for n, m in layer.named_modules() if _own_matrices(m)}

@@ -133,3 +133,40 @@ def test_sparse_conv_takes_unbatched_input_and_load_model_uses_the_files_csr(tmp
     from_file = swsformat.load_state_dict(path, sparse=True)["conv2.weight"]
     assert torch.equal(sparse.conv2.weight.col_indices(), from_file.col_indices())
     assert torch.equal(sparse.conv2.weight.values(), from_file.values())
+
+
+def test_layers_a_csr_weight_would_break_stay_dense_and_are_listed(tmp_path):
+    """A weight_norm'd Linear (its hook sets the weight), the sublayers of a
+    TransformerEncoderLayer (its fused eval path reads them) and a Conv1d (no CSR version)
+    stay dense, are named in the layouts and the warning, and the model computes as the dense one."""
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's deprecation of the old weight_norm
+            return nn.ModuleDict({
+                "wn": nn.utils.weight_norm(nn.Linear(8, 8)),
+                "enc": nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                             enable_nested_tensor=False),
+                "conv": nn.Conv1d(8, 8, 3, padding=1),
+                "head": nn.Linear(8, 4),
+            })
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        h = m["enc"](m["wn"](x))
+        return m["head"](m["conv"](h.transpose(1, 2)).transpose(1, 2))
+
+    model = make().eval()
+    swsformat.encode(model.state_dict(), tmp_path / "m.sws", compress=set())
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match="layers kept dense") as caught:
+        sparse = swsformat.load_model(tmp_path / "m.sws", make(), sparse=True)
+    message = " ".join(str(w.message) for w in caught)
+    assert "wn" in message and "enc.layers.0.linear1" in message and "conv" in message
+    layouts = sparse.sws_layouts
+    assert layouts["head"] == "csr" and layouts["wn"].startswith("dense: forward hooks")
+    assert layouts["conv"] == "dense: no CSR version of Conv1d"
+    with torch.no_grad():
+        torch.testing.assert_close(run(sparse, x), run(model, x))
