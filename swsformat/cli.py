@@ -443,14 +443,24 @@ def cmd_decode(a: argparse.Namespace) -> int:
         except ImportError:
             raise UsageError("writing .safetensors needs the extra: pip install 'swsformat[safetensors]'") from None
     sd = load_state_dict(a.file, max_output_bytes=a.max_output_bytes)
+    copies = []
     if safetensors:
+        # safetensors holds no aliases: a tied name is written as a copy of the tensor it shares.
+        seen: set[int] = set()
+        for name, t in sd.items():
+            if t.numel() and t.untyped_storage().data_ptr() in seen:
+                sd[name] = t.clone()
+                copies.append(name)
+            elif t.numel():
+                seen.add(t.untyped_storage().data_ptr())
         data = save(sd)
     else:
         buf = io.BytesIO()
         torch.save(sd, buf)
         data = buf.getvalue()
     atomic_write(a.output, data)
-    print(f"wrote {printable(a.output)}: {len(sd)} tensors")
+    print(f"wrote {printable(a.output)}: {len(sd)} tensors"
+          + (f"; tied names written as copies (safetensors has no aliases): {', '.join(copies)}" if copies else ""))
     return 0
 
 

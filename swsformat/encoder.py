@@ -34,7 +34,7 @@ from .container import (
     serialize,
 )
 from .errors import SwsEncodeError, where
-from .files import atomic_write
+from .files import atomic_write, check_output
 from .huffman import canonical_codes, code_lengths
 from .spec import (
     FORMAT_VERSION,
@@ -531,6 +531,7 @@ def encode(
         >>> swsformat.encode({"fc.weight": w}, "/tmp/tiny.sws") > 0
         True
     """
+    check_output(path)
     data = encode_bytes(
         model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
         architecture=architecture, smallest=smallest, coder=coder, version=version,

@@ -259,6 +259,18 @@ def test_decode_is_atomic_and_refuses_its_input(tmp_path, capsys, monkeypatch):
     assert "is the input file" in capsys.readouterr().err
 
 
+def test_decode_to_safetensors_writes_a_tie_as_a_copy(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    w = torch.tensor([[0.5, 0.0], [0.0, -0.5]])
+    swsformat.encode({"emb.weight": w, "head.weight": w}, tmp_path / "t.sws")
+    assert main(["decode", str(tmp_path / "t.sws"), "-o", str(tmp_path / "t.safetensors")]) == 0
+    assert "written as copies (safetensors has no aliases): head.weight" in capsys.readouterr().out
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert torch.equal(back["emb.weight"], w) and torch.equal(back["head.weight"], w)
+
+
 def test_max_output_bytes_flag_lets_a_trusted_file_through(tmp_path, capsys):
     path = tmp_path / "zeros.sws"
     with pytest.warns(UserWarning, match="max_output_bytes=100040008"):

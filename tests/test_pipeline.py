@@ -269,3 +269,22 @@ def test_distillation_loss_is_cross_entropy_at_weight_0_and_zero_against_itself_
     assert float(distillation_loss(model, 1.0)(model, x, y).detach()) == pytest.approx(0.0, abs=1e-6)
     other = nn.Linear(5, 3)
     assert float(distillation_loss(other, 1.0)(model, x, y).detach()) > 0.0
+
+
+def test_compress_and_encode_check_the_output_path_before_any_work(tmp_path):
+    import swsformat
+    from swsformat.retrain import compress
+
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+
+    def never(m: nn.Module) -> float:
+        raise AssertionError("evaluated: the work began before the output path was checked")
+
+    for kwargs in ({"path": tmp_path / "missing" / "m.sws"}, {"path": tmp_path},
+                   {"checkpoint": tmp_path / "missing" / "c.ckpt"}):
+        with pytest.raises(swsformat.SwsOutputError):
+            compress(model, [(x, y)], [(x, y)], evaluate_fn=never, progress=False, **kwargs)
+    with pytest.raises(swsformat.SwsOutputError, match="does not exist"):
+        swsformat.encode(model, tmp_path / "missing" / "m.sws")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..encoder import encode
 from ..errors import SwsError, SwsTrainingError
+from ..files import check_output
 from .data import Split
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
@@ -603,6 +604,10 @@ def compress(
     if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
     group = world(distributed)
+    if is_writer(group):  # before hours of training, not after
+        for target in (path, checkpoint):
+            if target is not None:
+                check_output(target)
     if any(is_sharded(p) for p in model.parameters()):
         raise SwsTrainingError("compress() takes a whole model, not one sharded by FSDP: under FSDP use SoftWeightSharing in "
                          "your own loop (see the README), or wrap the model in DDP and pass distributed=True")

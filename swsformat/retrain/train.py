@@ -107,9 +107,16 @@ def zero_pruned_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
         p.mul_(m)
 
 
+def _check_pair(batch: object) -> None:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
+                        "loader's batches to pairs and read them in loss_fn(model, inputs, targets)")
+
+
 def _samples_in(batch: object) -> int:
     """Samples in one ``(x, y)`` batch: the first dimension of its input."""
-    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    _check_pair(batch)
+    x = batch[0]
     if isinstance(x, dict) and x:
         x = next(iter(x.values()))
     if isinstance(x, torch.Tensor) and x.dim() > 0:
@@ -224,9 +231,7 @@ def train_epoch(
     total = task_total = extra = 0.0
     n = 0
     for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
-                            "loader's batches to pairs and read them in loss_fn(model, inputs, targets)")
+        _check_pair(batch)
         x, y = (t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
         if before_forward is not None:
             before_forward()
