@@ -17,7 +17,7 @@ FP32_BITS = 32
 
 
 def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | AliasTensor, header_bits: int, entropy: bool,
-                   target: dict[str, Any] | None = None) -> dict[str, Any]:
+                   target: dict[str, Any] | None = None, codebook_stored: bool = True) -> dict[str, Any]:
     if isinstance(t, AliasTensor):
         assert target is not None
         # A tie costs its index record only; its elements count once, with the tensor it names.
@@ -42,7 +42,7 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | 
     r["coder"] = t.coder
     if isinstance(t, ContextTensor):
         r.update(rows=rows, cols=cols, nonzeros=t.nonzeros, codebook_size=int(t.codebook.size),
-                 coded_bits=t.data.size * 8, codebook_bits=int(t.codebook.size) * SWS_DTYPES[t.dtype].itemsize * 8)
+                 coded_bits=t.data.size * 8, codebook_bits=_codebook_bits(t, codebook_stored))
         r["payload_bits"] = r["coded_bits"] + r["codebook_bits"]
         r["total_bits"] = r["payload_bits"] + header_bits
         if entropy:
@@ -60,7 +60,7 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | 
         row_bits=t.row_counts.size * 8,
         gap_bits=t.gaps.data.size * 8,
         value_bits=t.values.data.size * 8,
-        codebook_bits=int(t.codebook.size) * SWS_DTYPES[t.dtype].itemsize * 8,
+        codebook_bits=_codebook_bits(t, codebook_stored),
     )
     r["code_table_bits"] = ((t.gaps.code_lengths.size + 1) // 2 + (t.values.code_lengths.size + 1) // 2) * 8
     r["payload_bits"] = r["row_bits"] + r["gap_bits"] + r["value_bits"] + r["codebook_bits"]
@@ -70,6 +70,11 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | 
         r["value_entropy_bits"] = entropy_bits(symbol_counts(t, "values"))
     r["compression_rate"] = r["fp32_bits"] / max(r["total_bits"], 1)
     return r
+
+
+def _codebook_bits(t: SwsTensor | ContextTensor, stored: bool) -> int:
+    """Bits of ``t``'s codebook, 0 where it only refers to an earlier tensor's (format 3)."""
+    return int(t.codebook.size) * SWS_DTYPES[t.dtype].itemsize * 8 if stored else 0
 
 
 def _header_share(raw_header: dict[str, Any], header_bytes: int, header_size: int) -> list[int]:
@@ -103,8 +108,18 @@ def size_report(
         shares = _header_share(c.raw_header, hlen, c.header_size)
     tensors: list[dict[str, Any]] = []
     by_name: dict[str, dict[str, Any]] = {}
+    owners: set[tuple[str, bytes]] = set()
     for t, s in zip(c.tensors, shares):
-        r = _tensor_report(t, s, entropy, by_name.get(t.target) if isinstance(t, AliasTensor) else None)
+        stored = True
+        if c.version == 3 and isinstance(t, SwsTensor | ContextTensor):
+            # Format 3 stores a codebook once, in the index record of the first tensor that has
+            # it; the later ones refer to it. Its bits count there, as codebook, not as index.
+            key = (t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes())
+            stored = key not in owners
+            owners.add(key)
+            if stored:
+                s -= _codebook_bits(t, True)
+        r = _tensor_report(t, s, entropy, by_name.get(t.target) if isinstance(t, AliasTensor) else None, stored)
         by_name[t.name] = r
         tensors.append(r)
     sws = [r for r in tensors if r["kind"] == "sws"]

@@ -98,3 +98,18 @@ def test_rates_against_float32_and_the_tensors_own_dtypes():
     assert rep["dtype_bytes"] == 2 * 10100 and rep["fp32_bytes"] == 4 * 10100
     assert rep["dtype_compression_rate"] == pytest.approx(rep["compression_rate"] / 2)
     assert rep["dtype_compression_rate"] == pytest.approx(rep["dtype_bytes"] / len(data))
+
+
+def test_a_shared_codebook_counts_once_in_the_report(tmp_path):
+    """Format 3 stores a codebook in the first tensor's index record; the others refer to it.
+    The report charges it once: the tensors' totals and the overhead add up to the file."""
+    import swsformat
+    from swsformat.quantize import prune_and_cluster
+
+    torch.manual_seed(0)
+    sd = prune_and_cluster({f"l{i}.weight": torch.randn(64, 64) for i in range(4)}, prune=0.9, clusters=8)
+    swsformat.encode(sd, tmp_path / "m.sws")
+    r = swsformat.size_report(tmp_path / "m.sws")
+    assert [t["codebook_bits"] for t in r["tensors"]] == [8 * 32, 0, 0, 0]
+    assert r["overhead_bytes"] > 0
+    assert sum(t["total_bits"] for t in r["tensors"]) // 8 < r["file_bytes"]
