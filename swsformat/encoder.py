@@ -113,6 +113,10 @@ def tie_key(t: torch.Tensor) -> tuple:
 
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = obj.state_dict() if isinstance(obj, nn.Module) else dict(obj)
+    # A model loaded with sparse=True holds conv kernels as CSR matrices (out, in*kh*kw); its
+    # layers know the kernel's shape, which the file must keep to load into the original module.
+    shapes = {f"{n}.weight" if n else "weight": m.dense_shape for n, m in obj.named_modules()
+              if isinstance(getattr(m, "dense_shape", None), tuple)} if isinstance(obj, nn.Module) else {}
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
@@ -124,6 +128,8 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
             )
         if v.layout != torch.strided:  # e.g. a model or state_dict loaded with sparse=True
             sd[k] = v.to_dense()
+            if k in shapes:
+                sd[k] = sd[k].reshape(shapes[k])
     return sd
 
 

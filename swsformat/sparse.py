@@ -60,6 +60,8 @@ class SparseConv2d(nn.Module):
         self.out_channels = conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
+        # The kernel's own shape: encode() of the model writes the weight back in it.
+        self.dense_shape = tuple(conv.weight.shape)
         self.register_buffer("weight", _weight_csr(conv.weight, csr))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 

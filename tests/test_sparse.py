@@ -170,3 +170,21 @@ def test_layers_a_csr_weight_would_break_stay_dense_and_are_listed(tmp_path):
     assert layouts["conv"] == "dense: no CSR version of Conv1d"
     with torch.no_grad():
         torch.testing.assert_close(run(sparse, x), run(model, x))
+
+
+def test_a_model_loaded_sparse_encodes_with_its_kernel_shapes(tmp_path):
+    from torch import nn
+
+    from swsformat.quantize import prune_and_cluster
+
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+    swsformat.encode(prune_and_cluster(make().state_dict(), prune=0.9, clusters=4), tmp_path / "a.sws")
+    sparse = swsformat.load_model(tmp_path / "a.sws", make(), sparse=True)
+    swsformat.encode(sparse, tmp_path / "b.sws")
+    again = swsformat.load_model(tmp_path / "b.sws", make())
+    first = swsformat.load_state_dict(tmp_path / "a.sws")
+    assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())
