@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -153,7 +154,15 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip, EOF and runtime errors for bad files
-        detail = " ".join(str(exc).split())[:200]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsupported:  # a real checkpoint that also pickles objects other than tensors
+            raise UsageError(
+                f"{path}: the checkpoint holds an object of type {unsupported.group(1)} besides tensors, which a safe "
+                "(weights_only) load does not unpickle; save the model's state_dict alone (torch.save(model."
+                "state_dict(), 'model.pt')) and encode that") from None
+        cause = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)  # not torch's advice to load unsafely
+        detail = " ".join((cause.group(1) if cause else text).split())[:200]
         raise UsageError(
             f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {detail})"
         ) from None

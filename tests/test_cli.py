@@ -271,6 +271,17 @@ def test_decode_to_safetensors_writes_a_tie_as_a_copy(tmp_path, capsys):
     assert torch.equal(back["emb.weight"], w) and torch.equal(back["head.weight"], w)
 
 
+def test_a_checkpoint_with_pickled_objects_gets_a_plain_message(tmp_path, capsys):
+    import argparse
+
+    path = tmp_path / "ck.pt"
+    torch.save({"model": {"a.weight": torch.randn(4, 4)}, "args": argparse.Namespace(lr=1.0)}, path)
+    assert main(["encode", str(path), "-o", str(tmp_path / "ck.sws")]) == 2
+    err = capsys.readouterr().err
+    assert "object of type argparse.Namespace" in err and "state_dict alone" in err and "\x1b" not in err
+    assert not (tmp_path / "ck.sws").exists()
+
+
 def test_max_output_bytes_flag_lets_a_trusted_file_through(tmp_path, capsys):
     path = tmp_path / "zeros.sws"
     with pytest.warns(UserWarning, match="max_output_bytes=100040008"):

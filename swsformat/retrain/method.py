@@ -20,7 +20,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ class Finalized:
 
     mixture: Mixture | list[Mixture]  # one per weight tensor (in ``named_weights`` order) with groups
     merged: int
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor] = field(repr=False)
     nonzero_fraction: float
     values_used: int
 
