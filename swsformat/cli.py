@@ -24,6 +24,7 @@ from . import __version__
 from .architectures import ARCHITECTURES as REGISTRY
 from .errors import SwsEncodeError, SwsError, SwsFormatError, SwsOutputError
 from .files import atomic_write, check_output
+from .spec import MAX_INDEX_BITS
 
 ARCHITECTURES = tuple(sorted(REGISTRY))
 
@@ -286,6 +287,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
         raise UsageError("--remove-dead needs --data (and --architecture or --module): the result is proven on its test set")
     if a.format_version < 3 and a.coder == "context":
         raise UsageError(f"--coder context needs --format-version 3 (version {a.format_version} has Huffman only)")
+    if a.index_bits != "auto" and not 1 <= a.index_bits <= MAX_INDEX_BITS:
+        raise UsageError(f"--index-bits must be auto or in [1, {MAX_INDEX_BITS}], got {a.index_bits}")
     if not 0 <= a.clusters <= 255:
         raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
     check_output(a.output, a.input)

@@ -120,6 +120,9 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
+        if v.is_meta:
+            raise SwsEncodeError(f"{where(k)}is on the meta device (it has a shape but no data): load or "
+                                 "materialize the weights (e.g. model.to_empty(device='cpu') and load them) first")
         if type(v).__name__ == "DTensor":
             raise SwsEncodeError(
                 f"{k!r} is sharded (a DTensor, e.g. from FSDP's fully_shard): gather the whole model first, e.g. "
@@ -440,7 +443,8 @@ def to_container(
         how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
         if name not in keep and selector(name, t):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
-                raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} is not a floating type and cannot be coded")
+                raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be coded (coded tensors are float16, "
+                                     "bfloat16, float32 or float64): convert it, or leave it out with keep=")
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
             plan.append(functools.partial(_coded, name, t, ib, how, version, smallest))
         else:

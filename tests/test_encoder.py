@@ -152,3 +152,16 @@ def test_threads_do_not_change_a_byte_and_errors_and_warnings_come_in_order(numb
     messages = [str(w.message) for w in caught if "negative zeros" in str(w.message)]
     assert [m.split("'")[1] for m in messages] == ["l1.weight", "l3.weight"]
     assert all(w.filename == __file__ for w in caught if "negative zeros" in str(w.message))
+
+
+def test_tensors_that_cannot_be_coded_are_named_before_any_writing(tmp_path):
+    import pytest
+    import torch
+
+    import swsformat
+
+    with pytest.raises(swsformat.SwsEncodeError, match="float8_e4m3fn cannot be coded.*keep="):
+        swsformat.encode({"a.weight": torch.randn(3, 3).to(torch.float8_e4m3fn)}, tmp_path / "a.sws")
+    with pytest.raises(swsformat.SwsEncodeError, match="'a.weight'.*meta device"):
+        swsformat.encode({"a.weight": torch.empty(3, 3, device="meta")}, tmp_path / "a.sws")
+    assert list(tmp_path.iterdir()) == []
