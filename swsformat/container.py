@@ -228,6 +228,11 @@ def section_start(end: int, version: int, aligned: bool) -> int:
     return align(end) if aligned or version == 1 else end
 
 
+def codebook_key(t: SwsTensor | ContextTensor) -> tuple[str, bytes]:
+    """Identity of a codebook in format 3: the first tensor with it stores it, later ones refer to it."""
+    return t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes()
+
+
 def _serialize3(c: Container, check: bool = True) -> bytes:
     """Version 3: binary index, per-tensor CRCs, shared codebooks, aliases (SPEC.md 8).
     ``check=False`` writes what it is given unchecked (the fuzz campaign's hostile files)."""
@@ -266,7 +271,7 @@ def _serialize3(c: Container, check: bool = True) -> bytes:
             fields = (f3.shape_fields(t.dtype, t.shape) + f3.varint(int(t.nonzeros)) + f3.varint(int(t.positions.size))
                       + struct.pack("<I", place([t.positions, t.values], False)))
         else:
-            key = (t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes())
+            key = codebook_key(t)
             fields = f3.shape_fields(t.dtype, t.shape) + f3.codebook_fields(t.codebook, t.dtype, codebooks.get(key))
             codebooks.setdefault(key, i)
             fields += f3.varint(int(t.nonzeros))

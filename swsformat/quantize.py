@@ -307,8 +307,10 @@ def prune_and_cluster(
     # A name that is not selected but shares the storage of one that is (``lin.weight`` tied to a
     # parameter called ``codebook``) gets the same result tensor: the tie must survive.
     for n, t in state_dict.items():
-        if n not in ties and n not in names and isinstance(t, torch.Tensor) and t.numel() and tie_key(t) in first:
-            ties[n] = first[tie_key(t)]
+        if n not in ties and n not in names and isinstance(t, torch.Tensor) and t.numel():
+            target = first.get(tie_key(t))
+            if target is not None:
+                ties[n] = target
     out = dict(state_dict)
     if not names:
         return out

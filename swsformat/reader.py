@@ -265,7 +265,8 @@ class SwsFile:
         if clashes:
             warnings.warn("the module ties " + "; ".join(" and ".join(map(repr, n)) for n in clashes) + ", which the "
                           "file holds as separate tensors: the tied parameter gets the last of them", stacklevel=3)
-            targets = {k: v for k, v in targets.items() if not any(k in n for n in clashes)}
+            clashed = {n for names in clashes for n in names}
+            targets = {k: v for k, v in targets.items() if k not in clashed}
         return self._decode("cpu", False, targets)
 
     def _decode(self, device: torch.device | str, sparse: bool, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

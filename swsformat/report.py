@@ -7,7 +7,7 @@ from typing import Any
 
 import msgpack
 
-from .container import AliasTensor, ContextTensor, RawTensor, SparseRawTensor, SwsTensor
+from .container import AliasTensor, ContextTensor, RawTensor, SparseRawTensor, SwsTensor, codebook_key
 from .decoder import symbol_counts
 from .huffman import entropy_bits
 from .reader import PathLike, SwsFile
@@ -114,7 +114,7 @@ def size_report(
         if c.version == 3 and isinstance(t, SwsTensor | ContextTensor):
             # Format 3 stores a codebook once, in the index record of the first tensor that has
             # it; the later ones refer to it. Its bits count there, as codebook, not as index.
-            key = (t.dtype, t.codebook.astype(SWS_DTYPES[t.dtype]).tobytes())
+            key = codebook_key(t)
             stored = key not in owners
             owners.add(key)
             if stored:

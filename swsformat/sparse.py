@@ -113,6 +113,8 @@ def unsupported(layer: nn.Module, device_type: str) -> str | None:
         return f"no CSR matmul for {layer.weight.dtype} on {device_type}"
     if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
         return "conv with groups, non-zero padding mode or string padding"
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return "forward hooks (e.g. nn.utils.weight_norm) that set or read its weight"
     return None
 
 
@@ -136,8 +138,6 @@ def sparsify_(
         elif isinstance(child, nn.Linear | nn.Conv2d) and type(child) in (nn.Linear, nn.Conv2d):
             device_type = child.weight.device.type
             why = unsupported(child, device_type)
-            if why is None and (child._forward_pre_hooks or child._forward_hooks):
-                why = "forward hooks (e.g. nn.utils.weight_norm) that set or read its weight"
             if why is None and mode == "auto":
                 density = float(child.weight.count_nonzero()) / max(child.weight.numel(), 1)
                 limit = crossover_density(device_type, batch_size)

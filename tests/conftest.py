@@ -39,6 +39,16 @@ def quantized_model(name: str, density: float = 0.1, k: int = 9, seed: int = 0) 
     return model.eval()
 
 
+class TiedToCodebook(torch.nn.Module):
+    """``lin.weight`` tied to a parameter called ``codebook`` (a name the selector skips)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codebook = torch.nn.Parameter(torch.randn(32, 16))
+        self.lin = torch.nn.Linear(16, 32)
+        self.lin.weight = self.codebook
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from $SWSFORMAT_DATA (CI points it at ../shared/data).

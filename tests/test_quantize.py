@@ -176,13 +176,8 @@ def test_clustered_weights_are_the_nearest_centres_of_the_kept_ones():
 
 def test_a_tie_to_a_name_the_selector_skips_stays_a_tie():
     """``lin.weight`` tied to a parameter called ``codebook``: both names get the one result."""
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.codebook = nn.Parameter(torch.randn(32, 16))
-            self.lin = nn.Linear(16, 32)
-            self.lin.weight = self.codebook
+    from .conftest import TiedToCodebook
 
-    q = prune_and_cluster(Tied().state_dict(), prune=0.5, clusters=4)
+    q = prune_and_cluster(TiedToCodebook().state_dict(), prune=0.5, clusters=4)
     assert q["codebook"] is q["lin.weight"]
     assert q["codebook"].unique().numel() <= 5

@@ -11,13 +11,12 @@ import zlib
 import msgpack
 import pytest
 import torch
-from torch import nn
 
 import swsformat
 from swsformat.cli import main
 from swsformat.spec import MAX_TENSORS
 
-from .conftest import DATA, ROOT, quantized
+from .conftest import DATA, ROOT, TiedToCodebook, quantized
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fuzz  # noqa: E402
@@ -419,17 +418,10 @@ def test_normalize_inputs_applies_once_however_often_a_module_is_loaded(tmp_path
 def test_a_module_tie_the_file_holds_apart_loads_the_same_way_every_time(tmp_path):
     """Two different tensors in the file for one tied parameter: decoded apart and copied in
     file order (the last stays), with a warning, never both into one storage at once."""
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.codebook = nn.Parameter(torch.randn(32, 16))
-            self.lin = nn.Linear(16, 32)
-            self.lin.weight = self.codebook
-
-    sd = {k: v.detach().clone() for k, v in Tied().state_dict().items()}
+    sd = {k: v.detach().clone() for k, v in TiedToCodebook().state_dict().items()}
     sd["codebook"], sd["lin.weight"] = torch.zeros(32, 16), torch.ones(32, 16)
     swsformat.encode(sd, tmp_path / "t.sws", compress=set())
     for _ in range(3):
         with pytest.warns(UserWarning, match="holds as separate tensors"):
-            m = swsformat.load_model(tmp_path / "t.sws", Tied())
+            m = swsformat.load_model(tmp_path / "t.sws", TiedToCodebook())
         assert m.codebook is m.lin.weight and bool((m.codebook == 1).all())
