@@ -7,7 +7,7 @@ model has), fine-tunes the quantized net, writes a ``.sws`` file, and compares w
 post-training pruning + k-means at the same number of non-zero weights. Results, with their
 provenance, go to ``results/text-lstm/summary.json``.
 
-    python scripts/text_lstm.py                      # about 40 minutes on 2 cores
+    python scripts/text_lstm.py                      # about an hour on 2 cores
     python scripts/text_lstm.py --steps 20 --qat-steps 5 --init-zero-std 0.01 --out /tmp/t   # a smoke run
 """
 
