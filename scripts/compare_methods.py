@@ -74,7 +74,7 @@ def entry(sws: Path) -> dict:
     tau = record.get("config", {}).get("retrain", {}).get("tau")
     if method == "soft-weight-sharing" and tau is not None:
         method += f" tau {tau:g}"  # several settings of the same method side by side
-    if method == "bayesian-compression":
+    if method in ("bayesian-compression", "bc-retrained"):
         prior = json.loads(f.metadata()["sws.method"]).get("prior", "")
         method += " GHS" if "horseshoe" in prior else " GNJ"
     weights = {n: t.numpy() for n, t in swsformat.load_state_dict(sws).items() if n.endswith("weight") and t.dim() > 1}
