@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +243,38 @@ def test_finalize_can_keep_the_structure_only():
     assert torch.equal(net.conv.weight[[0, 2, 3, 5]], means["conv"][[0, 2, 3, 5]])
     assert done.bits == {"conv": 32, "fc": 32}
     assert torch.unique(net.fc.weight).numel() > 255  # nothing snapped to a grid
+
+
+def test_bc_retrain_script_keeps_the_structure_and_writes_its_file(small_mnist, tmp_path):
+    """scripts/bc_retrain.py on a Bayesian Compression file, tiny budget: the retrained file keeps
+    no weight outside the BC file's structure, each layer uses at most --clusters values, and it
+    decodes to the error its JSON records; a file of another method is refused."""
+    import json
+    import sys
+
+    from swsformat.retrain import data
+    from swsformat.retrain.train import evaluate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import bayesian_compression
+        import bc_retrain
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "methods"
+    bayesian_compression.main(["--model", "lenet300-100", "--epochs", "1", "--out", str(out)])
+    source = out / "lenet300-100-bayesian-compression.sws"
+    bc_retrain.main(["--model", "lenet300-100", "--source", str(source), "--retrain-epochs", "1", "--qat-epochs", "1",
+                     "--finetune-epochs", "1", "--clusters", "4", "--out", str(out)])
+    path = out / "lenet300-100-bc-retrained-jeffreys.sws"
+    record = json.loads(path.with_suffix(".json").read_text())
+    before, after = swsformat.load_state_dict(source), swsformat.load_state_dict(path)
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        assert not bool((after[name][before[name] == 0] != 0).any())
+        assert torch.unique(after[name][after[name] != 0]).numel() <= 4
+    assert json.loads(swsformat.open(path).metadata()["sws.method"])["method"] == "bc-retrained"
+    _, test = data.load("mnist", normalization="standard")
+    assert evaluate(swsformat.load_model(path), test) == pytest.approx(record["decoded_test_error"])
+    assert record["decoded_test_error"] == pytest.approx(record["quantized_error"])
+    with pytest.raises(SystemExit, match="not a Bayesian Compression file"):
+        bc_retrain.main(["--model", "lenet300-100", "--source", str(path), "--out", str(out)])
