@@ -245,6 +245,7 @@ def test_finalize_can_keep_the_structure_only():
     assert torch.unique(net.fc.weight).numel() > 255  # nothing snapped to a grid
 
 
+@pytest.mark.slow
 def test_bc_retrain_script_keeps_the_structure_and_writes_its_file(small_mnist, tmp_path):
     """scripts/bc_retrain.py on a Bayesian Compression file, tiny budget: the retrained file keeps
     no weight outside the BC file's structure, each layer uses at most --clusters values, and it
