@@ -67,6 +67,12 @@ class Retrained:
     bias_tolerance: float = 0.1
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.clusters <= 255:
+            raise SystemExit(f"--clusters must be in [1, 255] (a codebook's size), got {self.clusters}")
+        if self.retrain_epochs < 0 or self.qat_epochs < 0 or self.finetune_epochs < 0:
+            raise SystemExit("epochs must be >= 0")
+
 
 @dataclass
 class RetrainedResult:
@@ -133,7 +139,7 @@ def retrained(teacher: nn.Module, train, test, config: Retrained, path: Path, me
         train_epoch(student, opt, batches_of(train, config.batch_size, gen), loss_fn=loss_fn, after_backward=mask_grads,
                     after_step=lambda: zero_pruned_(params, masks), scheduler=sched, desc=f"retrain epoch {epoch}")
         errors.append(measure(student))
-    retrained_error = measure(student)
+    retrained_error = errors[-1] if errors else start
     mixtures = []
     for p, m in zip(params, masks):
         kept = p.detach()[m].double().numpy()
