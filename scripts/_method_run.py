@@ -31,7 +31,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(script: str, stem: str, a: argparse.Namespace, config: Any, method: Callable, argv: list[str] | None) -> None:
-    """``method(model, train, test, config, path=..., metadata=...)`` on the pretrained ``a.model``."""
+    """``method(model, train, test, config, path=..., metadata=...)`` on the pretrained ``a.model``
+    (of seed ``a.seed``, as ``sws compress --seed``); seeds other than 0 add ``-sSEED`` to the file's name."""
     origin = provenance(ROOT)
     t0 = time.perf_counter()
     best = BEST[a.model]
@@ -41,7 +42,7 @@ def run(script: str, stem: str, a: argparse.Namespace, config: Any, method: Call
                                         True, norm)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{a.model}-{stem}.sws"
+    path = out / f"{a.model}-{stem}{f'-s{a.seed}' if a.seed else ''}.sws"  # seed 0 keeps the plain name
     result = method(model, train, test, config, path=path,
                     metadata={"sws.input": json.dumps(data.input_spec("mnist", norm))})
     rep = size_report(path)

@@ -5,7 +5,8 @@ tenth file is held out. The script pretrains the model, compresses it with
 ``SoftWeightSharing`` inside a plain training loop of its own (the API a user with their own
 model has), fine-tunes the quantized net, writes a ``.sws`` file, and compares with
 post-training pruning + k-means at the same number of non-zero weights. Results, with their
-provenance, go to ``results/text-lstm/summary.json``.
+provenance, go to ``summary.json`` beside the file in ``--out``; the committed run (its command
+is in the JSON) is ``results/text-lstm/summary-nearest-distill.json`` with its ``.sws`` file.
 
     python scripts/text_lstm.py                      # about an hour on 2 cores
     python scripts/text_lstm.py --steps 20 --qat-steps 5 --init-zero-std 0.01 --out /tmp/t   # a smoke run

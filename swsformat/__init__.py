@@ -19,6 +19,7 @@ __version__ = "0.3.0"
 from .architectures import register_architecture  # noqa: E402
 from .encoder import encode, encode_bytes  # noqa: E402
 from .errors import (  # noqa: E402
+    SwsBatchError,
     SwsCheckpointError,
     SwsChecksumError,
     SwsDataError,
@@ -73,6 +74,7 @@ __all__ = [
     "BayesianCompression",
     "CompressConfig",
     "SoftWeightSharing",
+    "SwsBatchError",
     "SwsCheckpointError",
     "SwsChecksumError",
     "SwsDecodeError",

@@ -49,5 +49,10 @@ class SwsDataError(SwsError, FileNotFoundError):
     """Training or evaluation data that is missing, fails its checksum or is malformed."""
 
 
+class SwsBatchError(SwsError, TypeError):
+    """Training data the loop cannot use: an iterator one epoch would exhaust, batches that are
+    not ``(inputs, targets)`` pairs or whose samples cannot be counted."""
+
+
 class SwsTrainingError(SwsError):
     """Compression produced a model not worth writing (lost its weights, fell to chance)."""

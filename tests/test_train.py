@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, SubsetRandomSampler, TensorDataset
 
+from swsformat import SwsBatchError
 from swsformat.retrain import RetrainConfig
 from swsformat.retrain.data import Split
 from swsformat.retrain.train import dataset_size
@@ -35,11 +36,12 @@ def test_dataset_size_counts_samples_not_batches():
 
 def test_dataset_size_refuses_what_it_cannot_count():
     x, y = _data()
-    with pytest.raises(TypeError, match="iterator"):
+    with pytest.raises(SwsBatchError, match="iterator") as info:
         dataset_size(iter([(x, y)]))
+    assert isinstance(info.value, TypeError)
     with pytest.raises(ValueError, match="no batches"):
         dataset_size([])
-    with pytest.raises(TypeError, match="train_size"):
+    with pytest.raises(SwsBatchError, match="train_size"):
         dataset_size([("text", y)])
     with pytest.raises(ValueError, match="train_size"):
         RetrainConfig(train_size=0)

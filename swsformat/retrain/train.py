@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..errors import SwsCheckpointError, SwsTrainingError
+from ..errors import SwsBatchError, SwsCheckpointError, SwsTrainingError
 from . import checkpoint as checkpoint_io
 from .data import Split
 from .fields import check_types
@@ -96,7 +96,7 @@ def steps_per_epoch(data: Data, batch_size: int) -> int:
     try:
         return len(data)
     except TypeError:
-        raise TypeError("the training batches must have a length (a DataLoader has one) to schedule the "
+        raise SwsBatchError("the training batches must have a length (a DataLoader has one) to schedule the "
                         "learning rate") from None
 
 
@@ -109,7 +109,7 @@ def zero_pruned_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
 
 def _check_pair(batch: object) -> None:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
+        raise SwsBatchError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
                         "loader's batches to pairs and read them in loss_fn(model, inputs, targets)")
 
 
@@ -121,7 +121,7 @@ def _samples_in(batch: object) -> int:
         x = next(iter(x.values()))
     if isinstance(x, torch.Tensor) and x.dim() > 0:
         return int(x.shape[0])
-    raise TypeError(
+    raise SwsBatchError(
         f"cannot tell how many samples a training batch of type {type(batch).__name__} holds (expected (x, y) with a "
         "tensor x); set RetrainConfig.train_size (or SoftWeightSharing's dataset_size) to the number of training samples"
     )
@@ -145,7 +145,7 @@ def dataset_size(data: Data) -> int:
         except TypeError:
             pass  # an iterable dataset: count its batches below
     if iter(data) is data:
-        raise TypeError(
+        raise SwsBatchError(
             "the training data is an iterator, which one epoch would use up: pass a re-iterable (a list of batches, "
             "a DataLoader, a Split)"
         )
