@@ -27,6 +27,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", default="lenet300-100", choices=sorted(BEST))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "results" / "methods"))
+    p.add_argument("--stem", default=None, help="the file's name after the model's (default: the method's)")
     return p
 
 
@@ -42,6 +43,7 @@ def run(script: str, stem: str, a: argparse.Namespace, config: Any, method: Call
                                         True, norm)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = a.stem or stem
     path = out / f"{a.model}-{stem}{f'-s{a.seed}' if a.seed else ''}.sws"  # seed 0 keeps the plain name
     result = method(model, train, test, config, path=path,
                     metadata={"sws.input": json.dumps(data.input_spec("mnist", norm))})

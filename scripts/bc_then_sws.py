@@ -77,12 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, default=None, help="soft weight-sharing's tau (default: the model's)")
     p.add_argument("--restart", action="store_true",
                    help="keep only the structure: soft weight-sharing starts from the pretrained weights of the kept groups")
-    p.add_argument("--stem", default="bc-then-sws")
     a = p.parse_args(argv)
     bc = BayesianCompressionConfig(prior=a.prior, epochs=a.bc_epochs, threshold=a.threshold, lr_logvar=a.lr_logvar,
                                    seed=a.seed)
     config = Combined(bc, best_config(a.model, seed=a.seed, tau=a.tau), a.restart)
-    run("bc_then_sws.py", a.stem, a, config, combined, argv)
+    run("bc_then_sws.py", "bc-then-sws", a, config, combined, argv)
 
 
 if __name__ == "__main__":
