@@ -4,9 +4,12 @@ Thirty epochs of Bayesian Compression prune LeNet-5-Caffe to a few filters and u
 it at 1.57% error (group horseshoe), where the paper trains for about 200. This keeps the
 structure a committed BC file found (its non-zero weights) and retrains only those weights,
 the pruned ones held at exactly zero, with the pretrained net of ``sws compress --model M`` as
-teacher (``distillation_loss``). Then each layer is quantized to ``--clusters`` k-means values
-with a quantization-aware fine-tune (nearest value in the forward pass, straight-through
-gradient), a centroid fine-tune, float16 biases and exact removal of dead units, into
+teacher (``distillation_loss``); ``--prune-within F`` also prunes a share ``F`` of every
+layer's kept weights by magnitude in equal steps over the first half of the retraining (Deep
+Compression's iterative pruning inside the structure). Then each layer is quantized to
+``--clusters`` k-means values with a quantization-aware fine-tune (nearest value in the
+forward pass, straight-through gradient), a centroid fine-tune, float16 biases and exact
+removal of dead units, into
 ``results/methods/M-bc-retrained-PRIOR.sws`` and its JSON.
 
     python scripts/bc_retrain.py --model lenet5-caffe --source results/methods/lenet5-caffe-bayesian-compression-horseshoe.sws
@@ -54,6 +57,7 @@ from swsformat.retrain.train import (
 class Retrained:
     source: str
     retrain_epochs: int = 20
+    prune_within: float = 0.0
     lr: float = 1e-3
     distill: float = 0.7
     temperature: float = 2.0
@@ -72,6 +76,10 @@ class Retrained:
             raise SystemExit(f"--clusters must be in [1, 255] (a codebook's size), got {self.clusters}")
         if self.retrain_epochs < 0 or self.qat_epochs < 0 or self.finetune_epochs < 0:
             raise SystemExit("epochs must be >= 0")
+        if not 0 <= self.prune_within < 1:
+            raise SystemExit(f"--prune-within must be in [0, 1), got {self.prune_within}")
+        if self.prune_within and not self.retrain_epochs:
+            raise SystemExit("--prune-within prunes during retraining: it needs --retrain-epochs >= 1")
 
 
 @dataclass
@@ -111,6 +119,22 @@ def _structure(path: Path, model_name: str) -> nn.Module:
     return student
 
 
+@torch.no_grad()
+def _prune_within(params: list[nn.Parameter], masks: list[torch.Tensor], structure: list[int],
+                  fraction: float) -> list[torch.Tensor]:
+    """Masks that prune ``fraction`` of each layer's structure (its ``structure`` weights at the
+    start) by magnitude, the weights already pruned counted in: every layer keeps the same share."""
+    out = []
+    for p, m, k in zip(params, masks, structure):
+        drop = int(round(fraction * k)) - (k - int(m.sum()))
+        if drop > 0:
+            cut = p.detach()[m].abs().kthvalue(drop).values
+            m = m & (p.detach().abs() > cut)
+        out.append(m)
+    zero_pruned_(params, out)
+    return out
+
+
 def retrained(teacher: nn.Module, train, test, config: Retrained, path: Path, metadata: dict[str, str]) -> RetrainedResult:
     measure = lambda m: evaluate(m, test)  # noqa: E731
     torch.manual_seed(config.seed)
@@ -126,18 +150,25 @@ def retrained(teacher: nn.Module, train, test, config: Retrained, path: Path, me
     loss_fn = distillation_loss(teacher, config.distill, config.temperature)
 
     def mask_grads() -> float:
-        for p, m in zip(params, masks):
+        for p, m in zip(params, masks):  # the masks of this epoch (pruning within replaces them)
             if p.grad is not None:
                 p.grad.mul_(m)
         return 0.0
+
+    def rezero() -> None:
+        zero_pruned_(params, masks)
 
     opt = adam(student.parameters(), lr=config.lr)
     sched = cosine_schedule(opt, config.retrain_epochs * steps_per_epoch(train, config.batch_size))
     gen = torch.Generator().manual_seed(config.seed)
     errors = []
+    ramp = max(1, config.retrain_epochs // 2)  # the first half prunes in equal steps, the second only retrains
+    structure = [int(m.sum()) for m in masks]
     for epoch in range(1, config.retrain_epochs + 1):
+        if config.prune_within and epoch <= ramp:
+            masks = _prune_within(params, masks, structure, config.prune_within * epoch / ramp)
         train_epoch(student, opt, batches_of(train, config.batch_size, gen), loss_fn=loss_fn, after_backward=mask_grads,
-                    after_step=lambda: zero_pruned_(params, masks), scheduler=sched, desc=f"retrain epoch {epoch}")
+                    after_step=rezero, scheduler=sched, desc=f"retrain epoch {epoch}")
         errors.append(measure(student))
     retrained_error = errors[-1] if errors else start
     mixtures = []
@@ -169,13 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source", required=True, help="a Bayesian Compression .sws file of --model")
     for name in ("retrain_epochs", "clusters", "qat_epochs", "finetune_epochs"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(Retrained, name))
-    for name in ("lr", "distill", "qat_lr"):
+    for name in ("prune_within", "lr", "distill", "qat_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(Retrained, name))
     a = p.parse_args(argv)
     source = Path(a.source).resolve()
     prior = bc_prior(source)
     config = Retrained(source=str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source),
-                       retrain_epochs=a.retrain_epochs,
+                       retrain_epochs=a.retrain_epochs, prune_within=a.prune_within,
                        lr=a.lr, distill=a.distill, clusters=a.clusters, qat_epochs=a.qat_epochs, qat_lr=a.qat_lr,
                        finetune_epochs=a.finetune_epochs, seed=a.seed)
     run("bc_retrain.py", f"bc-retrained-{prior}", a, config, retrained, argv)

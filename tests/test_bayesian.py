@@ -279,3 +279,11 @@ def test_bc_retrain_script_keeps_the_structure_and_writes_its_file(small_mnist, 
     assert record["decoded_test_error"] == pytest.approx(record["quantized_error"])
     with pytest.raises(SystemExit, match="not a Bayesian Compression file"):
         bc_retrain.main(["--model", "lenet300-100", "--source", str(path), "--out", str(out)])
+    # --prune-within: every layer keeps at most half of its structure, under its own stem.
+    bc_retrain.main(["--model", "lenet300-100", "--source", str(source), "--retrain-epochs", "2", "--qat-epochs", "1",
+                     "--finetune-epochs", "0", "--prune-within", "0.5", "--stem", "within", "--out", str(out)])
+    within = swsformat.load_state_dict(out / "lenet300-100-within.sws")
+    for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+        structure = int(before[name].count_nonzero())
+        assert not bool((within[name][before[name] == 0] != 0).any())
+        assert 0 < int(within[name].count_nonzero()) <= structure - structure // 2
