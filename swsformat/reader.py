@@ -250,8 +250,9 @@ class SwsFile:
         and, with ``strict``, the names are the module's own: a load that is going to fail
         leaves the module as it was."""
         targets = module.state_dict(keep_vars=True)
+        ties = _ties_to(targets, set(self._by_name))
         fits = all(tuple(targets[e.name].shape) == e.shape for e in self.header.entries if e.name in targets)
-        if not fits or (strict and set(targets) != set(self._by_name)):
+        if not fits or (strict and set(targets) != set(self._by_name) | set(ties)):
             targets = {}
         # Names the module ties (one storage) that the file holds as separate tensors: decoding
         # both into the one storage at once would leave whichever thread ends last. They are
@@ -267,7 +268,8 @@ class SwsFile:
                           "file holds as separate tensors: the tied parameter gets the last of them", stacklevel=3)
             clashed = {n for names in clashes for n in names}
             targets = {k: v for k, v in targets.items() if k not in clashed}
-        return self._decode("cpu", False, targets)
+        sd = self._decode("cpu", False, targets)
+        return {**sd, **{missing: sd[held] for missing, held in ties.items()}}
 
     def _decode(self, device: torch.device | str, sparse: bool, targets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._reserve(self.header.entries)
@@ -299,6 +301,14 @@ class SwsFile:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _ties_to(targets: Mapping[str, torch.Tensor], held: set[str]) -> dict[str, str]:
+    """``{name: tied name}`` for the module's tensors the file leaves out because the module
+    ties them to one it holds (a Hugging Face ``save_pretrained`` folder drops ``lm_head.weight``,
+    tied to the embedding): the tie gives them their value."""
+    by_object = {id(t): n for n, t in targets.items() if n in held}
+    return {n: by_object[id(t)] for n, t in targets.items() if n not in held and id(t) in by_object}
 
 
 def _decode_all(tensors: list[Tensor], device: torch.device | str, sparse: bool,
@@ -540,7 +550,8 @@ def load_model(
         module.sws_layouts = layouts
         dense = sorted(k for k, v in layouts.items() if v.startswith("dense") and v != "dense: empty weight" and sparse is True)
         if dense:
-            warnings.warn(f"layers kept dense (no CSR kernel for them here): {', '.join(dense)}", stacklevel=2)
+            names = ", ".join(k or "the model itself" for k in dense)
+            warnings.warn(f"layers kept dense (no CSR kernel for them here): {names}", stacklevel=2)
     return module
 
 

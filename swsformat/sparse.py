@@ -127,8 +127,26 @@ def sparsify_(
     ``mode=True`` converts every layer that has a correct CSR kernel on its device;
     ``mode="auto"`` only those whose weight density is at most the measured crossover for the
     device and ``batch_size`` (see :data:`CROSSOVER`). ``csr(weight name)`` may supply the
-    CSR weight already decoded. Returns ``{layer: "csr" or why dense}``.
+    CSR weight already decoded. Returns ``{layer: "csr" or why dense}``, ``""`` naming the
+    model itself. A layer whose weight another layer shares stays dense (the tie holds), and
+    so does a model that is itself one layer (no parent can swap it).
     """
+    report: dict[str, str] = {}
+    if not prefix:  # the model itself, which no parent can swap
+        if isinstance(module, _READS_WEIGHTS):
+            return _kept_dense(module, "", f"inside {type(module).__name__}, whose fused path reads the weights")
+        if type(module) in (nn.Linear, nn.Conv2d):
+            return {"": f"dense: the model is itself an nn.{type(module).__name__}; wrap it in nn.Sequential to run "
+                        "it on CSR"}
+        if _own_matrices(module):
+            report[""] = f"dense: no CSR version of {type(module).__name__}"
+    return report | _sparsify(module, mode, batch_size, prefix, csr, _tied_weights(module))
+
+
+def _sparsify(
+    module: nn.Module, mode: bool | str, batch_size: int, prefix: str,
+    csr: Callable[[str], torch.Tensor | None] | None, tied: set[int],
+) -> dict[str, str]:
     report: dict[str, str] = {}
     for name, child in list(module.named_children()):
         full = f"{prefix}{name}"
@@ -138,6 +156,8 @@ def sparsify_(
         elif isinstance(child, nn.Linear | nn.Conv2d) and type(child) in (nn.Linear, nn.Conv2d):
             device_type = child.weight.device.type
             why = unsupported(child, device_type)
+            if why is None and id(child.weight) in tied:
+                why = "its weight is tied to another layer's (a CSR copy would break the tie)"
             if why is None and mode == "auto":
                 density = float(child.weight.count_nonzero()) / max(child.weight.numel(), 1)
                 limit = crossover_density(device_type, batch_size)
@@ -153,8 +173,17 @@ def sparsify_(
         else:
             if _own_matrices(child):
                 report[full] = f"dense: no CSR version of {type(child).__name__}"
-            report.update(sparsify_(child, mode, batch_size, prefix=f"{full}.", csr=csr))
+            report.update(_sparsify(child, mode, batch_size, f"{full}.", csr, tied))
     return report
+
+
+def _tied_weights(module: nn.Module) -> set[int]:
+    """ids of the parameters that more than one layer holds (GPT-2's ``lm_head`` and ``wte``)."""
+    seen: dict[int, int] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
 
 
 # Layers whose inference fast path reads their sublayers' weights directly (a CSR weight breaks it).
@@ -168,4 +197,4 @@ def _own_matrices(layer: nn.Module) -> bool:
 
 def _kept_dense(layer: nn.Module, name: str, why: str) -> dict[str, str]:
     """``{name: "dense: why"}`` for ``layer`` and every weight-holding layer inside it."""
-    return {f"{name}.{n}" if n else name: f"dense: {why}" for n, m in layer.named_modules() if _own_matrices(m)}
+    return {".".join(filter(None, (name, n))): f"dense: {why}" for n, m in layer.named_modules() if _own_matrices(m)}

@@ -425,3 +425,18 @@ def test_a_module_tie_the_file_holds_apart_loads_the_same_way_every_time(tmp_pat
         with pytest.warns(UserWarning, match="holds as separate tensors"):
             m = swsformat.load_model(tmp_path / "t.sws", TiedToCodebook())
         assert m.codebook is m.lin.weight and bool((m.codebook == 1).all())
+
+
+def test_a_tied_tensor_the_file_leaves_out_comes_from_the_tie(tmp_path):
+    """A Hugging Face save_pretrained folder drops lm_head.weight (tied to the embedding): the
+    file then holds one of the two names, and load_model fills the other from the module's own
+    tie, strictly; a missing name that is not tied still fails."""
+    sd = {k: v.detach().clone() for k, v in TiedToCodebook().state_dict().items()}
+    del sd["lin.weight"]
+    swsformat.encode(sd, tmp_path / "t.sws", compress=set())
+    m = swsformat.load_model(tmp_path / "t.sws", TiedToCodebook())
+    assert m.codebook is m.lin.weight and torch.equal(m.codebook, sd["codebook"])
+    del sd["lin.bias"]
+    swsformat.encode(sd, tmp_path / "u.sws", compress=set())
+    with pytest.raises(swsformat.SwsFormatError, match="lin.bias"):
+        swsformat.load_model(tmp_path / "u.sws", TiedToCodebook())

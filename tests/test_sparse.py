@@ -188,3 +188,57 @@ def test_a_model_loaded_sparse_encodes_with_its_kernel_shapes(tmp_path):
     again = swsformat.load_model(tmp_path / "b.sws", make())
     first = swsformat.load_state_dict(tmp_path / "a.sws")
     assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["encoder-layer", "linear", "lstm"])
+def test_the_model_itself_is_checked_and_listed(kind, tmp_path):
+    """The root module has no parent to swap it: a bare TransformerEncoderLayer keeps its
+    sublayers dense (its fused eval path reads them; before, its first forward failed on CSR
+    weights), and a bare Linear or LSTM is listed as dense instead of left out of the layouts."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    make = {"encoder-layer": lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+            "linear": lambda: nn.Linear(8, 8), "lstm": lambda: nn.LSTM(8, 8, batch_first=True)}[kind]
+    model = make().eval()
+    swsformat.encode(model.state_dict(), tmp_path / "m.sws", compress=set())
+    with pytest.warns(UserWarning, match="layers kept dense"):
+        sparse = swsformat.load_model(tmp_path / "m.sws", make(), sparse=True)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        out, ref = sparse(x), model(x)
+    torch.testing.assert_close(out, ref)
+    layouts = sparse.sws_layouts
+    assert layouts and all(v.startswith("dense") for v in layouts.values())
+    if kind == "encoder-layer":
+        assert "linear1" in layouts and "self_attn.out_proj" in layouts
+    else:
+        assert list(layouts) == [""]
+
+
+def test_a_tied_layer_stays_dense_and_keeps_its_tie(tmp_path):
+    """GPT-2's head shares the embedding's weight: a CSR copy would break the tie (two tensors
+    where the model has one), so that layer stays dense, said why; the others go to CSR."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.mid = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mid(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    swsformat.encode(model, tmp_path / "t.sws", compress=set())
+    with pytest.warns(UserWarning, match="head"):
+        sparse = swsformat.load_model(tmp_path / "t.sws", Tied(), sparse=True)
+    assert sparse.head.weight is sparse.emb.weight
+    assert sparse.sws_layouts["mid"] == "csr" and "tied" in sparse.sws_layouts["head"]
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids), model(ids))
