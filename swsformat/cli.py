@@ -312,7 +312,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     if a.clusters:
         # The loaded tensors are ours (the reference model holds its own copy): quantize them in place.
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer,
-                               prune_scope="layer" if a.prune_each_layer else "model", inplace=True)
+                               prune_scope="layer" if a.prune_each_layer else "model", inplace=True, keep=a.keep)
     if a.remove_dead:
         from .architectures import build_model
         from .exact import remove_dead_units_verified_
@@ -333,7 +333,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
     try:
-        data = encode_bytes(sd, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
+        data = encode_bytes(sd, keep=a.keep, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
                             coder=a.coder if a.format_version == 3 else "huffman", version=a.format_version)
     except SwsEncodeError as exc:
         if a.clusters or "distinct non-zero values" not in str(exc):
@@ -346,9 +346,16 @@ def cmd_encode(a: argparse.Namespace) -> int:
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
     atomic_write(a.output, data)
     source = sum(os.path.getsize(f) for f in checkpoint_files(a.input))
-    print(f"wrote {printable(a.output)}: {len(data)} bytes, {source / len(data):.1f}x smaller than {printable(a.input)} "
-          f"({source} bytes; {rep['compression_rate']:.1f}x against float32 tensors, "
-          f"{rep['dtype_compression_rate']:.1f}x against their own dtypes), "
+    if source > 1.1 * rep["dtype_bytes"] + 65536:
+        # A training checkpoint: its optimizer state and the like are not the model's bytes.
+        against = (f"{rep['dtype_compression_rate']:.1f}x smaller than the model's tensors in {printable(a.input)} "
+                   f"({rep['dtype_bytes']} bytes of the file's {source}; {rep['compression_rate']:.1f}x against "
+                   "float32)")
+    else:
+        against = (f"{source / len(data):.1f}x smaller than {printable(a.input)} ({source} bytes; "
+                   f"{rep['compression_rate']:.1f}x against float32 tensors, {rep['dtype_compression_rate']:.1f}x "
+                   "against their own dtypes)")
+    print(f"wrote {printable(a.output)}: {len(data)} bytes, {against}, "
           + (f"{100 * rep['nonzero_fraction']:.2f}% non-zero" if rep["coded_weights"] else "no tensor coded"))
     if a.clusters and not rep["coded_weights"]:
         print("sws: note: --prune/--clusters found no weight tensor to quantize (the weights of parametrized layers, "
@@ -621,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prune", type=float, default=0.0, help="fraction of smallest weights to zero (with --clusters)")
     e.add_argument("--clusters", type=int, default=0, help="quantize weights to this many shared values (k-means)")
     e.add_argument("--per-layer", action="store_true", help="one codebook per layer instead of per model")
+    e.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="store these tensors as they are (a name or a shell-style pattern such as 'lm_head.*'; "
+                        "repeatable)")
     e.add_argument("--prune-each-layer", action="store_true",
                    help="prune every layer by --prune (default: rank the whole model's weights, each layer keeping "
                         "at least a quarter of the target share)")

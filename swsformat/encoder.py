@@ -8,6 +8,7 @@ raw. The same input always gives the same bytes.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -100,6 +101,24 @@ _PATTERN = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int
 _WEIGHT_NAME = re.compile(r"weight|weight_(?:ih|hh)(?:_l\d+(?:_reverse)?)?|(?:in|q|k|v)_proj_weight")
 
 
+def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:
+    """The names ``keep`` picks: exact names, or shell-style patterns (``lm_head.*``,
+    ``*.c_fc.weight``; see :mod:`fnmatch`). An entry that picks nothing is an error (a typo
+    would otherwise leave the tensor quantized without a word)."""
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
+        raise SwsEncodeError(f"keep must be tensor names or patterns (a list of str), got {type(keep).__name__}")
+    names = list(names)
+    picked: set[str] = set()
+    for k in keep:
+        if not isinstance(k, str):
+            raise SwsEncodeError(f"keep must be tensor names or patterns (a list of str), got an item {k!r}")
+        hits = {k} & set(names) or set(fnmatch.filter(names, k))
+        if not hits:
+            raise SwsEncodeError(f"keep: {k!r} matches no tensor of the state_dict")
+        picked |= hits
+    return picked
+
+
 def default_selector(name: str, tensor: torch.Tensor) -> bool:
     """Weight matrices and kernels: floating, at least 2-D, named like a weight (see above)."""
     return tensor.is_floating_point() and tensor.dim() >= 2 and bool(_WEIGHT_NAME.fullmatch(name.rsplit(".", 1)[-1]))
@@ -154,11 +173,33 @@ def _raw(name: str, t: torch.Tensor) -> RawTensor:
     return RawTensor(name, dtype, tuple(t.shape), data)
 
 
+# A NaN is never a value a model means to store; an infinity can be (a -inf attention mask
+# buffer), but not in a parameter, which these names are.
+_PARAMETER_NAME = re.compile(r".*(weight|bias)(_\w+)?")
+
+
+def _check_values(name: str, t: torch.Tensor) -> None:
+    """Refuse a NaN in any floating tensor and an infinity in a weight or bias, by name."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    flat = t.detach().reshape(-1)
+    infinite_ok = not _PARAMETER_NAME.fullmatch(name.rsplit(".", 1)[-1])
+    for start in range(0, flat.numel(), CHECK_CHUNK):
+        c = flat[start:start + CHECK_CHUNK]
+        if bool(torch.isnan(c).any()) or (not infinite_ok and bool(torch.isinf(c).any())):
+            what = "NaN" if bool(torch.isnan(flat).any()) else "infinite"
+            raise SwsEncodeError(f"{where(name)}holds {what} values; fix the checkpoint before encoding it")
+
+
+CHECK_CHUNK = 1 << 20
+
+
 def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
     """``t`` uncoded: its raw bytes, or (version 3) only its non-zero elements' bytes with their
     positions context-coded (kind 5) where that is smaller by the rule :func:`_sws` uses for
     the context coder (``coder="context"``: wherever it is smaller; "huffman": never)."""
     raw = _raw(name, t)
+    _check_values(name, t)
     numel = t.numel()
     if version < 3 or coder == "huffman" or not numel or (coder == "auto" and numel > CONTEXT_AUTO_MAX):
         return raw
@@ -413,7 +454,7 @@ def to_container(
         if version < 3 and c == "context":
             raise SwsEncodeError(f"format version {version} has no context coder; write version 3 or use coder='huffman'")
     sd = _state_dict(model_or_state_dict)
-    keep = set(keep)
+    keep = kept_names(keep, sd)
     if callable(compress):
         selector = compress
     elif compress is not None:
@@ -516,7 +557,8 @@ def encode(
             replaced by the file, as ``mv`` does; its old target is left untouched.
         compress: names (or a ``(name, tensor) -> bool`` predicate) of the tensors to code;
             default: floating tensors of 2+ dimensions named ``*weight``.
-        keep: names to store raw even if selected.
+        keep: names or shell-style patterns (``"lm_head.*"``) of tensors to store raw even
+            if selected; each must match a tensor.
         index_bits: gap width in bits: ``"auto"`` (default: the width that gives the
             smallest tensor), ``None`` (Deep Compression's 5 for linear, 8 for conv), an int,
             or a per-name mapping of those.

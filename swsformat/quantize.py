@@ -7,13 +7,13 @@ be written as ``.sws`` (``sws encode model.pt --prune 0.9 --clusters 16``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .encoder import default_selector, in_order, tie_key
+from .encoder import default_selector, in_order, kept_names, tie_key
 from .kernels import jit
 
 
@@ -240,6 +240,20 @@ def magnitude_masks(
             for n, t in tensors.items()}, floored
 
 
+def _distortion(values: np.ndarray, centres: np.ndarray) -> float:
+    """RMS error of snapping ``values`` to ``centres``, relative to their RMS."""
+    scale = float(np.sqrt(np.mean(values * values)))
+    return float(np.sqrt(np.mean((values - snap(values, centres)) ** 2))) / scale if scale > 0 else 0.0
+
+
+def _first_kept(t: torch.Tensor, cut: _Cut, limit: int = 1 << 14) -> np.ndarray:
+    """Up to ``limit`` kept weights of ``t`` (float64), spread over its first chunk: a cheap probe."""
+    for c, m in _masked(t, cut):
+        v = c[m].astype(np.float64)
+        return v[:: max(1, v.size // limit)]
+    return np.zeros(0)
+
+
 def _kmeans_sample(tensors: list[torch.Tensor], cuts: list[_Cut], rng: np.random.Generator) -> np.ndarray:
     """The kept weights (float64) of a group, or a fixed random subset of about
     KMEANS_SAMPLE of them when there are more, gathered chunk by chunk."""
@@ -262,6 +276,7 @@ def prune_and_cluster(
     prune_scope: str = "model",
     min_layer_keep: float = 0.25,
     inplace: bool = False,
+    keep: Iterable[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to
     ``clusters`` values.
@@ -278,7 +293,8 @@ def prune_and_cluster(
     The work goes chunk by chunk in the weights' own dtype or float32 (float64 weights in
     float64): besides the masks (one byte per weight) it needs a few MB, plus the result
     tensors; with ``inplace=True`` the results are written into the given tensors instead
-    (for a state_dict you own, e.g. one just loaded from a file).
+    (for a state_dict you own, e.g. one just loaded from a file). ``keep``: names or
+    shell-style patterns of weights to leave as they are (see :func:`~swsformat.encoder.kept_names`).
     """
     from .errors import SwsEncodeError
 
@@ -295,8 +311,9 @@ def prune_and_cluster(
     first: dict[tuple, str] = {}
     ties: dict[str, str] = {}
     names = []
+    left = kept_names(keep, state_dict)
     for n, t in state_dict.items():
-        if not default_selector(n, t):
+        if n in left or not default_selector(n, t):
             continue
         key = tie_key(t)
         if t.numel() and key in first:
@@ -330,6 +347,16 @@ def prune_and_cluster(
     for group in groups:
         centres = kmeans_1d(_kmeans_sample([tensors[n] for n in group], [cuts[n] for n in group], rng), clusters)
         centres_of.update(dict.fromkeys(group, centres))
+    if len(shared) > 1 and not per_layer:
+        # Without pruning no floor steps in, yet a layer of another scale (a 1e-3 layer in a
+        # model of 0.1s) would still be snapped to values far from its own: it gets its own
+        # codebook when the shared one distorts it badly and its own does much better.
+        for n in shared:
+            probe = _first_kept(tensors[n], cuts[n])
+            if probe.size and _distortion(probe, centres_of[n]) > 0.5:
+                own = kmeans_1d(_kmeans_sample([tensors[n]], [cuts[n]], rng), clusters)
+                if 2 * _distortion(probe, own) < _distortion(probe, centres_of[n]):
+                    centres_of[n] = own
 
     def snapped(n: str) -> torch.Tensor:
         t, centres = tensors[n], centres_of[n]
@@ -345,6 +372,10 @@ def prune_and_cluster(
 
     # One tensor per thread (numba's count; the kernel releases the GIL).
     out.update(zip(names, in_order([functools.partial(snapped, n) for n in names])))
+    wiped = [n for n in names if cuts[n].kept and not bool(out[n].any())]
+    if wiped:
+        raise SwsEncodeError(f"clustering left {', '.join(map(repr, wiped))} all zero (every value it kept snapped to "
+                             "a value of 0 in its dtype); use more clusters")
     for n, target in ties.items():
         out[n] = out[target]
     return out

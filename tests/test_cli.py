@@ -438,3 +438,39 @@ def test_encode_reads_save_pretrained_folders_single_and_sharded(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a file name in" in err[0]
     assert not (tmp_path / "x.sws").exists()
+
+
+def test_keep_leaves_matching_tensors_at_full_precision(checkpoint, tmp_path, capsys):
+    """--keep PATTERN (repeatable): the tensors it matches are stored exactly as they were and
+    the others are quantized; a pattern that matches nothing is a one-line error, no file."""
+    out = tmp_path / "k.sws"
+    assert main(["encode", str(checkpoint), "-o", str(out), "--prune", "0.5", "--clusters", "8",
+                 "--keep", "fc3.*", "--keep", "fc2.weight"]) == 0
+    original = torch.load(checkpoint, weights_only=True)
+    loaded = swsformat.load_state_dict(out)
+    assert torch.equal(loaded["fc3.weight"], original["fc3.weight"])
+    assert torch.equal(loaded["fc2.weight"], original["fc2.weight"])
+    assert torch.unique(loaded["fc1.weight"]).numel() <= 9
+    capsys.readouterr()
+    assert main(["encode", str(checkpoint), "-o", str(tmp_path / "typo.sws"), "--clusters", "8",
+                 "--keep", "fc9.*"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'fc9.*' matches no tensor" in err[0]
+    assert not (tmp_path / "typo.sws").exists()
+
+
+def test_a_training_checkpoint_is_measured_by_its_model_not_its_optimizer(tmp_path, capsys):
+    """{"model": ..., "optimizer": ...}: the headline rate is against the model's tensors (Adam's
+    two moments would make it look three times better)."""
+    torch.manual_seed(0)
+    model = build_model("lenet300-100")
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    out = tmp_path / "ck.sws"
+    assert main(["encode", str(path), "-o", str(out), "--prune", "0.9", "--clusters", "8"]) == 0
+    printed = capsys.readouterr().out
+    rep = swsformat.size_report(out)
+    assert f"{rep['dtype_compression_rate']:.1f}x smaller than the model's tensors in {path}" in printed

@@ -3,6 +3,7 @@ coding tensors on several threads without changing a byte."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numba
@@ -165,3 +166,37 @@ def test_tensors_that_cannot_be_coded_are_named_before_any_writing(tmp_path):
     with pytest.raises(swsformat.SwsEncodeError, match="'a.weight'.*meta device"):
         swsformat.encode({"a.weight": torch.empty(3, 3, device="meta")}, tmp_path / "a.sws")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_takes_names_and_patterns_and_refuses_what_matches_nothing(tmp_path):
+    """keep= picks exact names or shell-style patterns; an entry that matches no tensor (a
+    typo) and a keep that is not a list of str are errors, before anything is written."""
+    torch.manual_seed(0)
+    sd = {"a.weight": torch.randint(-2, 3, (8, 8)).float(), "b.weight": torch.randn(8, 8),
+          "c.weight": torch.randn(4, 8)}
+    swsformat.encode(sd, tmp_path / "k.sws", keep=["b.weight", "c.*"])
+    r = swsformat.open(tmp_path / "k.sws")
+    assert [r.entry(n).kind for n in sd] == ["sws", "raw", "raw"]
+    for bad, message in ((["d.*"], "'d.\\*' matches no tensor"), ("b.weight", "list of str"),
+                         (lambda n: True, "list of str"), ([3], "an item 3")):
+        with pytest.raises(swsformat.SwsEncodeError, match=message):
+            swsformat.encode(sd, tmp_path / "bad.sws", keep=bad)
+    assert not (tmp_path / "bad.sws").exists()
+
+
+def test_nan_anywhere_and_inf_in_a_parameter_are_refused_by_name(tmp_path):
+    """A NaN in a tensor stored raw, or an infinite bias, was written silently; an infinite
+    attention-mask buffer is a value a model means, and still encodes."""
+    base = {"l.weight": torch.randint(-2, 3, (4, 4)).float(), "l.bias": torch.zeros(4)}
+    for name, value, what in (("l.bias", float("inf"), "infinite"), ("l.bias", float("nan"), "NaN"),
+                              ("norm.running_var", float("nan"), "NaN"), ("lstm.bias_ih_l0", -float("inf"), "infinite")):
+        sd = dict(base)
+        t = torch.zeros(4)
+        t[2] = value
+        sd[name] = t
+        with pytest.raises(SwsEncodeError, match=f"tensor '{re.escape(name)}': holds {what} values"):
+            swsformat.encode(sd, tmp_path / "bad.sws")
+        assert not (tmp_path / "bad.sws").exists()
+    mask = torch.full((4, 4), -float("inf")).triu(1)
+    swsformat.encode({**base, "attn.mask": mask}, tmp_path / "ok.sws")
+    assert torch.equal(swsformat.load_state_dict(tmp_path / "ok.sws")["attn.mask"], mask)

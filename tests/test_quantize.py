@@ -181,3 +181,31 @@ def test_a_tie_to_a_name_the_selector_skips_stays_a_tie():
     q = prune_and_cluster(TiedToCodebook().state_dict(), prune=0.5, clusters=4)
     assert q["codebook"] is q["lin.weight"]
     assert q["codebook"].unique().numel() <= 5
+
+
+def test_prune_and_cluster_leaves_kept_tensors_as_they_are():
+    torch.manual_seed(0)
+    sd = {"a.weight": torch.randn(20, 20), "head.weight": torch.randn(5, 20)}
+    out = prune_and_cluster(sd, prune=0.5, clusters=4, keep=["head.*"])
+    assert out["head.weight"] is sd["head.weight"]
+    assert torch.unique(out["a.weight"]).numel() <= 5
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-4])
+def test_a_layer_of_another_scale_gets_its_own_codebook_without_pruning(scale):
+    """No pruning, so no floor: a layer 1,000x smaller than the rest was snapped to the shared
+    codebook's nearest value (relative error 16 and more); it now gets a codebook of its own."""
+    g = torch.Generator().manual_seed(0)
+    sd = {"a.weight": torch.randn(200, 200, generator=g), "b.weight": torch.randn(10, 200, generator=g) * scale}
+    out = prune_and_cluster(sd, prune=0.0, clusters=16)
+    for name in sd:
+        relative = float((out[name] - sd[name]).norm() / sd[name].norm())
+        assert relative < 0.15, name
+
+
+def test_a_layer_clustering_would_wipe_is_an_error():
+    """float16 weights symmetric about zero with one cluster: the one centre is 0, and the layer
+    would leave as all zeros; that is refused by name."""
+    w = torch.linspace(-1, 1, 64, dtype=torch.float16).reshape(8, 8)
+    with pytest.raises(swsformat.SwsEncodeError, match="'w.weight' all zero"):
+        prune_and_cluster({"w.weight": w}, prune=0.0, clusters=1)
