@@ -95,10 +95,11 @@ _PATTERN = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int
 
 
 # The last name part of weight matrices: ``weight`` (Linear, Conv, Embedding, transformers'
-# Conv1D), ``weight_ih_l0``/``weight_hh_l1_reverse``/``weight_ih`` (RNN, LSTM, GRU and their
-# cells), ``in_proj_weight``/``q_proj_weight`` (MultiheadAttention): the ones the prior covers
-# (retrain.models.default_filter). Weight-norm magnitudes and directions stay raw.
-_WEIGHT_NAME = re.compile(r"weight|weight_(?:ih|hh)(?:_l\d+(?:_reverse)?)?|(?:in|q|k|v)_proj_weight")
+# Conv1D), ``weight_ih_l0``/``weight_hh_l1_reverse``/``weight_ih``/``weight_hr_l0`` (RNN, LSTM
+# with projections, GRU and their cells), ``in_proj_weight``/``q_proj_weight``
+# (MultiheadAttention): the ones the prior covers (retrain.models.default_filter).
+# Weight-norm magnitudes and directions stay raw.
+_WEIGHT_NAME = re.compile(r"weight|weight_(?:ih|hh|hr)(?:_l\d+(?:_reverse)?)?|(?:in|q|k|v)_proj_weight")
 
 
 def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:

@@ -200,3 +200,9 @@ def test_nan_anywhere_and_inf_in_a_parameter_are_refused_by_name(tmp_path):
     mask = torch.full((4, 4), -float("inf")).triu(1)
     swsformat.encode({**base, "attn.mask": mask}, tmp_path / "ok.sws")
     assert torch.equal(swsformat.load_state_dict(tmp_path / "ok.sws")["attn.mask"], mask)
+
+
+def test_an_lstm_projection_weight_is_selected_like_its_gates():
+    lstm = torch.nn.LSTM(8, 16, proj_size=4)
+    picked = {n for n, t in lstm.state_dict().items() if encoder.default_selector(n, t)}
+    assert picked == {"weight_ih_l0", "weight_hh_l0", "weight_hr_l0"}
