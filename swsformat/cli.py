@@ -129,6 +129,15 @@ def checkpoint_files(path: str) -> list[str]:
     raise UsageError(f"{path}: a folder without weights (expected one of {', '.join(_HF_WEIGHTS)})")
 
 
+def _first_sentences(text: str, limit: int) -> str:
+    """``text`` cut at the last sentence end within ``limit`` characters (else at a word)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = cut.rfind(". ")
+    return cut[:end + 1] if end > 0 else cut.rsplit(" ", 1)[0] + " ..."
+
+
 def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """A state_dict from a .pt/.pth/.bin file (plain, or a training checkpoint's ``model`` /
     ``state_dict`` / ``model_state_dict``), a .safetensors file, or a save_pretrained folder."""
@@ -163,7 +172,7 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
                 "(weights_only) load does not unpickle; save the model's state_dict alone (torch.save(model."
                 "state_dict(), 'model.pt')) and encode that") from None
         cause = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)  # not torch's advice to load unsafely
-        detail = " ".join((cause.group(1) if cause else text).split())[:200]
+        detail = _first_sentences(" ".join((cause.group(1) if cause else text).split()), 240)
         raise UsageError(
             f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {detail})"
         ) from None
