@@ -74,6 +74,9 @@ def entry(sws: Path) -> dict:
     tau = record.get("config", {}).get("retrain", {}).get("tau")
     if method == "soft-weight-sharing" and tau is not None:
         method += f" tau {tau:g}"  # several settings of the same method side by side
+    schedule = record.get("config", {}).get("prune_schedule")
+    if method == "deep-compression" and schedule:
+        method += f" {100 * schedule[-1]:g}% pruned"  # the paper's 92% beside the default 96%
     if method in ("bayesian-compression", "bc-retrained"):
         prior = json.loads(f.metadata()["sws.method"]).get("prior", "")
         method += " GHS" if "horseshoe" in prior else " GNJ"
