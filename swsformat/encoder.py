@@ -274,6 +274,7 @@ def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
     # values plus zero can be coded, so the table stops as soon as there are more.
     count, distinct, index = kernels.symbolize(pats, MAX_CODEBOOK + 1)
     if count > MAX_CODEBOOK + 1 or (count == MAX_CODEBOOK + 1 and not np.any(distinct == 0)):
+        _check_values(name, t)  # a NaN is the problem to name first, not the count of values
         nonzero_values = int(np.unique(pats).size) - int(np.any(pats == 0))
         raise SwsEncodeError(
             f"{where(name)}has {nonzero_values} distinct non-zero values; a .sws tensor may hold at most "

@@ -206,3 +206,10 @@ def test_an_lstm_projection_weight_is_selected_like_its_gates():
     lstm = torch.nn.LSTM(8, 16, proj_size=4)
     picked = {n for n, t in lstm.state_dict().items() if encoder.default_selector(n, t)}
     assert picked == {"weight_ih_l0", "weight_hh_l0", "weight_hr_l0"}
+
+
+def test_an_unquantized_weight_with_a_nan_is_refused_for_the_nan():
+    w = torch.randn(30, 30)
+    w[3, 4] = float("nan")
+    with pytest.raises(SwsEncodeError, match="'l.weight': holds NaN values"):
+        swsformat.encode_bytes({"l.weight": w})
