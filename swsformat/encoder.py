@@ -109,11 +109,12 @@ def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:
     if isinstance(keep, (str, bytes)) or not isinstance(keep, Iterable):
         raise SwsEncodeError(f"keep must be tensor names or patterns (a list of str), got {type(keep).__name__}")
     names = list(names)
+    present = set(names)
     picked: set[str] = set()
     for k in keep:
         if not isinstance(k, str):
             raise SwsEncodeError(f"keep must be tensor names or patterns (a list of str), got an item {k!r}")
-        hits = {k} & set(names) or set(fnmatch.filter(names, k))
+        hits = {k} & present or set(fnmatch.filter(names, k))
         if not hits:
             raise SwsEncodeError(f"keep: {k!r} matches no tensor of the state_dict")
         picked |= hits
@@ -175,8 +176,9 @@ def _raw(name: str, t: torch.Tensor) -> RawTensor:
 
 
 # A NaN is never a value a model means to store; an infinity can be (a -inf attention mask
-# buffer), but not in a parameter, which these names are.
+# buffer), but not in a parameter, which these names are. Checked CHECK_CHUNK values at a time.
 _PARAMETER_NAME = re.compile(r".*(weight|bias)(_\w+)?")
+CHECK_CHUNK = 1 << 20
 
 
 def _check_values(name: str, t: torch.Tensor) -> None:
@@ -192,15 +194,12 @@ def _check_values(name: str, t: torch.Tensor) -> None:
             raise SwsEncodeError(f"{where(name)}holds {what} values; fix the checkpoint before encoding it")
 
 
-CHECK_CHUNK = 1 << 20
-
-
 def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
     """``t`` uncoded: its raw bytes, or (version 3) only its non-zero elements' bytes with their
     positions context-coded (kind 5) where that is smaller by the rule :func:`_sws` uses for
     the context coder (``coder="context"``: wherever it is smaller; "huffman": never)."""
-    raw = _raw(name, t)
     _check_values(name, t)
+    raw = _raw(name, t)
     numel = t.numel()
     if version < 3 or coder == "huffman" or not numel or (coder == "auto" and numel > CONTEXT_AUTO_MAX):
         return raw
