@@ -32,6 +32,7 @@ from torch import nn
 import swsformat
 from swsformat.provenance import provenance
 from swsformat.quantize import prune_and_cluster
+from swsformat.selection import default_selector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layouts import touch, uint8_csr  # noqa: E402
@@ -154,7 +155,7 @@ def measure(name: str, prune: float, clusters: int, repeat: int, folder: Path, p
     t = time.perf_counter()
     q = prune_and_cluster(sd, prune=prune, clusters=clusters)
     cluster_s = time.perf_counter() - t
-    coded = {k for k in q if swsformat.encoder.default_selector(k, q[k])}
+    coded = {k for k in q if default_selector(k, q[k])}
     paths = {k: folder / f"{name}.{k}" for k in ("sws", "pt", "safetensors")}
     encode_s, save_s, both_s = median_times([
         lambda: swsformat.encode(q, paths["sws"]),

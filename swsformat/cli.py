@@ -281,6 +281,7 @@ def _start_processes() -> bool:
 def cmd_encode(a: argparse.Namespace) -> int:
     from . import encode_bytes, size_report
     from .quantize import prune_and_cluster
+    from .selection import module_weights
 
     if a.data and not (a.architecture or a.module):
         raise UsageError("--data needs --architecture or --module to build the model it evaluates")
@@ -318,10 +319,13 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
         _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
     sd = original
+    # With the model at hand its weights are chosen by layer type; a bare checkpoint's by name and shape.
+    weights = sorted(module_weights(ref) & set(original)) if ref is not None else None
     if a.clusters:
         # The loaded tensors are ours (the reference model holds its own copy): quantize them in place.
         sd = prune_and_cluster(original, prune=a.prune, clusters=a.clusters, per_layer=a.per_layer,
-                               prune_scope="layer" if a.prune_each_layer else "model", inplace=True, keep=a.keep)
+                               prune_scope="layer" if a.prune_each_layer else "model", inplace=True, keep=a.keep,
+                               compress=weights)
     if a.remove_dead:
         from .architectures import build_model
         from .exact import remove_dead_units_verified_
@@ -342,7 +346,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
     try:
-        data = encode_bytes(sd, keep=a.keep, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
+        data = encode_bytes(sd, compress=weights, keep=a.keep, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
                             coder=a.coder if a.format_version == 3 else "huffman", version=a.format_version)
     except SwsEncodeError as exc:
         if a.clusters or "distinct non-zero values" not in str(exc):

@@ -1,7 +1,8 @@
 """torch adapter that turns a quantized model or state_dict into ``.sws`` bytes.
 
-Compressible tensors (by default every floating tensor of two or more dimensions whose
-name ends in ``weight``) must take at most 255 distinct non-zero values; they are coded
+Compressible tensors (by default a module's weights by layer type, see
+:mod:`swsformat.selection`; for a bare state_dict, floating tensors of two or more dimensions
+named like a weight) must take at most 255 distinct non-zero values; they are coded
 as codebook + relative-index CSR + canonical Huffman streams. Everything else is stored
 raw. The same input always gives the same bytes.
 """
@@ -37,6 +38,7 @@ from .container import (
 from .errors import SwsEncodeError, where
 from .files import atomic_write, check_output
 from .huffman import canonical_codes, code_lengths
+from .selection import Compress, selector
 from .spec import (
     FORMAT_VERSION,
     MAX_CODEBOOK,
@@ -94,14 +96,6 @@ _TORCH_DTYPES = {
 _PATTERN = {"float64": torch.int64, "float32": torch.int32, "float16": torch.int16, "bfloat16": torch.int16}
 
 
-# The last name part of weight matrices: ``weight`` (Linear, Conv, Embedding, transformers'
-# Conv1D), ``weight_ih_l0``/``weight_hh_l1_reverse``/``weight_ih``/``weight_hr_l0`` (RNN, LSTM
-# with projections, GRU and their cells), ``in_proj_weight``/``q_proj_weight``
-# (MultiheadAttention): the ones the prior covers (retrain.models.default_filter).
-# Weight-norm magnitudes and directions stay raw.
-_WEIGHT_NAME = re.compile(r"weight|weight_(?:ih|hh|hr)(?:_l\d+(?:_reverse)?)?|(?:in|q|k|v)_proj_weight")
-
-
 def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:
     """The names ``keep`` picks: exact names, or shell-style patterns (``lm_head.*``,
     ``*.c_fc.weight``; see :mod:`fnmatch`). An entry that picks nothing is an error (a typo
@@ -119,11 +113,6 @@ def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:
             raise SwsEncodeError(f"keep: {k!r} matches no tensor of the state_dict")
         picked |= hits
     return picked
-
-
-def default_selector(name: str, tensor: torch.Tensor) -> bool:
-    """Weight matrices and kernels: floating, at least 2-D, named like a weight (see above)."""
-    return tensor.is_floating_point() and tensor.dim() >= 2 and bool(_WEIGHT_NAME.fullmatch(name.rsplit(".", 1)[-1]))
 
 
 def tie_key(t: torch.Tensor) -> tuple:
@@ -436,7 +425,7 @@ def in_order(plan: list) -> Iterator[Any]:
 def to_container(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     *,
-    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    compress: Compress = None,
     keep: Iterable[str] = (),
     index_bits: IndexBits = "auto",
     metadata: Mapping[str, str] | None = None,
@@ -456,20 +445,7 @@ def to_container(
             raise SwsEncodeError(f"format version {version} has no context coder; write version 3 or use coder='huffman'")
     sd = _state_dict(model_or_state_dict)
     keep = kept_names(keep, sd)
-    if callable(compress):
-        selector = compress
-    elif compress is not None:
-        if isinstance(compress, (str, bytes)) or not isinstance(compress, Iterable):
-            raise SwsEncodeError(
-                f"compress must be tensor names or a (name, tensor) -> bool predicate, got {type(compress).__name__}"
-            )
-        chosen = set(compress)
-        unknown = chosen - set(sd)
-        if unknown:
-            raise SwsEncodeError(f"compress names tensors not in the state_dict: {sorted(unknown)}")
-        selector = lambda n, t: n in chosen  # noqa: E731
-    else:
-        selector = default_selector
+    selected = selector(model_or_state_dict, compress, sd)
     # Per tensor, either the name it aliases or the work that codes it; the work runs on numba's
     # thread count (the kernels release the GIL), results keep the state_dict's order.
     plan: list[str | Callable[[], Any]] = []
@@ -483,7 +459,7 @@ def to_container(
                 continue
             stored[key] = name
         how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
-        if name not in keep and selector(name, t):
+        if name not in keep and selected(name, t):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be coded (coded tensors are float16, "
                                      "bfloat16, float32 or float64): convert it, or leave it out with keep=")
@@ -510,7 +486,7 @@ def to_container(
 def encode_bytes(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     *,
-    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    compress: Compress = None,
     keep: Iterable[str] = (),
     index_bits: IndexBits = "auto",
     metadata: Mapping[str, str] | None = None,
@@ -540,7 +516,7 @@ def encode(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     *,
-    compress: Iterable[str] | Callable[[str, torch.Tensor], bool] | None = None,
+    compress: Compress = None,
     keep: Iterable[str] = (),
     index_bits: IndexBits = "auto",
     metadata: Mapping[str, str] | None = None,
@@ -557,7 +533,11 @@ def encode(
             renamed over it: readers never see a partial file). A symlink at ``path`` is
             replaced by the file, as ``mv`` does; its old target is left untouched.
         compress: names (or a ``(name, tensor) -> bool`` predicate) of the tensors to code;
-            default: floating tensors of 2+ dimensions named ``*weight``.
+            default: for a module, the weights of its Linear, ConvNd, ConvTranspose, Embedding,
+            Bilinear, RNN/LSTM/GRU and MultiheadAttention layers and transformers' Conv1D
+            (:func:`swsformat.selection.default_filter`: not norms, biases or a custom
+            module's own parameters); for a bare state_dict, floating tensors of 2+ dimensions
+            named like those weights (``*.weight``, ``*.weight_ih_l0``, ``*.in_proj_weight``).
         keep: names or shell-style patterns (``"lm_head.*"``) of tensors to store raw even
             if selected; each must match a tensor.
         index_bits: gap width in bits: ``"auto"`` (default: the width that gives the

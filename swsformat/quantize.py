@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from .encoder import default_selector, in_order, kept_names, tie_key
+from .encoder import _state_dict, in_order, kept_names, tie_key
 from .kernels import jit
+from .selection import Compress, selector
 
 
 def kmeans_1d(values: np.ndarray, k: int, iters: int = 30, init: str = "quantile") -> np.ndarray:
@@ -269,7 +271,7 @@ def _kmeans_sample(tensors: list[torch.Tensor], cuts: list[_Cut], rng: np.random
 
 @torch.no_grad()
 def prune_and_cluster(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor] | nn.Module,
     prune: float = 0.9,
     clusters: int = 16,
     per_layer: bool = False,
@@ -277,12 +279,15 @@ def prune_and_cluster(
     min_layer_keep: float = 0.25,
     inplace: bool = False,
     keep: Iterable[str] = (),
+    compress: Compress = None,
 ) -> dict[str, torch.Tensor]:
     """Zero the ``prune`` fraction of smallest-magnitude weights, cluster the rest to
     ``clusters`` values.
 
-    Applies to the tensors :func:`swsformat.encoder.default_selector` picks (conv, linear,
-    embedding, RNN and attention weights). ``prune_scope="model"`` ranks all their weights
+    Applies to the weights :func:`swsformat.selection.selector` picks: of a module, those of
+    its conv, linear, embedding, RNN and attention layers by type; of a bare state_dict, the
+    tensors named like them; ``compress`` (names or a ``(name, tensor) -> bool`` predicate)
+    overrides that. ``prune_scope="model"`` ranks all their weights
     together, so big redundant layers lose more than small ones (a 784-256-64-10 MLP at 90%:
     26.5% test error, against 77.2% pruning every layer by 90%), but no layer keeps fewer than
     ``min_layer_keep`` times the target share of its weights (with a codebook of its own): one
@@ -295,6 +300,7 @@ def prune_and_cluster(
     tensors; with ``inplace=True`` the results are written into the given tensors instead
     (for a state_dict you own, e.g. one just loaded from a file). ``keep``: names or
     shell-style patterns of weights to leave as they are (see :func:`~swsformat.encoder.kept_names`).
+    A module's own tensors are only changed with ``inplace=True``.
     """
     from .errors import SwsEncodeError
 
@@ -308,12 +314,16 @@ def prune_and_cluster(
         raise ValueError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
     # A tensor tied under several names (GPT-2's wte and lm_head) is ranked and clustered once,
     # and every name gets the same result tensor, so the tie survives into the file.
+    module = state_dict if isinstance(state_dict, nn.Module) else None
+    if module is not None:
+        state_dict = _state_dict(module)
+    selected = selector(module if module is not None else state_dict, compress, state_dict)
     first: dict[tuple, str] = {}
     ties: dict[str, str] = {}
     names = []
     left = kept_names(keep, state_dict)
     for n, t in state_dict.items():
-        if n in left or not default_selector(n, t):
+        if n in left or not selected(n, t):
             continue
         key = tie_key(t)
         if t.numel() and key in first:

@@ -6,11 +6,13 @@ import math
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from .container import AliasTensor, ContextTensor, RawTensor, SparseRawTensor, SwsTensor, codebook_key
 from .decoder import symbol_counts
 from .huffman import entropy_bits
 from .reader import PathLike, SwsFile
+from .selection import is_weight_name
 from .spec import RAW_DTYPES, SWS_DTYPES, matrix_shape
 
 FP32_BITS = 32
@@ -32,11 +34,15 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | 
     if isinstance(t, RawTensor):
         r["raw_bits"] = int(t.data.size) * 8
         r["total_bits"] = r["raw_bits"] + header_bits
+        if t.dtype in SWS_DTYPES:
+            r["nonzero_values"] = _nonzero_values(t.data, t.dtype)
         return r
     if isinstance(t, SparseRawTensor):  # the non-zeros' own bytes, their positions context-coded
         r.update(coder=t.coder, nonzeros=t.nonzeros, position_bits=int(t.positions.size) * 8,
                  raw_bits=int(t.values.size) * 8)
         r["total_bits"] = r["position_bits"] + r["raw_bits"] + header_bits
+        if t.dtype in SWS_DTYPES:
+            r["nonzero_values"] = _nonzero_values(t.values, t.dtype)
         return r
     rows, cols = matrix_shape(t.shape)
     r["coder"] = t.coder
@@ -72,6 +78,20 @@ def _tensor_report(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor | 
     return r
 
 
+def _nonzero_values(data: np.ndarray, dtype: str) -> int:
+    """Elements of raw floating bytes that are not zero of either sign (a stored -0.0 is a
+    non-zero bit pattern but no weight)."""
+    bits = data.view(SWS_DTYPES[dtype])
+    return int(np.count_nonzero(bits & bits.dtype.type(np.iinfo(bits.dtype).max >> 1)))
+
+
+def _is_weight(r: dict[str, Any]) -> bool:
+    """A coded tensor, or one stored as it is that is shaped and named like a weight matrix
+    (the encoder stores a small or kept one that way)."""
+    return r["kind"] == "sws" or (r["kind"] != "alias" and r["dtype"] in SWS_DTYPES and len(r["shape"]) >= 2
+                                  and is_weight_name(r["name"]))
+
+
 def _codebook_bits(t: SwsTensor | ContextTensor, stored: bool) -> int:
     """Bits of ``t``'s codebook, 0 where it only refers to an earlier tensor's (format 3)."""
     return int(t.codebook.size) * SWS_DTYPES[t.dtype].itemsize * 8 if stored else 0
@@ -94,7 +114,9 @@ def size_report(
     real size) over the file's bits;
     ``paper_compression_rate`` follows the paper (coded weights only: fp32 bits of the
     coded tensors over their row counts, gaps, values and codebooks); it is None for a file
-    without coded tensors.
+    without coded tensors. ``nonzero_fraction`` counts weights only (coded tensors, and
+    those stored as they are that are shaped and named like a weight: a small layer the
+    encoder found cheaper raw), ties once; None for a file without weights.
     """
     if isinstance(path_or_bytes, SwsFile):
         c, file_bytes = path_or_bytes.container(), path_or_bytes.header.file_size
@@ -143,7 +165,10 @@ def size_report(
         "raw_bits": sum(r.get("raw_bits", 0) for r in tensors),
         "tensors": tensors,
     }
-    out["nonzero_fraction"] = out["nonzeros"] / max(out["coded_weights"], 1)
+    weights = [r for r in tensors if _is_weight(r)]
+    out["weights"] = sum(r["numel"] for r in weights)
+    out["weight_nonzeros"] = sum(r.get("nonzero_values", r.get("nonzeros", 0)) for r in weights)
+    out["nonzero_fraction"] = out["weight_nonzeros"] / out["weights"] if out["weights"] else None
     out["aliases"] = sum(r["kind"] == "alias" for r in tensors)
     if entropy:
         huff = [r for r in sws if r["coder"] == "huffman"]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import swsformat
-from swsformat import encoder, kernels
+from swsformat import encoder, kernels, selection
 from swsformat.errors import SwsEncodeError
 
 
@@ -204,7 +204,7 @@ def test_nan_anywhere_and_inf_in_a_parameter_are_refused_by_name(tmp_path):
 
 def test_an_lstm_projection_weight_is_selected_like_its_gates():
     lstm = torch.nn.LSTM(8, 16, proj_size=4)
-    picked = {n for n, t in lstm.state_dict().items() if encoder.default_selector(n, t)}
+    picked = {n for n, t in lstm.state_dict().items() if selection.default_selector(n, t)}
     assert picked == {"weight_ih_l0", "weight_hh_l0", "weight_hr_l0"}
 
 

@@ -113,3 +113,16 @@ def test_a_shared_codebook_counts_once_in_the_report(tmp_path):
     assert [t["codebook_bits"] for t in r["tensors"]] == [8 * 32, 0, 0, 0]
     assert r["overhead_bytes"] > 0
     assert sum(t["total_bits"] for t in r["tensors"]) // 8 < r["file_bytes"]
+
+
+def test_nonzero_fraction_counts_weights_stored_raw_and_nothing_else():
+    big = torch.zeros(64, 64)
+    big[0, :8] = 0.25
+    sd = {"big.weight": big, "small.weight": torch.tensor([[0.5, 0.0], [-0.0, 0.0]]), "b.bias": torch.ones(3),
+          "scale": torch.ones(4, 4)}
+    rep = swsformat.size_report(swsformat.encode_bytes(sd))
+    kinds = {t["name"]: t["kind"] for t in rep["tensors"]}
+    assert kinds["big.weight"] == "sws" and kinds["small.weight"] == "raw"  # a 2x2 weight is cheaper raw
+    assert (rep["weights"], rep["weight_nonzeros"]) == (4096 + 4, 8 + 1)
+    assert rep["nonzero_fraction"] == 9 / 4100 and rep["coded_weights"] == 4096
+    assert swsformat.size_report(swsformat.encode_bytes({"b.bias": torch.ones(3)}))["nonzero_fraction"] is None

@@ -3,15 +3,17 @@ themselves live in :mod:`swsformat.architectures`, where read paths find them.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from ..architectures import ARCHITECTURES as MODELS
 from ..architectures import LeNet5Caffe, LeNet300100, TutorialNet, build_model
+from ..selection import ATTENTION_WEIGHTS, WEIGHT_MODULES, FilterFn, default_filter
 
 __all__ = [
+    "ATTENTION_WEIGHTS",
     "MODELS",
+    "WEIGHT_MODULES",
+    "FilterFn",
     "LeNet300100",
     "LeNet5Caffe",
     "TutorialNet",
@@ -20,30 +22,6 @@ __all__ = [
     "default_filter",
     "tied_names",
 ]
-
-
-# Module types whose ``weight`` is a weight matrix or kernel the prior covers. transformers'
-# GPT-2 ``Conv1D`` is matched by name, so that transformers need not be installed.
-WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d, nn.Embedding, nn.EmbeddingBag, nn.Bilinear)
-ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-FilterFn = Callable[[str, nn.Module, nn.Parameter], bool]
-
-
-def default_filter(name: str, module: nn.Module, param: nn.Parameter) -> bool:
-    """Linear, conv, transposed conv, embedding and bilinear weights, RNN/LSTM/GRU gate
-    matrices (layers and cells), attention input projections (its output projection is a Linear) and GPT-2's
-    ``Conv1D``; never biases, norms or 1-D parameters."""
-    if param.dim() < 2 or not param.is_floating_point():
-        return False
-    if isinstance(module, WEIGHT_MODULES) or type(module).__name__ == "Conv1D":
-        return name == "weight"
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return name.startswith("weight_")
-    if isinstance(module, nn.MultiheadAttention):
-        return name in ATTENTION_WEIGHTS
-    return False
 
 
 def compressible_parameters(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, nn.Parameter]]:
