@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -206,10 +207,11 @@ def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor |
     return sparse if (saved > 0 if coder == "context" else _context_pays(saved, numel, raw_bytes)) else raw
 
 
-def _huffman(symbols: np.ndarray, alphabet: int) -> Stream:
-    counts = np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, np.int64)
-    lengths = code_lengths(counts)
+def _huffman(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> Stream:
+    """The stream of ``symbols``, whose histogram and code lengths the plan already holds."""
     data, bits = kernels.pack_codes(symbols, canonical_codes(lengths).astype(np.int64), lengths.astype(np.int64))
+    if bits != int((counts * lengths).sum()):
+        raise AssertionError(f"the planned histogram disagrees with the {symbols.size} symbols coded")
     return Stream(lengths, int(bits), data)
 
 
@@ -225,20 +227,41 @@ def best_index_bits(symbols: np.ndarray, rows: int, cols: int, candidates: Itera
     Computed from the distances between consecutive non-zeros, so each candidate costs
     a few histograms, not another pass over the tensor.
     """
-    return _index_width(symbols, rows, cols, candidates)[0]
+    return _width_plan(symbols, rows, cols, candidates).bits
 
 
-def _index_width(symbols: np.ndarray, rows: int, cols: int,
-                 candidates: Iterable[int] = AUTO_RANGE) -> tuple[int, int, int]:
-    """:func:`best_index_bits`, the number of entries at that width and the non-zeros."""
+@dataclass
+class _Plan:
+    """A tensor's relative-index CSR at one gap width, before any stream is built: enough to
+    size the Huffman-coded tensor exactly."""
+
+    bits: int
+    entries: int
+    nonzeros: int
+    row_most: int  # the most entries of any row
+    gap_counts: np.ndarray
+    value_counts: np.ndarray
+
+    @functools.cached_property
+    def gap_lengths(self) -> np.ndarray:
+        return code_lengths(self.gap_counts)
+
+    @functools.cached_property
+    def value_lengths(self) -> np.ndarray:
+        return code_lengths(self.value_counts)
+
+
+def _width_plan(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[int] = AUTO_RANGE) -> _Plan:
+    """:func:`best_index_bits`'s width with its entry count, non-zeros and stream histograms."""
     candidates = list(candidates)
     hist, val_base, row_most = kernels.index_width_stats(symbols, rows, cols, max(candidates))
     nonzeros = int(val_base.sum())
-    if not nonzeros:
-        return min(candidates), 0, 0
+    if not nonzeros:  # nothing to store: the narrowest width will do
+        candidates = [min(candidates)]
     # Per candidate only histograms (at most ``cols`` long) are touched, not the non-zeros.
     ks = np.arange(hist.size, dtype=np.int64)
-    best, best_bits, best_entries = candidates[0], None, 0
+    best: _Plan | None = None
+    best_bits = 0
     for b in candidates:
         span = 1 << b
         nfill = int((hist * (ks >> b)).sum())
@@ -249,9 +272,10 @@ def _index_width(symbols: np.ndarray, rows: int, cols: int,
         table_bits = 4 * span
         total = (_stream_bits(gap_counts) + _stream_bits(val_counts) + rows * int(row_most[b]).bit_length()
                  + table_bits)
-        if best_bits is None or total < best_bits:
-            best, best_bits, best_entries = b, total, nonzeros + nfill
-    return int(best), best_entries, nonzeros
+        if best is None or total < best_bits:
+            best, best_bits = _Plan(int(b), nonzeros + nfill, nonzeros, int(row_most[b]), gap_counts, val_counts), total
+    assert best is not None
+    return best
 
 
 def _symbols(name: str, t: torch.Tensor) -> tuple[str, np.ndarray, np.ndarray]:
@@ -294,35 +318,63 @@ def _negative_zeros_warning(name: str, codebook: np.ndarray, symbols: np.ndarray
             "as zeros")
 
 
-def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,
-                    index_bits: int | str | None) -> SwsTensor:
+def _plan(name: str, shape: tuple[int, ...], symbols: np.ndarray, index_bits: int | str | None,
+          values: int) -> _Plan:
+    """The plan at the width ``index_bits`` asks for, for ``values`` symbols (zero and the codebook)."""
     rows, cols = matrix_shape(shape)
     if index_bits == "auto":
-        bits, total, nonzeros = _index_width(symbols, rows, cols)
+        plan = _width_plan(symbols, rows, cols)
     else:
         bits = default_index_bits(len(shape)) if index_bits is None else int(index_bits)
         if not 1 <= bits <= MAX_INDEX_BITS:
             raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
-        total, nonzeros = -1, int(np.count_nonzero(symbols))
-    counts, gaps, vals = kernels.build_entries(symbols, rows, cols, bits, total)
+        plan = _width_plan(symbols, rows, cols, [bits])
+    plan.value_counts = plan.value_counts[:values]
+    return plan
+
+
+def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,
+                    plan: _Plan) -> SwsTensor:
+    rows, cols = matrix_shape(shape)
+    counts, gaps, vals = kernels.build_entries(symbols, rows, cols, plan.bits, plan.entries)
     entries = int(gaps.size)
-    if entries != int(counts.sum()):
-        raise AssertionError(f"{where(name)}the entry count ({total}) disagrees with the tensor's entries")
+    if entries != int(counts.sum()) or entries != plan.entries:
+        raise AssertionError(f"{where(name)}the entry count ({plan.entries}) disagrees with the tensor's entries")
     row_bits = int(counts.max()).bit_length() if entries else 0
     row_data = kernels.pack_bits(counts, np.full(rows, row_bits, dtype=np.int64), rows * row_bits)
     return SwsTensor(
         name=name,
         dtype=dtype,
         shape=shape,
-        index_bits=bits,
+        index_bits=plan.bits,
         codebook=codebook,
-        nonzeros=nonzeros,
+        nonzeros=plan.nonzeros,
         entries=entries,
         row_bits=row_bits,
         row_counts=row_data,
-        gaps=_huffman(gaps, 1 << bits),
-        values=_huffman(vals, codebook.size + 1),
+        gaps=_huffman(gaps, plan.gap_counts, plan.gap_lengths),
+        values=_huffman(vals, plan.value_counts, plan.value_lengths),
     )
+
+
+def _huffman_bytes(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, plan: _Plan) -> int:
+    """``_entry_bytes`` of the Huffman-coded tensor, from its plan, without building the
+    streams (a tensor the context coder takes is then never Huffman coded): the same
+    sections and index; only the deflated index may differ by a byte, which the CRCs of the
+    real sections move, and so the file by its alignment (8 bytes)."""
+    rows, _ = matrix_shape(shape)
+
+    def stream(counts: np.ndarray, lengths: np.ndarray) -> Stream:
+        bits = int((counts * lengths).sum())
+        return Stream(lengths, bits, np.zeros((bits + 7) // 8, np.uint8))
+
+    row_bits = plan.row_most.bit_length() if plan.entries else 0
+    skeleton = SwsTensor(name=name, dtype=dtype, shape=shape, index_bits=plan.bits, codebook=codebook,
+                         nonzeros=plan.nonzeros, entries=plan.entries, row_bits=row_bits,
+                         row_counts=np.zeros((rows * row_bits + 7) // 8, np.uint8),
+                         gaps=stream(plan.gap_counts, plan.gap_lengths),
+                         values=stream(plan.value_counts, plan.value_lengths))
+    return _entry_bytes(skeleton, 3)
 
 
 def _context_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray,
@@ -341,14 +393,15 @@ def _sws(name: str, t: torch.Tensor, index_bits: int | str | None,
     shape = tuple(int(s) for s in t.shape)
     if coder == "context":
         return _context_tensor(name, dtype, shape, codebook, symbols), warning
-    huff = _huffman_tensor(name, dtype, shape, codebook, symbols, index_bits)
+    plan = _plan(name, shape, symbols, index_bits, codebook.size + 1)
     if coder == "huffman" or symbols.size > CONTEXT_AUTO_MAX:
-        return huff, warning
-    huff_bytes = _entry_bytes(huff, 3)
-    if not _context_may_pay(shape, codebook, symbols, huff_bytes):
-        return huff, warning
-    ctx = _context_tensor(name, dtype, shape, codebook, symbols)
-    return (ctx if _context_pays(huff_bytes - _entry_bytes(ctx, 3), symbols.size, huff_bytes) else huff), warning
+        return _huffman_tensor(name, dtype, shape, codebook, symbols, plan), warning
+    huff_bytes = _huffman_bytes(name, dtype, shape, codebook, plan)
+    if _context_may_pay(shape, codebook, symbols, huff_bytes):
+        ctx = _context_tensor(name, dtype, shape, codebook, symbols)
+        if _context_pays(huff_bytes - _entry_bytes(ctx, 3), symbols.size, huff_bytes):
+            return ctx, warning
+    return _huffman_tensor(name, dtype, shape, codebook, symbols, plan), warning
 
 
 def _context_may_pay(shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray, huff_bytes: int) -> bool:

@@ -73,6 +73,24 @@ def test_best_index_bits_ranks_widths_by_their_huffman_cost(rows, cols, density,
     assert encoder.best_index_bits(s, rows, cols) == reference_index_bits(s, rows, cols)
 
 
+@given(rows=st.integers(1, 30), cols=st.integers(1, 600), density=st.floats(0.0, 1.0), seed=st.integers(0, 99),
+       index_bits=st.sampled_from(["auto", None, 1, 4, 9]), conv=st.booleans())
+@settings(max_examples=60, deadline=None)
+def test_huffman_size_from_the_plan_is_the_built_tensors(rows, cols, density, seed, index_bits, conv):
+    """The auto coder sizes the Huffman form without building it; only the deflated index can
+    differ (its CRCs), by one alignment step at most."""
+    values = np.linspace(-1, 1, 7, dtype=np.float32) + 0.01
+    t = torch.from_numpy(np.r_[0, values][symbols_of(rows, cols, density, 7, seed)].reshape(rows, cols))
+    shape = (rows, cols, 1, 1) if conv else (rows, cols)
+    dtype, codebook, symbols = encoder._symbols("layer.weight", t.reshape(shape))
+    plan = encoder._plan("layer.weight", shape, symbols, index_bits, codebook.size + 1)
+    built = encoder._huffman_tensor("layer.weight", dtype, shape, codebook, symbols, plan)
+    assert built.gaps.bits + built.values.bits == int((plan.gap_counts * plan.gap_lengths).sum()
+                                                      + (plan.value_counts * plan.value_lengths).sum())
+    predicted = encoder._huffman_bytes("layer.weight", dtype, shape, codebook, plan)
+    assert abs(encoder._entry_bytes(built, 3) - predicted) in (0, 8)
+
+
 @given(st.lists(st.integers(0, 15), max_size=500), st.integers(0, 99))
 @settings(max_examples=60, deadline=None)
 def test_pack_codes_is_pack_bits_of_looked_up_codes(symbols, seed):
