@@ -346,7 +346,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
         meta["sws.input"] = json.dumps(data_mod.input_spec(a.data, a.normalization))
     arch = {"name": a.architecture, "kwargs": {}} if a.architecture else None
     try:
-        data = encode_bytes(sd, compress=weights, keep=a.keep, index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
+        data = encode_bytes(sd, compress=weights, keep=a.keep, raw_dtype=getattr(torch, a.raw_dtype) if a.raw_dtype else None,
+                            index_bits=a.index_bits, metadata=meta, architecture=arch, smallest=True,
                             coder=a.coder if a.format_version == 3 else "huffman", version=a.format_version)
     except SwsEncodeError as exc:
         if a.clusters or "distinct non-zero values" not in str(exc):
@@ -647,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prune-each-layer", action="store_true",
                    help="prune every layer by --prune (default: rank the whole model's weights, each layer keeping "
                         "at least a quarter of the target share)")
+    e.add_argument("--raw-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="store the floating tensors that are not coded (biases, norms) in this dtype: half their "
+                        "bytes, lossy (--keep leaves a tensor as it is)")
     e.add_argument("--index-bits", default="auto", type=lambda s: s if s == "auto" else int(s))
     e.add_argument("--coder", default="auto", choices=["auto", "context", "huffman"],
                    help="entropy coder of coded tensors: auto (default: context where it saves a byte per 4096 weights, "

@@ -184,6 +184,21 @@ def _check_values(name: str, t: torch.Tensor) -> None:
             raise SwsEncodeError(f"{where(name)}holds {what} values; fix the checkpoint before encoding it")
 
 
+RAW_DTYPE_CHOICES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _lowered(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in the narrower ``dtype`` for ``raw_dtype=``; a finite value it cannot hold
+    (float16 tops out at 65504) is an error, not a silent infinity."""
+    _check_values(name, t)
+    low = t.detach().to(dtype)
+    if bool((torch.isinf(low) & torch.isfinite(t.detach())).any()):
+        biggest = float(t.detach().abs().max())
+        raise SwsEncodeError(f"{where(name)}holds values up to {biggest:.4g}, beyond {dtype}'s range: use "
+                             "raw_dtype=torch.bfloat16, or keep it at full precision with keep=[...]")
+    return low
+
+
 def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
     """``t`` uncoded: its raw bytes, or (version 3) only its non-zero elements' bytes with their
     positions context-coded (kind 5) where that is smaller by the rule :func:`_sws` uses for
@@ -486,10 +501,13 @@ def to_container(
     smallest: bool = True,
     coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
+    raw_dtype: torch.dtype | None = None,
 ) -> Container:
     """Build the in-memory :class:`Container` (see :func:`encode` for the arguments)."""
     if version not in VERSIONS:
         raise SwsEncodeError(f"cannot write format version {version!r} (versions {list(VERSIONS)})")
+    if raw_dtype is not None and raw_dtype not in RAW_DTYPE_CHOICES:
+        raise SwsEncodeError(f"raw_dtype must be None or one of {list(RAW_DTYPE_CHOICES)}, got {raw_dtype!r}")
     chosen_coders = dict(coder) if isinstance(coder, Mapping) else {}
     for c in [coder] if isinstance(coder, str) else list(chosen_coders.values()):
         if c not in CODERS:
@@ -519,6 +537,9 @@ def to_container(
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
             plan.append(functools.partial(_coded, name, t, ib, how, version, smallest))
         else:
+            if (raw_dtype is not None and name not in keep and t.is_floating_point()
+                    and t.element_size() > raw_dtype.itemsize):
+                t = _lowered(name, t, raw_dtype)
             plan.append(functools.partial(_stored, name, t, how, version))
     tensors: list[RawTensor | SparseRawTensor | SwsTensor | ContextTensor | AliasTensor] = []
     for (name, _), step, done in zip(sd.items(), plan, in_order(plan)):
@@ -547,11 +568,12 @@ def encode_bytes(
     smallest: bool = True,
     coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
+    raw_dtype: torch.dtype | None = None,
 ) -> bytes:
     """Like :func:`encode` but return the file's bytes."""
     c = to_container(
         model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
-        architecture=architecture, smallest=smallest, coder=coder, version=version,
+        architecture=architecture, smallest=smallest, coder=coder, version=version, raw_dtype=raw_dtype,
     )
     data = serialize(c)
     needed = sum(output_bytes(t.kind, t.dtype, t.shape, getattr(t, "nonzeros", 0), getattr(t, "coder", "huffman"))
@@ -577,6 +599,7 @@ def encode(
     smallest: bool = True,
     coder: str | Mapping[str, str] = "auto",
     version: int = FORMAT_VERSION,
+    raw_dtype: torch.dtype | None = None,
 ) -> int:
     """Write a quantized model to a ``.sws`` file atomically; return the file size in bytes.
 
@@ -610,6 +633,11 @@ def encode(
             names to those (others: ``"auto"``).
         version: format version to write: 3 (default), 2 (for readers older than swsformat
             0.3) or 1 (older than 0.2). Versions 1 and 2 store tied tensors once per name.
+        raw_dtype: ``torch.float16`` or ``torch.bfloat16`` to store the wider floating tensors
+            that are not coded (biases, norms, embeddings of positions, BatchNorm statistics)
+            in that dtype, halving them; lossy, so the default None keeps every bit. Tensors
+            named in ``keep`` stay as they are; a value float16 cannot hold is an error. They
+            load in the narrower dtype; ``load_model`` copies them into the module's own.
 
     Example:
         >>> import torch, swsformat
@@ -620,7 +648,7 @@ def encode(
     check_output(path)
     data = encode_bytes(
         model_or_state_dict, compress=compress, keep=keep, index_bits=index_bits, metadata=metadata,
-        architecture=architecture, smallest=smallest, coder=coder, version=version,
+        architecture=architecture, smallest=smallest, coder=coder, version=version, raw_dtype=raw_dtype,
     )
     atomic_write(path, data)
     return len(data)

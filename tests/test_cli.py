@@ -459,6 +459,22 @@ def test_keep_leaves_matching_tensors_at_full_precision(checkpoint, tmp_path, ca
     assert not (tmp_path / "typo.sws").exists()
 
 
+def test_raw_dtype_halves_the_biases(checkpoint, tmp_path, capsys):
+    """--raw-dtype float16 stores the uncoded floats (here the biases) in half the bytes; a
+    bias --keep names stays as it was."""
+    args = ["encode", str(checkpoint), "--prune", "0.5", "--clusters", "8"]
+    assert main([*args, "-o", str(tmp_path / "a.sws")]) == 0
+    assert main([*args, "-o", str(tmp_path / "b.sws"), "--raw-dtype", "float16", "--keep", "fc3.bias"]) == 0
+    capsys.readouterr()
+    stored = {t["name"]: t["dtype"] for t in swsformat.inspect(tmp_path / "b.sws")}
+    assert stored["fc1.bias"] == stored["fc2.bias"] == "float16" and stored["fc3.bias"] == "float32"
+    assert (tmp_path / "b.sws").stat().st_size < (tmp_path / "a.sws").stat().st_size
+    original = torch.load(checkpoint, weights_only=True)
+    loaded = swsformat.load_state_dict(tmp_path / "b.sws")
+    assert torch.equal(loaded["fc1.bias"], original["fc1.bias"].half())
+    assert torch.equal(loaded["fc3.bias"], original["fc3.bias"])
+
+
 def test_a_training_checkpoint_is_measured_by_its_model_not_its_optimizer(tmp_path, capsys):
     """{"model": ..., "optimizer": ...}: the headline rate is against the model's tensors (Adam's
     two moments would make it look three times better)."""

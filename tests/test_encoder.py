@@ -3,6 +3,7 @@ coding tensors on several threads without changing a byte."""
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import swsformat
 from swsformat import encoder, kernels, selection
@@ -231,3 +233,40 @@ def test_an_unquantized_weight_with_a_nan_is_refused_for_the_nan():
     w[3, 4] = float("nan")
     with pytest.raises(SwsEncodeError, match="'l.weight': holds NaN values"):
         swsformat.encode_bytes({"l.weight": w})
+
+
+def _net() -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 4))
+    model.register_buffer("steps", torch.tensor(7))
+    return model
+
+
+def test_raw_dtype_halves_uncoded_floats_and_nothing_else(tmp_path):
+    torch.manual_seed(0)
+    model = _net()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.round(model[0].weight * 8) / 8 + 0.0)
+    full = swsformat.encode(model, tmp_path / "full.sws", compress=["0.weight"])
+    half = swsformat.encode(model, tmp_path / "half.sws", compress=["0.weight"], raw_dtype=torch.float16,
+                            keep=["2.weight"])
+    stored = {t["name"]: t["dtype"] for t in swsformat.inspect(tmp_path / "half.sws")}
+    assert stored == {"0.weight": "float32", "0.bias": "float16", "1.weight": "float16", "1.bias": "float16",
+                      "2.weight": "float32", "2.bias": "float16", "steps": "int64"}
+    assert full - half >= 2 * (32 + 32 + 32 + 4) - 64
+    sd = swsformat.load_state_dict(tmp_path / "half.sws")
+    assert torch.equal(sd["0.weight"], model[0].weight.detach()) and torch.equal(sd["2.weight"], model[2].weight.detach())
+    assert torch.equal(sd["0.bias"], model[0].bias.detach().half())
+    loaded = swsformat.load_model(tmp_path / "half.sws", _net())
+    assert loaded[0].bias.dtype == torch.float32
+    assert torch.allclose(loaded[0].bias, model[0].bias, rtol=1e-3, atol=1e-4)
+
+
+def test_raw_dtype_refuses_values_it_cannot_hold(tmp_path):
+    sd = {"fc.weight": torch.zeros(4, 4), "scale.bias": torch.tensor([1.0, 1e6]), "mask": torch.tensor([-math.inf])}
+    with pytest.raises(SwsEncodeError, match=r"'scale.bias'.*up to 1e\+06.*bfloat16"):
+        swsformat.encode(sd, tmp_path / "x.sws", raw_dtype=torch.float16)
+    assert not (tmp_path / "x.sws").exists()
+    swsformat.encode(sd, tmp_path / "x.sws", raw_dtype=torch.bfloat16)  # an infinite mask stays infinite
+    assert swsformat.load_state_dict(tmp_path / "x.sws")["mask"].item() == -math.inf
+    with pytest.raises(SwsEncodeError, match="raw_dtype must be"):
+        swsformat.encode(sd, tmp_path / "x.sws", raw_dtype=torch.int8)
