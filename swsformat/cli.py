@@ -95,9 +95,18 @@ def import_factory(spec: str) -> Callable[[], torch.nn.Module]:
 
 
 def _fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], flag: str) -> None:
-    """Load ``sd`` into ``model`` or say in one line that the checkpoint does not fit ``flag``."""
+    """Load ``sd`` into ``model`` or say in one line that the checkpoint does not fit ``flag``.
+    A name the checkpoint leaves out is fine when the model ties it to one it has (Hugging
+    Face's ``save_pretrained`` drops ``lm_head.weight``)."""
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    tied = {n for names in names_of.values() if any(m in sd for m in names) for n in names}
     try:
-        model.load_state_dict(sd)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {list(unexpected)[:5]}")
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise UsageError(f"{flag}: the checkpoint does not fit it ({detail})") from None
@@ -280,6 +289,7 @@ def _start_processes() -> bool:
 
 def cmd_encode(a: argparse.Namespace) -> int:
     from . import encode_bytes, size_report
+    from .encoder import tie_key
     from .quantize import prune_and_cluster
     from .selection import module_weights
 
@@ -358,28 +368,40 @@ def cmd_encode(a: argparse.Namespace) -> int:
     # Our own bytes: no output limit is needed to report them (encode_bytes has already warned
     # when readers will need --max-output-bytes).
     rep = size_report(data, entropy=False, max_output_bytes=1 << 62)
+    errors = None
+    if test is not None:  # before writing: a model whose forward fails on the data leaves no file
+        from .reader import load_model
+        from .retrain.train import evaluate
+
+        try:
+            errors = (evaluate(ref, test),
+                      evaluate(load_model(data, None if factory is None else factory(), max_output_bytes=1 << 62), test))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+            what = f"--module {a.module}" if a.module else f"--architecture {a.architecture}"
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise UsageError(f"{what}: the model's forward failed on --data {a.data} test batches "
+                             f"({tuple(test.x.shape[1:])} per sample): {detail}") from None
     atomic_write(a.output, data)
+    # The tensors' own bytes, ties once, in the dtypes they came in (raw_dtype may store less).
+    own_bytes = sum(t.numel() * t.element_size() for t in {tie_key(t): t for t in original.values()}.values())
     source = sum(os.path.getsize(f) for f in checkpoint_files(a.input))
     if source > 1.1 * rep["dtype_bytes"] + 65536:
         # A training checkpoint: its optimizer state and the like are not the model's bytes.
-        against = (f"{rep['dtype_compression_rate']:.1f}x smaller than the model's tensors in {printable(a.input)} "
-                   f"({rep['dtype_bytes']} bytes of the file's {source}; {rep['compression_rate']:.1f}x against "
+        against = (f"{own_bytes / len(data):.1f}x smaller than the model's tensors in {printable(a.input)} "
+                   f"({own_bytes} bytes of the file's {source}; {rep['compression_rate']:.1f}x against "
                    "float32)")
     else:
         against = (f"{source / len(data):.1f}x smaller than {printable(a.input)} ({source} bytes; "
-                   f"{rep['compression_rate']:.1f}x against float32 tensors, {rep['dtype_compression_rate']:.1f}x "
+                   f"{rep['compression_rate']:.1f}x against float32 tensors, {own_bytes / len(data):.1f}x "
                    "against their own dtypes)")
     print(f"wrote {printable(a.output)}: {len(data)} bytes, {against}, "
           + (f"{100 * rep['nonzero_fraction']:.2f}% non-zero" if rep["coded_weights"] else "no tensor coded"))
     if a.clusters and not rep["coded_weights"]:
-        print("sws: note: --prune/--clusters found no weight tensor to quantize (the weights of parametrized layers, "
-              "e.g. torch.nn.utils.parametrizations.weight_norm, are stored as they are)", file=sys.stderr)
-    if test is not None:
-        from .reader import load_model
-        from .retrain.train import evaluate
-
-        before = evaluate(ref, test)
-        after = evaluate(load_model(a.output, None if factory is None else factory()), test)
+        why = ("--keep left every weight as it was" if a.keep else "the weights of parametrized layers, e.g. "
+               "torch.nn.utils.parametrizations.weight_norm, are stored as they are")
+        print(f"sws: note: --prune/--clusters found no weight tensor to quantize ({why})", file=sys.stderr)
+    if errors is not None:
+        before, after = errors
         print(f"test error: {before:.2f}% before, {after:.2f}% after ({after - before:+.2f} points)")
         if after - before > a.max_error_increase:
             route = f"--module {a.module}" if a.module else f"--model {a.architecture}"

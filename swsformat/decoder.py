@@ -149,8 +149,10 @@ def tensor_from_entry(t: SwsTensor | ContextTensor | RawTensor | SparseRawTensor
             out = torch.sparse_csr_tensor(
                 torch.from_numpy(crow), torch.from_numpy(col), _patterns_to_torch(vals, t.dtype),
                 size=size, check_invariants=False,
-            )
-        return out.to(device)
+            ).to(device)
+        if len(t.shape) > 2:  # the kernel's own shape, for encode() of this state_dict
+            out.sws_shape = tuple(t.shape)
+        return out
     return _patterns_to_torch(decode_dense_array(t), t.dtype).to(device)
 
 

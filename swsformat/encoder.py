@@ -128,6 +128,7 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
     # layers know the kernel's shape, which the file must keep to load into the original module.
     shapes = {f"{n}.weight" if n else "weight": m.dense_shape for n, m in obj.named_modules()
               if isinstance(getattr(m, "dense_shape", None), tuple)} if isinstance(obj, nn.Module) else {}
+    dense: dict[tuple, torch.Tensor] = {}
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
@@ -141,9 +142,13 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
                 "full_state_dict=True, cpu_offload=True)) on every rank, then encode that on rank 0"
             )
         if v.layout != torch.strided:  # e.g. a model or state_dict loaded with sparse=True
-            sd[k] = v.to_dense()
-            if k in shapes:
-                sd[k] = sd[k].reshape(shapes[k])
+            # One dense tensor per stored CSR tensor: a layer under two names stays tied.
+            csr = v.layout == torch.sparse_csr and v.values().numel()
+            key = (v.values().data_ptr(), tuple(v.shape)) if csr else (id(v),)
+            if key not in dense:
+                shape = shapes.get(k, getattr(v, "sws_shape", None))
+                dense[key] = v.to_dense() if shape is None else v.to_dense().reshape(shape)
+            sd[k] = dense[key]
     return sd
 
 
@@ -195,7 +200,8 @@ def _lowered(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bool((torch.isinf(low) & torch.isfinite(t.detach())).any()):
         biggest = float(t.detach().abs().max())
         raise SwsEncodeError(f"{where(name)}holds values up to {biggest:.4g}, beyond {dtype}'s range: use "
-                             "raw_dtype=torch.bfloat16, or keep it at full precision with keep=[...]")
+                             "raw_dtype=torch.bfloat16 (sws encode --raw-dtype bfloat16), or keep it at full "
+                             f"precision with keep=[{name!r}] (--keep {name})")
     return low
 
 
@@ -521,24 +527,33 @@ def to_container(
     # thread count (the kernels release the GIL), results keep the state_dict's order.
     plan: list[str | Callable[[], Any]] = []
     stored: dict[tuple, str] = {}
+    # Tied weights (one tensor under several names) are stored once (version 3), and are one
+    # decision: as they are if keep names any of their names, else coded if any is selected.
+    names_of: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        if t.numel():
+            names_of.setdefault(tie_key(t), []).append(name)
+
+    def tied(name: str, t: torch.Tensor) -> list[str]:
+        return names_of.get(tie_key(t), [name]) if t.numel() else [name]
+
     for name, t in sd.items():
         if version >= 3 and t.numel():
-            # Tied weights (one tensor under several names) are stored once.
             key = tie_key(t)
             if key in stored:
                 plan.append(stored[key])
                 continue
             stored[key] = name
         how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
-        if name not in keep and selected(name, t):
+        kept = any(n in keep for n in tied(name, t))
+        if not kept and any(selected(n, sd[n]) for n in tied(name, t)):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be coded (coded tensors are float16, "
                                      "bfloat16, float32 or float64): convert it, or leave it out with keep=")
             ib = index_bits.get(name) if isinstance(index_bits, Mapping) else index_bits
             plan.append(functools.partial(_coded, name, t, ib, how, version, smallest))
         else:
-            if (raw_dtype is not None and name not in keep and t.is_floating_point()
-                    and t.element_size() > raw_dtype.itemsize):
+            if raw_dtype is not None and not kept and t.is_floating_point() and t.element_size() > raw_dtype.itemsize:
                 t = _lowered(name, t, raw_dtype)
             plan.append(functools.partial(_stored, name, t, how, version))
     tensors: list[RawTensor | SparseRawTensor | SwsTensor | ContextTensor | AliasTensor] = []

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .encoder import _state_dict, in_order, kept_names, tie_key
+from .errors import SwsEncodeError, where
 from .kernels import jit
 from .selection import Compress, selector
 
@@ -169,7 +170,7 @@ def _cuts(tensors: list[torch.Tensor], prune: float) -> list[_Cut]:
     keep = total - int(np.floor(prune * total))
     wide = _wide(tensors)
     if keep >= total or keep <= 0:
-        return [_Cut(0, 0, wide, t.numel() if keep > 0 else 0, keep > 0) for t in tensors]
+        return [_Cut(0, 0, wide, _nonzeros(t, wide) if keep > 0 else 0, keep > 0) for t in tensors]
     bits, ties = _rank_threshold(tensors, keep, wide)
     cuts = []
     for t in tensors:  # one pass: how many lie above the cut, how many on it
@@ -178,18 +179,23 @@ def _cuts(tensors: list[torch.Tensor], prune: float) -> list[_Cut]:
             b = _magnitude_bits(c)
             above += int(np.count_nonzero(b > bits))
             equal += int(np.count_nonzero(b == bits))
-        taken = min(equal, ties)
+        taken = min(equal, ties) if bits else 0  # an exact zero is never kept
         cuts.append(_Cut(bits, taken, wide, above + taken))
         ties -= taken
     return cuts
 
 
+def _nonzeros(t: torch.Tensor, wide: bool) -> int:
+    return sum(int(np.count_nonzero(c)) for c in _chunks(t, wide))
+
+
 def _masked(t: torch.Tensor, cut: _Cut):
-    """``t``'s flat values in chunks (as :func:`_chunks`) with their keep-masks."""
+    """``t``'s flat values in chunks (as :func:`_chunks`) with their keep-masks; an exact
+    zero is never kept (a pruned or zero-initialised weight stays zero)."""
     ties = cut.ties
     for c in _chunks(t, cut.wide):
         if cut.everything is not None:
-            yield c, np.full(c.size, cut.everything)
+            yield c, (c != 0) if cut.everything else np.zeros(c.size, bool)
             continue
         b = _magnitude_bits(c)
         mask = b > cut.bits
@@ -225,7 +231,8 @@ def _layer_cuts(
 
 def keep_mask(magnitudes: np.ndarray | torch.Tensor, prune: float) -> np.ndarray:
     """True for the ``1 - prune`` fraction of entries with the largest magnitude (at least one
-    when anything is kept), by rank: ties cannot wipe a layer as a threshold would."""
+    when anything is kept), by rank: ties cannot wipe a layer as a threshold would. Exact
+    zeros are never kept, so fewer are where there are not that many non-zeros."""
     return _keep_masks([_as_tensor(magnitudes)], prune)[0]
 
 
@@ -302,42 +309,39 @@ def prune_and_cluster(
     shell-style patterns of weights to leave as they are (see :func:`~swsformat.encoder.kept_names`).
     A module's own tensors are only changed with ``inplace=True``.
     """
-    from .errors import SwsEncodeError
-
     if not 0.0 <= prune < 1.0:
-        raise ValueError(f"prune must be in [0, 1), got {prune}")
+        raise SwsEncodeError(f"prune must be in [0, 1), got {prune}")
     if not 1 <= clusters <= 255:
-        raise ValueError(f"clusters must be in [1, 255], got {clusters}")
+        raise SwsEncodeError(f"clusters must be in [1, 255], got {clusters}")
     if prune_scope not in ("model", "layer"):
-        raise ValueError(f"prune_scope must be 'model' or 'layer', got {prune_scope!r}")
+        raise SwsEncodeError(f"prune_scope must be 'model' or 'layer', got {prune_scope!r}")
     if not 0.0 <= min_layer_keep <= 1.0:
-        raise ValueError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
-    # A tensor tied under several names (GPT-2's wte and lm_head) is ranked and clustered once,
-    # and every name gets the same result tensor, so the tie survives into the file.
+        raise SwsEncodeError(f"min_layer_keep must be in [0, 1], got {min_layer_keep}")
     module = state_dict if isinstance(state_dict, nn.Module) else None
-    if module is not None:
-        state_dict = _state_dict(module)
+    held = module.state_dict() if module is not None else {}
+    state_dict = _state_dict(state_dict)
     selected = selector(module if module is not None else state_dict, compress, state_dict)
-    first: dict[tuple, str] = {}
-    ties: dict[str, str] = {}
-    names = []
     left = kept_names(keep, state_dict)
+    # One tensor under several names (GPT-2's wte and lm_head) is one decision: kept as it is
+    # if keep names any of them, else quantized if any of them is a weight; quantized once,
+    # every name gets the same result tensor, so the tie survives into the file.
+    groups: dict[tuple, list[str]] = {}
     for n, t in state_dict.items():
-        if n in left or not selected(n, t):
+        groups.setdefault(tie_key(t) if t.numel() else ("empty", n), []).append(n)
+    names: list[str] = []
+    ties: dict[str, str] = {}
+    for members in groups.values():
+        if any(m in left for m in members) or not any(selected(m, state_dict[m]) for m in members):
             continue
-        key = tie_key(t)
-        if t.numel() and key in first:
-            ties[n] = first[key]
-        else:
-            first[key] = n
-            names.append(n)
-    # A name that is not selected but shares the storage of one that is (``lin.weight`` tied to a
-    # parameter called ``codebook``) gets the same result tensor: the tie must survive.
-    for n, t in state_dict.items():
-        if n not in ties and n not in names and isinstance(t, torch.Tensor) and t.numel():
-            target = first.get(tie_key(t))
-            if target is not None:
-                ties[n] = target
+        head = members[0]
+        t = state_dict[head]
+        if not t.is_floating_point():
+            raise SwsEncodeError(f"{where(head)}is {t.dtype}, not floating point: only floating weights are quantized")
+        if inplace and held.get(head, t).layout != torch.strided:
+            raise SwsEncodeError(f"{where(head)}is held as {held[head].layout} (a model loaded with sparse=True): "
+                                 "inplace=True cannot write into it; load the model dense, or use the returned state_dict")
+        names.append(head)
+        ties.update(dict.fromkeys(members[1:], head))
     out = dict(state_dict)
     if not names:
         return out
@@ -378,6 +382,10 @@ def prune_and_cluster(
             _snap_kept(c, m, edges, centres, chunk)
             flat[at : at + c.size] = torch.from_numpy(chunk)
             at += c.size
+        if inplace and target is not t:  # e.g. a channels_last kernel: written back in its own layout
+            with torch.no_grad():
+                t.copy_(target)
+            return t
         return target
 
     # One tensor per thread (numba's count; the kernel releases the GIL).

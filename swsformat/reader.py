@@ -361,9 +361,8 @@ def load_state_dict(
         path: the file.
         device: torch device for every tensor.
         sparse: return coded tensors of 2+ dimensions as ``torch.sparse_csr_tensor`` of
-            their 2-D view ``(shape[0], prod(shape[1:]))`` (a kernel's own shape is not
-            kept: to write the weights again, encode the dense state_dict or a model loaded
-            with ``load_model(..., sparse=True)``, whose layers keep it).
+            their 2-D view ``(shape[0], prod(shape[1:]))``; a kernel's own shape is in the
+            tensor's ``sws_shape`` attribute, which ``encode`` of this state_dict uses.
         max_output_bytes: refuse files that decode to more bytes (default: the larger of
             64 MiB and 4096 times the file size).
 

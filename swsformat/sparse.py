@@ -140,16 +140,27 @@ def sparsify_(
                         "it on CSR"}
         if _own_matrices(module):
             report[""] = f"dense: no CSR version of {type(module).__name__}"
-    return report | _sparsify(module, mode, batch_size, prefix, csr, _tied_weights(module))
+    return report | _sparsify(module, mode, batch_size, prefix, csr, _tied_weights(module), {})
 
 
 def _sparsify(
     module: nn.Module, mode: bool | str, batch_size: int, prefix: str,
-    csr: Callable[[str], torch.Tensor | None] | None, tied: set[int],
+    csr: Callable[[str], torch.Tensor | None] | None, tied: set[int], done: dict[int, tuple[nn.Module, str]],
 ) -> dict[str, str]:
+    """``done`` maps a layer already visited (by id) to its replacement and report: a layer
+    registered under two names (``self.alias = self.block``) is swapped under both."""
     report: dict[str, str] = {}
-    for name, child in list(module.named_children()):
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         full = f"{prefix}{name}"
+        if id(child) in done:
+            new, why = done[id(child)]
+            if new is not child:
+                setattr(module, name, new)
+            if why:
+                report[full] = why
+            continue
         if isinstance(child, _READS_WEIGHTS):
             # Their fused inference path reads the sublayers' weights as dense tensors.
             report.update(_kept_dense(child, full, f"inside {type(child).__name__}, whose fused path reads the weights"))
@@ -166,14 +177,18 @@ def _sparsify(
             if why is None:
                 given = csr(f"{full}.weight") if csr is not None else None
                 cls = SparseLinear if isinstance(child, nn.Linear) else SparseConv2d
-                setattr(module, name, cls(child, given))
+                new = cls(child, given)
+                setattr(module, name, new)
                 report[full] = "csr"
+                done[id(child)] = (new, "csr")
             else:
                 report[full] = f"dense: {why}"
+                done[id(child)] = (child, report[full])
         else:
             if _own_matrices(child):
                 report[full] = f"dense: no CSR version of {type(child).__name__}"
-            report.update(_sparsify(child, mode, batch_size, f"{full}.", csr, tied))
+            done[id(child)] = (child, "")
+            report.update(_sparsify(child, mode, batch_size, f"{full}.", csr, tied, done))
     return report
 
 

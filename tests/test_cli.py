@@ -490,3 +490,54 @@ def test_a_training_checkpoint_is_measured_by_its_model_not_its_optimizer(tmp_pa
     printed = capsys.readouterr().out
     rep = swsformat.size_report(out)
     assert f"{rep['dtype_compression_rate']:.1f}x smaller than the model's tensors in {path}" in printed
+
+
+def test_module_fits_a_save_pretrained_folder_that_drops_a_tie(tmp_path, monkeypatch, capsys):
+    """A folder leaves out lm_head.weight (tied to the embedding); --module still fits it."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tied.py").write_text(TIED)
+    ns: dict = {}
+    exec(TIED, ns)
+    torch.manual_seed(0)
+    model = ns["Net"]()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    save_file({k: v for k, v in model.state_dict().items() if k != "head.weight"}, str(folder / "model.safetensors"))
+    assert main(["encode", str(folder), "-o", "t.sws", "--prune", "0.5", "--clusters", "8", "--module", "tied.py:Net"]) == 0
+    capsys.readouterr()
+    loaded = swsformat.load_model("t.sws", ns["Net"]())
+    assert loaded.head.weight is loaded.emb.weight and loaded.emb.weight.unique().numel() <= 9
+
+
+TIED = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+'''
+
+
+def test_a_forward_that_fails_on_the_data_leaves_no_file(small_mnist, tmp_path, monkeypatch, capsys):
+    from swsformat.retrain import data as data_mod
+
+    monkeypatch.setenv(data_mod.ENV_VAR, os.path.abspath(os.environ[data_mod.ENV_VAR]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tied.py").write_text(TIED)
+    ns: dict = {}
+    exec(TIED, ns)
+    torch.save(ns["Net"]().state_dict(), "tied.pt")
+    assert main(["encode", "tied.pt", "-o", "t.sws", "--prune", "0.5", "--clusters", "8", "--module", "tied.py:Net",
+                 "--data", "mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "forward failed on --data mnist" in err[0]
+    assert not (tmp_path / "t.sws").exists()

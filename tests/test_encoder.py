@@ -270,3 +270,36 @@ def test_raw_dtype_refuses_values_it_cannot_hold(tmp_path):
     assert swsformat.load_state_dict(tmp_path / "x.sws")["mask"].item() == -math.inf
     with pytest.raises(SwsEncodeError, match="raw_dtype must be"):
         swsformat.encode(sd, tmp_path / "x.sws", raw_dtype=torch.int8)
+
+
+def test_a_tie_is_kept_or_coded_as_one(tmp_path):
+    """keep naming either name of a tie keeps it as it is; a tie whose first name is no weight
+    is still coded when another of its names is."""
+    emb = torch.round(torch.randn(50, 16) * 4) / 4 + 0.0
+    sd = {"emb.weight": emb, "head.weight": emb}
+    for kept in ("emb.weight", "head.weight"):
+        swsformat.encode(sd, tmp_path / "k.sws", keep=[kept])
+        kinds = {t["name"]: t["kind"] for t in swsformat.inspect(tmp_path / "k.sws")}
+        assert kinds == {"emb.weight": "raw", "head.weight": "alias"}
+    sd = {"codebook": emb, "fc.weight": emb}
+    swsformat.encode(sd, tmp_path / "c.sws", raw_dtype=torch.float16)
+    stored = {t["name"]: (t["kind"], t["dtype"]) for t in swsformat.inspect(tmp_path / "c.sws")}
+    assert stored == {"codebook": ("sws", "float32"), "fc.weight": ("alias", "float32")}
+    assert swsformat.size_report(tmp_path / "c.sws")["weights"] == emb.numel()
+
+
+def test_a_sparse_state_dict_keeps_kernel_shapes_when_encoded(tmp_path):
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+
+    torch.manual_seed(0)
+    m = net()
+    with torch.no_grad():
+        for p in (m[0].weight, m[3].weight):
+            p.copy_((p * 8).round() / 8 + 0.0)
+    swsformat.encode(m, tmp_path / "cnn.sws")
+    sparse = swsformat.load_state_dict(tmp_path / "cnn.sws", sparse=True)
+    assert sparse["0.weight"].layout == torch.sparse_csr and sparse["0.weight"].sws_shape == (8, 1, 3, 3)
+    swsformat.encode(sparse, tmp_path / "again.sws")
+    again = swsformat.load_model(tmp_path / "again.sws", net())
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in again.state_dict().items())

@@ -209,3 +209,75 @@ def test_a_layer_clustering_would_wipe_is_an_error():
     w = torch.linspace(-1, 1, 64, dtype=torch.float16).reshape(8, 8)
     with pytest.raises(swsformat.SwsEncodeError, match="'w.weight' all zero"):
         prune_and_cluster({"w.weight": w}, prune=0.0, clusters=1)
+
+
+def test_exact_zeros_stay_zero():
+    """A weight that is exactly zero is never kept, so never snapped to a centre near zero: an
+    already sparse model stays as sparse, and a zero-initialised layer stays zero."""
+    torch.manual_seed(0)
+    m = nn.Linear(64, 64)
+    with torch.no_grad():
+        m.weight[:, :32] = 0
+    assert prune_and_cluster(m, prune=0.0, clusters=8)["weight"][:, :32].count_nonzero() == 0
+    sparse = nn.Linear(64, 64)
+    with torch.no_grad():
+        sparse.weight.mul_(torch.rand(64, 64) < 0.3)
+    out = prune_and_cluster(sparse, prune=0.5, clusters=8)["weight"]
+    assert bool((out[sparse.weight == 0] == 0).all())
+    assert out.count_nonzero() == sparse.weight.count_nonzero()  # fewer non-zeros than the share kept
+    zero_init = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    nn.init.zeros_(zero_init[2].weight)
+    for kwargs in ({}, {"per_layer": True}, {"prune_scope": "layer"}):
+        out = prune_and_cluster(zero_init, prune=0.5, clusters=8, **kwargs)
+        assert out["2.weight"].count_nonzero() == 0 and out["0.weight"].count_nonzero() > 0
+
+
+def test_inplace_writes_channels_last_kernels_and_refuses_csr(tmp_path):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    want = prune_and_cluster(dense, prune=0.8, clusters=8)
+    cl = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    cl.load_state_dict(dense.state_dict())
+    cl = cl.to(memory_format=torch.channels_last)
+    prune_and_cluster(cl, prune=0.8, clusters=8, inplace=True)
+    assert all(torch.equal(want[k], v) for k, v in cl.state_dict().items())
+    assert cl[2].weight.is_contiguous(memory_format=torch.channels_last)
+    net = nn.Sequential(nn.Linear(16, 16))
+    prune_and_cluster(net, prune=0.5, clusters=4, inplace=True)
+    swsformat.encode(net, tmp_path / "n.sws")
+    loaded = swsformat.load_model(tmp_path / "n.sws", nn.Sequential(nn.Linear(16, 16)), sparse=True)
+    with pytest.raises(swsformat.SwsError, match="'0.weight'.*sparse=True"):
+        prune_and_cluster(loaded, prune=0.9, clusters=4, inplace=True)
+    assert prune_and_cluster(loaded, prune=0.9, clusters=4)["0.weight"].count_nonzero() <= 26
+
+
+def test_keep_or_select_any_name_of_a_tie_decides_for_all():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+            self.fc = nn.Linear(16, 16)
+
+    torch.manual_seed(0)
+    m = Tied()
+    before = m.emb.weight.detach().clone()
+    out = prune_and_cluster(m, prune=0.5, clusters=8, keep=["head.*"], inplace=True)
+    assert torch.equal(m.emb.weight, before) and torch.equal(out["head.weight"], before)
+    assert m.fc.weight.unique().numel() <= 9
+    # A tie whose first name is no weight (a custom parameter) is quantized for the layer's sake.
+    sd = {"codebook": torch.randn(16, 16), "fc.bias": torch.zeros(16)}
+    sd["fc.weight"] = sd["codebook"]
+    out = prune_and_cluster(sd, prune=0.5, clusters=4)
+    assert out["codebook"] is out["fc.weight"] and out["codebook"].unique().numel() <= 5
+
+
+def test_bad_arguments_are_sws_errors():
+    with pytest.raises(swsformat.SwsError, match="'step' is not a"):
+        prune_and_cluster({"a.weight": torch.randn(4, 4), "step": 3}, prune=0.5, clusters=4)
+    with pytest.raises(swsformat.SwsError, match="'a.weight'.*not floating point"):
+        prune_and_cluster({"a.weight": torch.ones(4, 4, dtype=torch.int32)}, prune=0.5, clusters=4,
+                          compress=["a.weight"])
+    with pytest.raises(swsformat.SwsError, match="prune must be"):
+        prune_and_cluster({"a.weight": torch.randn(4, 4)}, prune=1.0, clusters=4)

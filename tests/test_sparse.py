@@ -242,3 +242,28 @@ def test_a_tied_layer_stays_dense_and_keeps_its_tie(tmp_path):
     ids = torch.randint(0, 50, (3, 7))
     with torch.no_grad():
         torch.testing.assert_close(sparse(ids), model(ids))
+
+
+def test_a_layer_registered_twice_is_swapped_under_both_names(tmp_path):
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = torch.nn.Linear(16, 16)
+            self.alias = self.block
+            self.out = torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.alias(x))
+
+    torch.manual_seed(0)
+    m = Twice()
+    with torch.no_grad():
+        m.block.weight.mul_(torch.rand(16, 16) < 0.2)
+        for p in (m.block.weight, m.out.weight):
+            p.copy_((p * 8).round() / 8 + 0.0)
+    swsformat.encode(m, tmp_path / "t.sws")
+    loaded = swsformat.load_model(tmp_path / "t.sws", Twice(), sparse=True)
+    assert loaded.block is loaded.alias and loaded.sws_layouts["alias"] == "csr"
+    x = torch.randn(3, 16)
+    assert torch.allclose(loaded(x), m(x), atol=1e-6)
+    assert swsformat.encode(loaded, tmp_path / "again.sws") == (tmp_path / "t.sws").stat().st_size
