@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
     SwsBatchError,
     SwsCheckpointError,
     SwsChecksumError,
+    SwsConfigError,
     SwsDataError,
     SwsDecodeError,
     SwsEncodeError,
@@ -53,9 +54,9 @@ _start_numba_threads()
 
 
 def __getattr__(name: str):
-    """The methods (``compress``, ``CompressConfig``, ``SoftWeightSharing``,
-    ``BayesianCompression``) without importing training at startup."""
-    if name in ("compress", "CompressConfig", "SoftWeightSharing"):
+    """The methods (``compress``, ``CompressConfig``, ``PriorConfig``, ``RetrainConfig``,
+    ``SoftWeightSharing``, ``BayesianCompression``) without importing training at startup."""
+    if name in ("compress", "CompressConfig", "SoftWeightSharing", "PriorConfig", "RetrainConfig"):
         from . import retrain
 
         return getattr(retrain, name)
@@ -73,10 +74,13 @@ def __getattr__(name: str):
 __all__ = [
     "BayesianCompression",
     "CompressConfig",
+    "PriorConfig",
+    "RetrainConfig",
     "SoftWeightSharing",
     "SwsBatchError",
     "SwsCheckpointError",
     "SwsChecksumError",
+    "SwsConfigError",
     "SwsDecodeError",
     "SwsEncodeError",
     "SwsError",

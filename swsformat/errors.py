@@ -56,3 +56,9 @@ class SwsBatchError(SwsError, TypeError):
 
 class SwsTrainingError(SwsError):
     """Compression produced a model not worth writing (lost its weights, fell to chance)."""
+
+
+class SwsConfigError(SwsError, RuntimeError):
+    """A method used with settings or in an order it cannot work with (no weights selected,
+    a bad ``dataset_size``, ``finetune_`` before ``finalize_``)."""
+

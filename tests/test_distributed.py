@@ -54,6 +54,13 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     _train(model, sws, rank, world, ddp)
     torch.save(_state(model, sws), f"{out}.{rank}")
+    sws._check_ranks_agree()  # what finetune_ checks at its end: the ranks agree here
+    if rank == 1:  # as a fine-tune whose loss called the bare module would leave them
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1e-3
+    with pytest.raises(swsformat.SwsTrainingError, match="different weights"):
+        sws._check_ranks_agree()
+    dist.barrier()
     dist.destroy_process_group()
 
 

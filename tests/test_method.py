@@ -386,3 +386,26 @@ def test_a_checkpoint_resumes_only_on_its_number_of_ranks():
     config = CompressConfig()
     assert _settings(config) == config.to_dict(drop_added_defaults=True)  # one process: as before
     assert _settings(config, 2) != _settings(config, 1)
+
+
+def test_a_dataset_where_batches_belong_is_refused_before_any_work():
+    x, y = blobs(300, 0)
+    with pytest.raises(swsformat.SwsBatchError, match="train is a TensorDataset.*DataLoader"):
+        swsformat.compress(trained_mlp(), TensorDataset(x, y), [(x, y)])
+    with pytest.raises(swsformat.SwsBatchError, match="test is a TensorDataset"):
+        swsformat.compress(trained_mlp(), DataLoader(TensorDataset(x, y), batch_size=50), TensorDataset(x, y))
+
+
+def test_a_mixture_left_out_of_the_optimizer_is_reported_early():
+    model = trained_mlp()
+    x, y = blobs(400, 1)
+    sws = SoftWeightSharing(model, dataset_size=400)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # the prior's groups are missing
+    with pytest.warns(UserWarning, match="20 steps the mixture's parameters have not moved"):
+        for _ in range(20):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            sws.add_complexity_grad_()
+            opt.step()
+    with pytest.raises(swsformat.SwsConfigError, match="no weights"):
+        SoftWeightSharing(model, dataset_size=400, filter_fn=lambda name, module, param: False)

@@ -114,12 +114,14 @@ def _one_epoch_checkpoint(tmp_path):
     return data, ckpt
 
 
-def _resume(data, ckpt, epochs=2, seed=0, tau=None):
+def _resume(data, ckpt, epochs=2, seed=0, tau=None, weights=None):
     torch.manual_seed(0)
     model = build_model("lenet300-100")
-    prior = default_prior(model, PriorConfig())
+    chosen = None if weights is None else [p for n, p in model.named_parameters() if n in weights]
+    prior = default_prior(model, PriorConfig(), chosen)
     cfg = RetrainConfig(epochs=epochs, batch_size=128) if tau is None else RetrainConfig(epochs=epochs, batch_size=128, tau=tau)
-    return retrain(model, prior, data, data, cfg, seed=seed, progress=False, checkpoint=ckpt, resume=True)
+    return retrain(model, prior, data, data, cfg, seed=seed, progress=False, checkpoint=ckpt, resume=True,
+                   weights=chosen)
 
 
 def test_resume_refuses_corrupt_foreign_and_other_settings_checkpoints(tmp_path):
@@ -130,6 +132,9 @@ def test_resume_refuses_corrupt_foreign_and_other_settings_checkpoints(tmp_path)
         _resume(data, ckpt, epochs=2)
     with pytest.raises(swsformat.SwsCheckpointError, match="other settings"):
         _resume(data, ckpt, epochs=1, seed=1)
+    # Other weights under the prior (another filter_fn): each mixture would land on another tensor.
+    with pytest.raises(swsformat.SwsCheckpointError, match="other settings"):
+        _resume(data, ckpt, epochs=1, weights={"fc2.weight", "fc3.weight"})
     assert ckpt.read_bytes() == good
     # One flipped bit anywhere in the payload: the digest catches it.
     bad = bytearray(good)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SwsTrainingError
+from ..errors import SwsConfigError, SwsTrainingError
 from .models import FilterFn, compressible_parameters, tied_names
 from .prior import REFERENCE_RMS, Mixture, MixturePrior, PriorConfig, PriorGroups, merge_components
 from .shards import count_over_shards, global_rms, is_sharded
@@ -72,25 +72,35 @@ class SoftWeightSharing:
         groups: str | Callable[[str, nn.Parameter], str] | None = None,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive integer (training samples), got {dataset_size!r}")
+            raise SwsConfigError(f"dataset_size must be a positive integer (training samples), got {dataset_size!r}")
         if not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+            raise SwsConfigError(f"tau must be a finite number >= 0, got {tau!r}")
         dataset_size = int(dataset_size)
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            raise ValueError(f"pass the module inside the {type(model).__name__} wrapper (wrapper.module): the prior "
+            raise SwsConfigError(f"pass the module inside the {type(model).__name__} wrapper (wrapper.module): the prior "
                              "names weights as the model's state_dict does, which the wrapper prefixes with 'module.'")
         self.model = model
         self.named_weights = compressible_parameters(model, filter_fn)
         if not self.named_weights:
-            raise ValueError("no weights to put under the prior: the model has no layer filter_fn selects")
+            raise SwsConfigError("no weights to put under the prior: the model has no layer filter_fn selects")
         self.weights = [p for _, p in self.named_weights]
-        self._check_dtypes(ValueError)
+        self._check_dtypes(SwsConfigError)
         if not prior.scale_to_weights:
             _warn_if_off_scale(self.weights)
         self.prior: MixturePrior | PriorGroups = make_prior(model, prior, self.named_weights, groups)
         self.tau, self.dataset_size, self.prior_config = tau, dataset_size, prior
         self._hook = PriorGradient(self.prior, self.weights)
         self._initial = [p.detach().clone() for p in self._prior_parameters()]
+        self._steps = 0
+
+    def _count_step(self) -> None:
+        """Say early, not at finalize_, when the mixture does not learn (its groups are
+        missing from the optimizer): after STILL_CHECK calls its parameters should have moved."""
+        self._steps += 1
+        if self._steps == STILL_CHECK and all(torch.equal(p.detach(), q)
+                                              for p, q in zip(self._prior_parameters(), self._initial)):
+            warnings.warn(f"after {STILL_CHECK} steps the mixture's parameters have not moved: add "
+                          "*sws.param_groups() to your optimizer", stacklevel=3)
 
     def _prior_parameters(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups() for p in g["params"]]
@@ -124,6 +134,7 @@ class SoftWeightSharing:
             raise SwsTrainingError("complexity_loss() cannot see the other ranks' shards of an FSDP model: call "
                                    "sws.add_complexity_grad_() after loss.backward() instead")
         self._check_dtypes()
+        self._count_step()
         return self.scale * self.prior.complexity(self.weights)
 
     def add_complexity_grad_(self) -> float:
@@ -131,6 +142,7 @@ class SoftWeightSharing:
         prior's ``.grad`` in closed form (a fused kernel on CPU, cheaper than autograd).
         Returns the term's value."""
         self._check_dtypes()
+        self._count_step()
         self._hook.scale = self.scale
         return self._hook()
 
@@ -174,6 +186,10 @@ class SoftWeightSharing:
                 "prior so that the mixture fits the weights, lower tau, or lower PriorConfig.pi_zero"
                 + ("" if self.prior_config.scale_to_weights else
                    ", or use PriorConfig(scale_to_weights=True) if the weights are far from LeNet scale (RMS 0.05)")
+                + (", give each layer its own mixture (groups='layer') if the layers' scales differ" if
+                   isinstance(self.prior, MixturePrior) else "")
+                + ("; finalize_(assign='nearest') prunes only the weights nearest the zero mean" if assign == "map"
+                   else "")
             )
         before = None if evaluate_fn is None else float(evaluate_fn(self.model))
         saved = None if evaluate_fn is None else [p.detach().clone() for p in self.weights]
@@ -200,10 +216,32 @@ class SoftWeightSharing:
         from .pipeline import quantization_aware_finetune_, quantize_model_
 
         if not hasattr(self, "masks"):
-            raise RuntimeError("call finalize_() before finetune_()")
+            raise SwsConfigError("call finalize_() before finetune_()")
         quantization_aware_finetune_(self.model, self.mixture, self.masks, train, epochs, lr, batch_size, seed,
                                      progress, loss_fn=loss_fn, weights=self.named_weights)
         quantize_model_(self.model, self.mixture, self.masks, self.named_weights)
+        self._check_ranks_agree()
+
+    @torch.no_grad()
+    def _check_ranks_agree(self) -> None:
+        """Under torchrun with whole (not sharded) weights: every rank must end with the same
+        weights, which a ``loss_fn`` that calls the bare module instead of the DDP wrapper breaks
+        (no gradient averaging) without any other sign."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        if any(is_sharded(w) for w in self.weights):
+            return
+        sums = torch.stack([torch.stack([w.double().sum(), (w.double() ** 2).sum()]) for w in self.weights]).flatten()
+        sums = sums.to(self.weights[0].device)
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise SwsTrainingError("after finetune_ the processes hold different weights: the fine-tune's loss_fn must "
+                                   "call the DistributedDataParallel wrapper (loss_fn=lambda m, x, y: loss(ddp(x), y)), "
+                                   "so that the gradients are averaged")
 
     def coded_names(self) -> set[str]:
         """State_dict names of the weights under the prior, tied copies included: pass as
@@ -216,6 +254,13 @@ class SoftWeightSharing:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prior.load_state_dict(state)
+        self._initial = [p.detach().clone() for p in self._prior_parameters()]
+        self._steps = 0
+
+
+# Calls of the complexity term after which the mixture must have moved (the first call's
+# optimizer step moves it, so this allows for optimizers that skip or warm up).
+STILL_CHECK = 20
 
 
 def _warn_if_off_scale(weights: list[torch.Tensor]) -> None:
@@ -225,7 +270,7 @@ def _warn_if_off_scale(weights: list[torch.Tensor]) -> None:
         warnings.warn(
             f"the weights under the prior have RMS {rms:.3g}; PriorConfig's stds and hyper-priors are weight values "
             f"written for RMS {REFERENCE_RMS} (LeNet scale): pass PriorConfig(scale_to_weights=True) to read them "
-            "relative to each group's own weights", stacklevel=3)
+            "relative to each group's own weights (and groups='layer' if the layers' scales differ)", stacklevel=3)
 
 
 def make_prior(
@@ -242,9 +287,9 @@ def make_prior(
         keys = [groups(n, p) for n, p in named]
         bad = [k for k in keys if not isinstance(k, str)]
         if bad:
-            raise ValueError(f"groups(name, param) must return a string key, got {bad[0]!r}")
+            raise SwsConfigError(f"groups(name, param) must return a string key, got {bad[0]!r}")
     else:
-        raise ValueError(f"groups must be None, 'shared', 'layer' or a function (name, param) -> key, got {groups!r}")
+        raise SwsConfigError(f"groups must be None, 'shared', 'layer' or a function (name, param) -> key, got {groups!r}")
     return PriorGroups.build(weights, keys, config, lambda cfg, ws: default_prior(model, cfg, ws))
 
 

@@ -35,6 +35,7 @@ from .train import (
     RetrainConfig,
     adam,
     batches_of,
+    check_batches,
     cosine_schedule,
     cross_entropy,
     dataset_size,
@@ -603,6 +604,8 @@ def compress(
 
     if config.qat_distill > 0 and config.qat_epochs > 0 and loss_fn is not cross_entropy:
         raise ValueError("qat_distill > 0 works with the default cross-entropy loss only; set qat_distill=0")
+    check_batches(train, "train")
+    check_batches(test, "test")
     group = world(distributed)
     if is_writer(group):  # before hours of training, not after
         for target in (path, checkpoint):

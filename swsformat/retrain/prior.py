@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import SwsConfigError
 from ._prior_kernel import (
     F32_LOGIT_LIMIT,
     TABLE_MAX_POINTS,
@@ -291,15 +292,15 @@ class PriorConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if not 2 <= self.components <= 256:
-            raise ValueError(f"components must be in [2, 256], got {self.components}")
+            raise SwsConfigError(f"components must be in [2, 256], got {self.components}")
         if not 0.0 < self.pi_zero < 1.0:
-            raise ValueError(f"pi_zero must be in (0, 1), got {self.pi_zero}")
+            raise SwsConfigError(f"pi_zero must be in (0, 1), got {self.pi_zero}")
         for name in ("pi_zero_beta", "gamma_zero", "gamma_other"):
             a, b = getattr(self, name)
             if a <= 0 or b <= 0:
-                raise ValueError(f"{name} parameters must be positive, got {(a, b)}")
+                raise SwsConfigError(f"{name} parameters must be positive, got {(a, b)}")
         if self.init_std <= 0 or self.init_zero_std <= 0:
-            raise ValueError("init_std and init_zero_std must be positive")
+            raise SwsConfigError("init_std and init_zero_std must be positive")
 
 
 def initial_means(weights: torch.Tensor, count: int) -> torch.Tensor:
@@ -342,7 +343,7 @@ class MixturePrior(nn.Module):
         if config.scale_to_weights:
             rms = weight_rms if weight_rms is not None else float(flat.double().square().mean().sqrt())
             if not math.isfinite(rms):
-                raise ValueError(f"scale_to_weights needs finite weights, got an RMS of {rms}")
+                raise SwsConfigError(f"scale_to_weights needs finite weights, got an RMS of {rms}")
             if rms > 0:
                 unit = float(np.float32(rms / REFERENCE_RMS))  # what the float32 buffer holds exactly
             else:
@@ -689,7 +690,7 @@ class Mixture:
         """Component of each weight: ``"map"`` = largest responsibility (the paper's rule),
         ``"nearest"`` = closest mean (smallest change to the weight)."""
         if rule not in ("map", "nearest"):
-            raise ValueError(f"assignment rule must be 'map' or 'nearest', got {rule!r}")
+            raise SwsConfigError(f"assignment rule must be 'map' or 'nearest', got {rule!r}")
         out = np.empty(w.shape[0], dtype=np.int64)
         for s in range(0, w.shape[0], chunk):
             part = w[s : s + chunk]

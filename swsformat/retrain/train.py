@@ -113,6 +113,14 @@ def _check_pair(batch: object) -> None:
                         "loader's batches to pairs and read them in loss_fn(model, inputs, targets)")
 
 
+def check_batches(data: object, what: str) -> None:
+    """Refuse a ``Dataset`` where batches belong: its items are single samples (a target with
+    no batch dimension), which would train one sample per step and fail far later."""
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (Split, torch.utils.data.DataLoader)):
+        raise SwsBatchError(f"{what} is a {type(data).__name__}, whose items are single samples, not batches: pass "
+                            f"torch.utils.data.DataLoader({what}, batch_size=...) (or a Split, or a list of (x, y) batches)")
+
+
 def _samples_in(batch: object) -> int:
     """Samples in one ``(x, y)`` batch: the first dimension of its input."""
     _check_pair(batch)
@@ -417,12 +425,20 @@ def save_checkpoint(
     checkpoint_io.save(path, state, settings)
 
 
-def run_fingerprint(model: nn.Module, cfg: RetrainConfig, seed: int, extra: object = None) -> str:
-    """Settings a checkpoint must share with the run that resumes it."""
+def run_fingerprint(model: nn.Module, cfg: RetrainConfig, seed: int, extra: object = None,
+                    weights: list[nn.Parameter] | None = None) -> str:
+    """Settings a checkpoint must share with the run that resumes it, including which weights
+    are under the prior (another ``filter_fn`` would restore each mixture onto another tensor)."""
     from dataclasses import asdict
 
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    return checkpoint_io.fingerprint({"retrain": asdict(cfg), "seed": seed, "shapes": shapes, "extra": extra})
+    out = {"retrain": asdict(cfg), "seed": seed, "shapes": shapes, "extra": extra}
+    if weights is not None:
+        first = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(p), name)
+        out["prior_weights"] = [first.get(id(p), "?") for p in weights]
+    return checkpoint_io.fingerprint(out)
 
 
 def retrain(
@@ -455,7 +471,8 @@ def retrain(
     checkpoint then still holds the last good epoch. A corrupt checkpoint, one of other
     settings or one of a finished run raises :class:`SwsCheckpointError` and is kept.
     """
-    fp = run_fingerprint(model, cfg, seed, settings)
+    weights = weights if weights is not None else [p for _, p in compressible_parameters(model)]
+    fp = run_fingerprint(model, cfg, seed, settings, weights)
     n = cfg.train_size or dataset_size(train)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, prior, cfg)
@@ -477,7 +494,7 @@ def retrain(
         _restore(state, model, opt, sched, gen, prior)
         logs = [EpochLog(**log) for log in state["logs"]]
         start_epoch = state["epoch"] + 1
-    hook = PriorGradient(prior, weights if weights is not None else [p for _, p in compressible_parameters(model)])
+    hook = PriorGradient(prior, weights)
     bar = tqdm(range(start_epoch, cfg.epochs + 1), desc="retrain", disable=not progress)
     for epoch in bar:
         tau = cfg.tau_at(epoch)
