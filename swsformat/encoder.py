@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import os
 import re
 import warnings
@@ -147,6 +148,9 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
             key = (v.values().data_ptr(), tuple(v.shape)) if csr else (id(v),)
             if key not in dense:
                 shape = shapes.get(k, getattr(v, "sws_shape", None))
+                if shape is not None and (not isinstance(shape, tuple) or math.prod(shape) != v.numel()):
+                    raise SwsEncodeError(f"{where(k)}is a {tuple(v.shape)} sparse tensor whose recorded kernel shape "
+                                         f"{shape!r} does not hold as many elements")
                 dense[key] = v.to_dense() if shape is None else v.to_dense().reshape(shape)
             sd[k] = dense[key]
     return sd
