@@ -24,7 +24,7 @@ from . import __version__
 from .architectures import ARCHITECTURES as REGISTRY
 from .errors import SwsEncodeError, SwsError, SwsFormatError, SwsOutputError
 from .files import atomic_write, check_output
-from .spec import MAX_INDEX_BITS
+from .spec import MAGIC, MAX_INDEX_BITS
 
 ARCHITECTURES = tuple(sorted(REGISTRY))
 
@@ -161,6 +161,13 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
         return sd
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(MAGIC):
+        raise UsageError(f"{path} is already a .sws file: sws info shows it, sws decode turns it back into a checkpoint")
+    # What the bytes are, for a file whose name says otherwise.
+    kind = ("a PyTorch (zip) checkpoint" if head.startswith(b"PK") else
+            "a .safetensors file" if len(head) > 8 and head[8:9] == b"{" else None)
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
@@ -169,7 +176,8 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise UsageError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
+            hint = f"; its bytes are {kind}: rename it to match" if kind and "PyTorch" in kind else ""
+            raise UsageError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}){hint}") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip, EOF and runtime errors for bad files
@@ -182,12 +190,13 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
                 "state_dict(), 'model.pt')) and encode that") from None
         cause = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)  # not torch's advice to load unsafely
         detail = _first_sentences(" ".join((cause.group(1) if cause else text).split()), 240)
+        hint = f"; its bytes are {kind}: name it .safetensors" if kind and "safetensors" in kind else ""
         raise UsageError(
-            f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {detail})"
+            f"{path}: not a readable PyTorch checkpoint of tensors ({type(exc).__name__}: {detail}){hint}"
         ) from None
     if isinstance(sd, dict):
         for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(sd.get(key), dict):
+            if isinstance(sd.get(key), dict) and sd[key]:  # an empty one is no model
                 sd = sd[key]
                 break
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
@@ -311,9 +320,13 @@ def cmd_encode(a: argparse.Namespace) -> int:
         raise UsageError(f"--index-bits must be auto or in [1, {MAX_INDEX_BITS}], got {a.index_bits}")
     if not 0 <= a.clusters <= 255:
         raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
-    check_output(a.output, a.input)
+    # A folder's own files (weights, shards, index, config) are inputs too: never overwritten.
+    inside = [os.path.join(a.input, f) for f in os.listdir(a.input)] if os.path.isdir(a.input) else []
+    check_output(a.output, a.input, *inside)
     factory = import_factory(a.module) if a.module else None
     original = _load_checkpoint(a.input)
+    if not original:
+        raise UsageError(f"{printable(a.input)} holds no tensors: nothing to encode")
     ref = None
     if a.architecture:  # the tensors must fit the named architecture before the file claims it
         from .architectures import build_model
@@ -397,8 +410,11 @@ def cmd_encode(a: argparse.Namespace) -> int:
     print(f"wrote {printable(a.output)}: {len(data)} bytes, {against}, "
           + (f"{100 * rep['nonzero_fraction']:.2f}% non-zero" if rep["coded_weights"] else "no tensor coded"))
     if a.clusters and not rep["coded_weights"]:
-        why = ("--keep left every weight as it was" if a.keep else "the weights of parametrized layers, e.g. "
-               "torch.nn.utils.parametrizations.weight_norm, are stored as they are")
+        floating = [k for k, v in original.items() if v.is_floating_point() and v.dim() >= 2]
+        why = ("--keep left every weight as it was" if a.keep else
+               "it has no floating tensor of 2+ dimensions" if not floating else
+               "the weights of parametrized layers, e.g. torch.nn.utils.parametrizations.weight_norm, are stored as "
+               "they are; others are chosen by name (*.weight) without --module")
         print(f"sws: note: --prune/--clusters found no weight tensor to quantize ({why})", file=sys.stderr)
     if errors is not None:
         before, after = errors

@@ -46,6 +46,7 @@ from .spec import (
     MAX_CODEBOOK,
     MAX_EXPANSION,
     MAX_INDEX_BITS,
+    MAX_NAME,
     MIN_OUTPUT_LIMIT,
     RAW_DTYPES,
     SWS_DTYPES,
@@ -119,8 +120,9 @@ def kept_names(keep: Iterable[str], names: Iterable[str]) -> set[str]:
 
 def tie_key(t: torch.Tensor) -> tuple:
     """Equal for two state_dict entries that are one tensor under two names (tied weights):
-    same storage position, shape, strides, dtype and device."""
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+    same storage position, shape, strides, dtype and device, and no lazy negation or
+    conjugation on one of them (``x._neg_view()`` shares ``x``'s memory but not its values)."""
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t.is_neg(), t.is_conj())
 
 
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,6 +135,12 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise SwsEncodeError(f"state_dict entry {k!r} is not a (str, Tensor) pair")
+        if len(k) > MAX_NAME:
+            raise SwsEncodeError(f"tensor name {k[:40]!r}... has {len(k)} characters; names are limited to {MAX_NAME}")
+        try:
+            k.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SwsEncodeError(f"tensor name {k!r} is not valid text (a lone surrogate): rename it") from None
         if v.is_meta:
             raise SwsEncodeError(f"{where(k)}is on the meta device (it has a shape but no data): load or "
                                  "materialize the weights (e.g. model.to_empty(device='cpu') and load them) first")
@@ -196,17 +204,23 @@ def _check_values(name: str, t: torch.Tensor) -> None:
 RAW_DTYPE_CHOICES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _lowered(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in the narrower ``dtype`` for ``raw_dtype=``; a finite value it cannot hold
-    (float16 tops out at 65504) is an error, not a silent infinity."""
+def _lowered(name: str, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, str | None]:
+    """``t`` in the narrower ``dtype`` for ``raw_dtype=``, and a warning when non-zero values
+    became zero; a finite value it cannot hold (float16 tops out at 65504) is an error, not a
+    silent infinity."""
     _check_values(name, t)
-    low = t.detach().to(dtype)
-    if bool((torch.isinf(low) & torch.isfinite(t.detach())).any()):
-        biggest = float(t.detach().abs().max())
-        raise SwsEncodeError(f"{where(name)}holds values up to {biggest:.4g}, beyond {dtype}'s range: use "
-                             "raw_dtype=torch.bfloat16 (sws encode --raw-dtype bfloat16), or keep it at full "
-                             f"precision with keep=[{name!r}] (--keep {name})")
-    return low
+    src = t.detach()
+    low = src.to(dtype)
+    keep_it = f"keep it at full precision with keep=[{name!r}] (--keep {name})"
+    if bool((torch.isinf(low) & torch.isfinite(src)).any()):
+        biggest = float(src.abs().max())
+        wider = "use raw_dtype=torch.bfloat16 (--raw-dtype bfloat16), or " if dtype == torch.float16 else ""
+        raise SwsEncodeError(f"{where(name)}holds values up to {biggest:.6g}, beyond {dtype}'s largest finite value "
+                             f"{torch.finfo(dtype).max:.6g}: {wider}{keep_it}")
+    lost = int(((low == 0) & (src != 0)).sum())
+    warning = (f"{where(name)}{lost} non-zero values are too small for {dtype} and are stored as 0; {keep_it} if "
+               "they matter") if lost else None
+    return low, warning
 
 
 def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
@@ -216,10 +230,17 @@ def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor |
     _check_values(name, t)
     raw = _raw(name, t)
     numel = t.numel()
-    if version < 3 or coder == "huffman" or not numel or (coder == "auto" and numel > CONTEXT_AUTO_MAX):
+    if version < 3 or coder == "huffman" or not numel:
         return raw
     item = RAW_DTYPES[raw.dtype].itemsize
     elements = raw.data.view(f"<u{item}" if item > 1 else np.uint8)
+    if coder == "auto" and numel > CONTEXT_AUTO_MAX:
+        # Too large to context-code the positions of, unless there are none: an all-zero
+        # tensor (a buffer, an expanded zero) costs its row mask, whatever its size.
+        if elements.any():
+            return raw
+        return SparseRawTensor(name, raw.dtype, raw.shape, 0, ctxcoder.encode_tensor(
+            np.zeros(numel, np.uint8), raw.shape, ctxcoder.POSITIONS_ONLY, ctxcoder.COUNTING), np.zeros(0, np.uint8))
     present = elements != 0
     nonzeros = int(np.count_nonzero(present))
     most = raw.data.size - nonzeros * item - 4  # what it could save at best (positions cost >= 4 bytes)
@@ -558,7 +579,9 @@ def to_container(
             plan.append(functools.partial(_coded, name, t, ib, how, version, smallest))
         else:
             if raw_dtype is not None and not kept and t.is_floating_point() and t.element_size() > raw_dtype.itemsize:
-                t = _lowered(name, t, raw_dtype)
+                t, lost = _lowered(name, t, raw_dtype)
+                if lost:
+                    warnings.warn(lost, stacklevel=3)
             plan.append(functools.partial(_stored, name, t, how, version))
     tensors: list[RawTensor | SparseRawTensor | SwsTensor | ContextTensor | AliasTensor] = []
     for (name, _), step, done in zip(sd.items(), plan, in_order(plan)):

@@ -276,6 +276,43 @@ def _kmeans_sample(tensors: list[torch.Tensor], cuts: list[_Cut], rng: np.random
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def _kmeans(sample: np.ndarray, clusters: int) -> np.ndarray:
+    """:func:`kmeans_1d`, on a rescaled sample where sums of the values could overflow float64."""
+    scale = float(np.abs(sample).max()) if sample.size else 0.0
+    if scale > 1e150:
+        return kmeans_1d(sample / scale, clusters) * scale
+    return kmeans_1d(sample, clusters)
+
+
+def _overlapping(tensors: list[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` (each a distinct tie group) shares memory with another or
+    with itself (a stride of 0 over more than one element)."""
+    spans = []
+    for t in tensors:
+        if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+            return True
+        if not t.numel():
+            continue
+        start = t.data_ptr()
+        end = start + t.element_size() * (1 + sum((sz - 1) * abs(st) for sz, st in zip(t.shape, t.stride())))
+        spans.append((t.untyped_storage().data_ptr(), start, end))
+    spans.sort()
+    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
+
+
+def _would_wipe(t: torch.Tensor, cut: _Cut, centres: np.ndarray) -> bool:
+    """Whether snapping ``t``'s kept values to ``centres`` leaves only zeros in its dtype."""
+    if not cut.kept:
+        return False
+    zero = (torch.from_numpy(np.asarray(centres, dtype=np.float64)).to(t.dtype) == 0).numpy()
+    if not zero.any():
+        return False
+    if zero.all():
+        return True
+    edges = (centres[1:] + centres[:-1]) / 2
+    return not any(bool((~zero[np.searchsorted(edges, c[m])]).any()) for c, m in _masked(t, cut))
+
+
 @torch.no_grad()
 def prune_and_cluster(
     state_dict: Mapping[str, torch.Tensor] | nn.Module,
@@ -311,8 +348,8 @@ def prune_and_cluster(
     """
     if not 0.0 <= prune < 1.0:
         raise SwsEncodeError(f"prune must be in [0, 1), got {prune}")
-    if not 1 <= clusters <= 255:
-        raise SwsEncodeError(f"clusters must be in [1, 255], got {clusters}")
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or not 1 <= clusters <= 255:
+        raise SwsEncodeError(f"clusters must be an integer in [1, 255], got {clusters!r}")
     if prune_scope not in ("model", "layer"):
         raise SwsEncodeError(f"prune_scope must be 'model' or 'layer', got {prune_scope!r}")
     if not 0.0 <= min_layer_keep <= 1.0:
@@ -345,6 +382,14 @@ def prune_and_cluster(
     out = dict(state_dict)
     if not names:
         return out
+    if inplace and _overlapping([state_dict[n] for n in names]):
+        # Views of one buffer (or an expanded tensor) snapped in place would be snapped again
+        # through each other: such a state_dict is quantized out of place (the result is returned).
+        if module is not None:
+            raise SwsEncodeError("inplace=True: some of the module's weights share memory other than as ties (views of "
+                                 "one buffer, or expanded tensors), so they cannot be quantized in place; use the "
+                                 "returned state_dict (inplace=False)")
+        inplace = False
     for n in names:  # chunk by chunk: torch.isfinite of a whole tensor takes 7 bytes per weight
         t = state_dict[n]
         if not all(np.isfinite(c).all() for c in _chunks(t, _wide([t]))):
@@ -359,7 +404,7 @@ def prune_and_cluster(
     rng = np.random.default_rng(0)
     centres_of = {}
     for group in groups:
-        centres = kmeans_1d(_kmeans_sample([tensors[n] for n in group], [cuts[n] for n in group], rng), clusters)
+        centres = _kmeans(_kmeans_sample([tensors[n] for n in group], [cuts[n] for n in group], rng), clusters)
         centres_of.update(dict.fromkeys(group, centres))
     if len(shared) > 1 and not per_layer:
         # Without pruning no floor steps in, yet a layer of another scale (a 1e-3 layer in a
@@ -368,7 +413,7 @@ def prune_and_cluster(
         for n in shared:
             probe = _first_kept(tensors[n], cuts[n])
             if probe.size and _distortion(probe, centres_of[n]) > 0.5:
-                own = kmeans_1d(_kmeans_sample([tensors[n]], [cuts[n]], rng), clusters)
+                own = _kmeans(_kmeans_sample([tensors[n]], [cuts[n]], rng), clusters)
                 if 2 * _distortion(probe, own) < _distortion(probe, centres_of[n]):
                     centres_of[n] = own
 
@@ -388,12 +433,13 @@ def prune_and_cluster(
             return t
         return target
 
+    # Before anything is written (inplace=True changes the caller's tensors).
+    wiped = [n for n in names if _would_wipe(tensors[n], cuts[n], centres_of[n])]
+    if wiped:
+        raise SwsEncodeError(f"clustering would leave {', '.join(map(repr, wiped))} all zero (every value it keeps "
+                             "snaps to a value of 0 in its dtype); use more clusters (nothing was changed)")
     # One tensor per thread (numba's count; the kernel releases the GIL).
     out.update(zip(names, in_order([functools.partial(snapped, n) for n in names])))
-    wiped = [n for n in names if cuts[n].kept and not bool(out[n].any())]
-    if wiped:
-        raise SwsEncodeError(f"clustering left {', '.join(map(repr, wiped))} all zero (every value it kept snapped to "
-                             "a value of 0 in its dtype); use more clusters")
     for n, target in ties.items():
         out[n] = out[target]
     return out

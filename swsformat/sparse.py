@@ -173,7 +173,7 @@ def _sparsify(
                 density = float(child.weight.count_nonzero()) / max(child.weight.numel(), 1)
                 limit = crossover_density(device_type, batch_size)
                 if density > limit:
-                    why = f"density {density:.3f} above the measured crossover {limit:.3f} ({device_type}, batch {batch_size})"
+                    why = f"density {density:.4g} above the measured crossover {limit:.4g} ({device_type}, batch {batch_size})"
             if why is None:
                 given = csr(f"{full}.weight") if csr is not None else None
                 cls = SparseLinear if isinstance(child, nn.Linear) else SparseConv2d

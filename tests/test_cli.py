@@ -541,3 +541,30 @@ def test_a_forward_that_fails_on_the_data_leaves_no_file(small_mnist, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "forward failed on --data mnist" in err[0]
     assert not (tmp_path / "t.sws").exists()
+
+
+def test_inputs_that_are_no_model_or_would_be_overwritten(tmp_path, capsys):
+    """An output among an input folder's files, an empty checkpoint, a .sws given as input and
+    a file named for the other format: each one line, no output written."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"fc.weight": torch.randn(4, 4)}, str(folder / "model.safetensors"))
+    before = (folder / "model.safetensors").read_bytes()
+    assert main(["encode", str(folder), "-o", str(folder / "model.safetensors"), "--clusters", "4"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert main(["encode", str(folder), "-o", str(folder / "model.sws"), "--clusters", "4"]) == 0  # a new file is fine
+    capsys.readouterr()
+    torch.save({}, tmp_path / "empty.pt")
+    torch.save({"state_dict": {}, "model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "ckpt.pt")
+    (tmp_path / "pt.safetensors").write_bytes((tmp_path / "ckpt.pt").read_bytes())
+    for name, message in (("empty.pt", "holds no tensors"), ("hf/model.sws", "is already a .sws file"),
+                          ("pt.safetensors", "its bytes are a PyTorch (zip) checkpoint")):
+        assert main(["encode", str(tmp_path / name), "-o", str(tmp_path / "out.sws")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out.sws").exists()
+    assert main(["encode", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "out.sws")]) == 0  # the non-empty model
+    assert set(swsformat.load_state_dict(tmp_path / "out.sws")) == {"fc.weight"}

@@ -303,3 +303,23 @@ def test_a_sparse_state_dict_keeps_kernel_shapes_when_encoded(tmp_path):
     swsformat.encode(sparse, tmp_path / "again.sws")
     again = swsformat.load_model(tmp_path / "again.sws", net())
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_a_negated_view_is_not_a_tie_and_names_are_checked(tmp_path):
+    x = torch.randn(5)
+    swsformat.encode({"a": x, "b": x._neg_view()}, tmp_path / "n.sws")
+    loaded = swsformat.load_state_dict(tmp_path / "n.sws")
+    assert torch.equal(loaded["a"], x) and torch.equal(loaded["b"], -x)
+    with pytest.raises(SwsEncodeError, match="5000 characters; names are limited to 1024"):
+        swsformat.encode_bytes({"x" * 5000: torch.ones(2)})
+    with pytest.raises(SwsEncodeError, match="lone surrogate"):
+        swsformat.encode_bytes({"a\ud800": torch.ones(2)})
+
+
+def test_raw_dtype_warns_when_values_underflow_and_huge_zero_tensors_cost_nothing():
+    with pytest.warns(UserWarning, match="'a.bias': 1 non-zero values are too small for torch.float16"):
+        swsformat.encode_bytes({"a.bias": torch.tensor([1e-8, 1.0])}, raw_dtype=torch.float16)
+    zeros = torch.zeros(encoder.CONTEXT_AUTO_MAX + 1)
+    data = swsformat.encode_bytes({"buf": zeros}, coder="auto")
+    assert len(data) < 200
+    assert torch.equal(swsformat.load(data, max_output_bytes=1 << 30)["buf"], zeros)

@@ -281,3 +281,27 @@ def test_bad_arguments_are_sws_errors():
                           compress=["a.weight"])
     with pytest.raises(swsformat.SwsError, match="prune must be"):
         prune_and_cluster({"a.weight": torch.randn(4, 4)}, prune=1.0, clusters=4)
+
+
+def test_inplace_falls_back_for_views_of_one_buffer_and_changes_nothing_it_refuses():
+    torch.manual_seed(0)
+    b = torch.randn(64, 64)
+    views = {"a.weight": b, "b.weight": b.t(), "c.weight": b[:32]}
+    want = prune_and_cluster({k: v.clone() for k, v in views.items()}, prune=0.5, clusters=4, per_layer=True,
+                             prune_scope="layer")
+    got = prune_and_cluster(views, prune=0.5, clusters=4, per_layer=True, prune_scope="layer", inplace=True)
+    assert all(torch.equal(want[k], got[k]) for k in want) and all(got[k].unique().numel() <= 5 for k in got)
+    expanded = {"fc.weight": torch.randn(1, 64).expand(32, 64)}
+    assert prune_and_cluster(expanded, prune=0.5, clusters=4, inplace=True)["fc.weight"].unique().numel() <= 5
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).half()
+    with torch.no_grad():
+        w = torch.rand(8, 4).half() + 0.5
+        m[1].weight.copy_(torch.cat([w, -w], 1))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(swsformat.SwsError, match="'1.weight' all zero.*nothing was changed"):
+        prune_and_cluster(m, prune=0, clusters=1, per_layer=True, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(swsformat.SwsError, match="integer"):
+        prune_and_cluster(m, prune=0.5, clusters=2.5)
+    huge = prune_and_cluster({"a.weight": torch.randn(50, 50, dtype=torch.float64) * 1e306}, prune=0, clusters=4)
+    assert torch.isfinite(huge["a.weight"]).all() and huge["a.weight"].unique().numel() == 4

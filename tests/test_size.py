@@ -126,3 +126,13 @@ def test_nonzero_fraction_counts_weights_stored_raw_and_nothing_else():
     assert (rep["weights"], rep["weight_nonzeros"]) == (4096 + 4, 8 + 1)
     assert rep["nonzero_fraction"] == 9 / 4100 and rep["coded_weights"] == 4096
     assert swsformat.size_report(swsformat.encode_bytes({"b.bias": torch.ones(3)}))["nonzero_fraction"] is None
+
+
+def test_a_coded_negative_zero_is_no_weight():
+    w = torch.zeros(30, 20)
+    w[:, :2] = 0.5
+    w[:, 2:6] = -0.0
+    with pytest.warns(UserWarning, match="negative zeros"):
+        data = swsformat.encode_bytes({"fc.weight": w}, smallest=False, coder="huffman")
+    rep = swsformat.size_report(data)
+    assert rep["tensors"][0]["kind"] == "sws" and rep["weight_nonzeros"] == 60
