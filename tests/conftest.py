@@ -39,6 +39,15 @@ def quantized_model(name: str, density: float = 0.1, k: int = 9, seed: int = 0) 
     return model.eval()
 
 
+def user_module(folder: Path, file: str, source: str) -> dict:
+    """A user's module file (what ``--module file.py:Callable`` imports) written to ``folder``,
+    and the namespace of the same source, to build the models in the test."""
+    (folder / file).write_text(source)
+    ns: dict = {}
+    exec(source, ns)
+    return ns
+
+
 class TiedToCodebook(torch.nn.Module):
     """``lin.weight`` tied to a parameter called ``codebook`` (a name the selector skips)."""
 

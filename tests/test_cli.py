@@ -15,7 +15,7 @@ import swsformat
 from swsformat.cli import main
 from swsformat.retrain.models import build_model
 
-from .conftest import DATA
+from .conftest import DATA, user_module
 
 
 @pytest.fixture()
@@ -313,11 +313,9 @@ def own_model(tmp_path, monkeypatch):
     if os.environ.get(data_mod.ENV_VAR):
         monkeypatch.setenv(data_mod.ENV_VAR, os.path.abspath(os.environ[data_mod.ENV_VAR]))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mlp.py").write_text(MLP)
     from torch.nn import functional as F
 
-    ns: dict = {}
-    exec(MLP, ns)
+    ns = user_module(tmp_path, "mlp.py", MLP)
     torch.manual_seed(0)
     model = ns["Net"]()
     return model, F
@@ -497,9 +495,7 @@ def test_module_fits_a_save_pretrained_folder_that_drops_a_tie(tmp_path, monkeyp
     from safetensors.torch import save_file
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tied.py").write_text(TIED)
-    ns: dict = {}
-    exec(TIED, ns)
+    ns = user_module(tmp_path, "tied.py", TIED)
     torch.manual_seed(0)
     model = ns["Net"]()
     folder = tmp_path / "folder"
@@ -532,9 +528,7 @@ def test_a_forward_that_fails_on_the_data_leaves_no_file(small_mnist, tmp_path, 
 
     monkeypatch.setenv(data_mod.ENV_VAR, os.path.abspath(os.environ[data_mod.ENV_VAR]))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tied.py").write_text(TIED)
-    ns: dict = {}
-    exec(TIED, ns)
+    ns = user_module(tmp_path, "tied.py", TIED)
     torch.save(ns["Net"]().state_dict(), "tied.pt")
     assert main(["encode", "tied.pt", "-o", "t.sws", "--prune", "0.5", "--clusters", "8", "--module", "tied.py:Net",
                  "--data", "mnist"]) == 2

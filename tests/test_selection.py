@@ -12,6 +12,8 @@ from swsformat.cli import main
 from swsformat.errors import SwsEncodeError
 from swsformat.quantize import prune_and_cluster
 
+from .conftest import user_module
+
 
 class Conv1D(nn.Module):
     """Stands in for transformers' GPT-2 Conv1D, which is matched by class name."""
@@ -116,9 +118,7 @@ class Net(nn.Module):
 
 def test_cli_selects_by_layer_type_with_module(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "odd.py").write_text(ODD_MODULE)
-    ns: dict = {}
-    exec(ODD_MODULE, ns)
+    ns = user_module(tmp_path, "odd.py", ODD_MODULE)
     torch.manual_seed(0)
     model = ns["Net"]()
     with torch.no_grad():
