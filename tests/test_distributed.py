@@ -3,6 +3,9 @@ weights and mixture of one process that sees the same global batches."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,6 +49,17 @@ def _state(model: nn.Module, sws: SoftWeightSharing) -> dict[str, torch.Tensor]:
             **{f"prior.{k}": v for k, v in sws.state_dict().items()}}
 
 
+def _leave() -> None:
+    """End a spawned worker: both ranks leave the group together, then the process exits at
+    once. gloo's threads can abort the interpreter's own teardown ("terminate called without
+    an active exception", SIGABRT), seen in full CI runs after everything had passed."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -60,8 +74,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             model[0].weight[0, 0] += 1e-3
     with pytest.raises(swsformat.SwsTrainingError, match="different weights"):
         sws._check_ranks_agree()
-    dist.barrier()
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.slow
@@ -129,10 +142,7 @@ def _fsdp_worker(rank: int, world: int, init: str, out: str, kernel: bool) -> No
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         swsformat.encode(full, f"{out}.sws", compress=sws.coded_names())
-    # Both ranks leave together: a rank tearing gloo down while the other still works aborted
-    # once in a full CI run ("terminate called without an active exception").
-    dist.barrier()
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.slow
@@ -195,7 +205,7 @@ def _compress_worker(rank: int, world: int, init: str, folder: str, resume: bool
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.save(_compress_job(rank, world, folder, resume, bn), f"{folder}/summary.{rank}")
-    dist.destroy_process_group()
+    _leave()
 
 
 @pytest.mark.slow
