@@ -125,6 +125,22 @@ def tie_key(t: torch.Tensor) -> tuple:
     return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride(), t.is_neg(), t.is_conj())
 
 
+def tie_groups(sd: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Each name's tie group: every name of the same tensor, in state_dict order (a name of
+    an empty tensor stands alone)."""
+    by_key: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        by_key.setdefault(tie_key(t) if t.numel() else ("empty", name), []).append(name)
+    return {name: members for members in by_key.values() for name in members}
+
+
+def group_coded(members: list[str], keep: set[str], selected: Callable[[str, torch.Tensor], bool],
+                sd: Mapping[str, torch.Tensor]) -> bool:
+    """One decision for a tie group: left as it is if ``keep`` names any of its names, else
+    coded (or quantized) if any of them is selected."""
+    return not any(n in keep for n in members) and any(selected(n, sd[n]) for n in members)
+
+
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = obj.state_dict() if isinstance(obj, nn.Module) else dict(obj)
     # A model loaded with sparse=True holds conv kernels as CSR matrices (out, in*kh*kw); its
@@ -297,8 +313,10 @@ class _Plan:
         return code_lengths(self.value_counts)
 
 
-def _width_plan(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[int] = AUTO_RANGE) -> _Plan:
-    """:func:`best_index_bits`'s width with its entry count, non-zeros and stream histograms."""
+def _width_plan(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[int] = AUTO_RANGE,
+                values: int = 256) -> _Plan:
+    """:func:`best_index_bits`'s width with its entry count, non-zeros and stream histograms
+    (the value histogram over ``values`` symbols: zero and the codebook)."""
     candidates = list(candidates)
     hist, val_base, row_most = kernels.index_width_stats(symbols, rows, cols, max(candidates))
     nonzeros = int(val_base.sum())
@@ -313,7 +331,7 @@ def _width_plan(symbols: np.ndarray, rows: int, cols: int, candidates: Iterable[
         nfill = int((hist * (ks >> b)).sum())
         gap_counts = np.bincount(ks & (span - 1), weights=hist, minlength=span).astype(np.int64)
         gap_counts[span - 1] += nfill
-        val_counts = val_base.copy()
+        val_counts = val_base[:values].copy()
         val_counts[0] += nfill
         table_bits = 4 * span
         total = (_stream_bits(gap_counts) + _stream_bits(val_counts) + rows * int(row_most[b]).bit_length()
@@ -369,14 +387,11 @@ def _plan(name: str, shape: tuple[int, ...], symbols: np.ndarray, index_bits: in
     """The plan at the width ``index_bits`` asks for, for ``values`` symbols (zero and the codebook)."""
     rows, cols = matrix_shape(shape)
     if index_bits == "auto":
-        plan = _width_plan(symbols, rows, cols)
-    else:
-        bits = default_index_bits(len(shape)) if index_bits is None else int(index_bits)
-        if not 1 <= bits <= MAX_INDEX_BITS:
-            raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
-        plan = _width_plan(symbols, rows, cols, [bits])
-    plan.value_counts = plan.value_counts[:values]
-    return plan
+        return _width_plan(symbols, rows, cols, values=values)
+    bits = default_index_bits(len(shape)) if index_bits is None else int(index_bits)
+    if not 1 <= bits <= MAX_INDEX_BITS:
+        raise SwsEncodeError(f"{where(name, 'index_bits')}{bits} is outside [1, {MAX_INDEX_BITS}]")
+    return _width_plan(symbols, rows, cols, [bits], values)
 
 
 def _huffman_tensor(name: str, dtype: str, shape: tuple[int, ...], codebook: np.ndarray, symbols: np.ndarray,
@@ -552,16 +567,9 @@ def to_container(
     # thread count (the kernels release the GIL), results keep the state_dict's order.
     plan: list[str | Callable[[], Any]] = []
     stored: dict[tuple, str] = {}
-    # Tied weights (one tensor under several names) are stored once (version 3), and are one
-    # decision: as they are if keep names any of their names, else coded if any is selected.
-    names_of: dict[tuple, list[str]] = {}
-    for name, t in sd.items():
-        if t.numel():
-            names_of.setdefault(tie_key(t), []).append(name)
-
-    def tied(name: str, t: torch.Tensor) -> list[str]:
-        return names_of.get(tie_key(t), [name]) if t.numel() else [name]
-
+    # Tied weights (one tensor under several names) are stored once (version 3) and are one
+    # decision (group_coded).
+    group = tie_groups(sd)
     for name, t in sd.items():
         if version >= 3 and t.numel():
             key = tie_key(t)
@@ -570,8 +578,8 @@ def to_container(
                 continue
             stored[key] = name
         how = chosen_coders.get(name, "auto") if isinstance(coder, Mapping) else coder
-        kept = any(n in keep for n in tied(name, t))
-        if not kept and any(selected(n, sd[n]) for n in tied(name, t)):
+        kept = any(n in keep for n in group[name])
+        if group_coded(group[name], keep, selected, sd):
             if _TORCH_DTYPES.get(t.dtype) not in _PATTERN:
                 raise SwsEncodeError(f"{where(name, 'dtype')}{t.dtype} cannot be coded (coded tensors are float16, "
                                      "bfloat16, float32 or float64): convert it, or leave it out with keep=")

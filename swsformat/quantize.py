@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import _state_dict, in_order, kept_names, tie_key
+from .encoder import _state_dict, group_coded, in_order, kept_names, tie_groups
 from .errors import SwsEncodeError, where
 from .kernels import jit
 from .selection import Compress, selector
@@ -359,16 +359,14 @@ def prune_and_cluster(
     state_dict = _state_dict(state_dict)
     selected = selector(module if module is not None else state_dict, compress, state_dict)
     left = kept_names(keep, state_dict)
-    # One tensor under several names (GPT-2's wte and lm_head) is one decision: kept as it is
-    # if keep names any of them, else quantized if any of them is a weight; quantized once,
-    # every name gets the same result tensor, so the tie survives into the file.
-    groups: dict[tuple, list[str]] = {}
-    for n, t in state_dict.items():
-        groups.setdefault(tie_key(t) if t.numel() else ("empty", n), []).append(n)
+    # One tensor under several names (GPT-2's wte and lm_head) is one decision, as encode makes
+    # it (group_coded); quantized once, every name gets the same result tensor, so the tie
+    # survives into the file.
+    group = tie_groups(state_dict)
     names: list[str] = []
     ties: dict[str, str] = {}
-    for members in groups.values():
-        if any(m in left for m in members) or not any(selected(m, state_dict[m]) for m in members):
+    for n, members in group.items():
+        if n != members[0] or not group_coded(members, left, selected, state_dict):
             continue
         head = members[0]
         t = state_dict[head]
