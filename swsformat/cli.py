@@ -204,6 +204,24 @@ def _load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+SAFETENSORS_META = "safetensors."
+
+
+def _safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` of a .safetensors input (of every shard of a folder), keyed
+    ``safetensors.KEY`` in the .sws file so that ``sws decode x.safetensors`` writes it back."""
+    meta: dict[str, str] = {}
+    for f in checkpoint_files(path):
+        if not f.endswith(".safetensors"):
+            continue
+        from safetensors import safe_open
+
+        with safe_open(f, "pt") as fh:
+            for k, v in (fh.metadata() or {}).items():
+                meta.setdefault(SAFETENSORS_META + k, v)
+    return meta
+
+
 def _setting(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, true, null), else a string."""
     key, sep, value = text.partition("=")
@@ -362,7 +380,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         sd = {k: v.to(sd[k].dtype) if k in sd else v for k, v in model.state_dict().items()}
         print(f"exact pruning: {sum(removed.values())} non-zeros that cannot change the output zeroed "
               f"(outputs bit-identical on the {len(test)} test images)")
-    meta = {"source": Path(a.input).name}
+    meta = {"source": Path(a.input).name, **_safetensors_metadata(a.input)}
     if a.module:
         meta["sws.module"] = a.module
     if test is not None:
@@ -504,7 +522,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_decode(a: argparse.Namespace) -> int:
-    from . import load_state_dict
+    from .reader import SwsFile
 
     check_output(a.output, a.file)
     safetensors = a.output.endswith(".safetensors")
@@ -513,7 +531,9 @@ def cmd_decode(a: argparse.Namespace) -> int:
             from safetensors.torch import save
         except ImportError:
             raise UsageError("writing .safetensors needs the extra: pip install 'swsformat[safetensors]'") from None
-    sd = load_state_dict(a.file, max_output_bytes=a.max_output_bytes)
+    with SwsFile(a.file, max_output_bytes=a.max_output_bytes) as f:
+        sd = f.state_dict()
+        f_meta = f.metadata()
     copies = []
     if safetensors:
         # safetensors holds no aliases: a tied name is written as a copy of the tensor it shares.
@@ -524,7 +544,8 @@ def cmd_decode(a: argparse.Namespace) -> int:
                 copies.append(name)
             elif t.numel():
                 seen.add(t.untyped_storage().data_ptr())
-        data = save(sd)
+        data = save(sd, metadata={k[len(SAFETENSORS_META):]: v for k, v in f_meta.items()
+                                  if k.startswith(SAFETENSORS_META)} or None)
     else:
         buf = io.BytesIO()
         torch.save(sd, buf)

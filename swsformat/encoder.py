@@ -76,6 +76,8 @@ CONTEXT_AUTO_SHARE = 0.03
 CONTEXT_SAMPLE_FROM = 1 << 20
 CONTEXT_SAMPLE_SHARE = 0.125
 CONTEXT_SAMPLE_BLOCKS = 4
+# An uncoded expanded view at least this large (and 8x its storage) gets a warning.
+EXPANDED_WARN_BYTES = 1 << 20
 
 
 def _context_pays(saved: int, numel: int, other_bytes: int) -> bool:
@@ -237,6 +239,19 @@ def _lowered(name: str, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     warning = (f"{where(name)}{lost} non-zero values are too small for {dtype} and are stored as 0; {keep_it} if "
                "they matter") if lost else None
     return low, warning
+
+
+def _expanded_warning(name: str, t: torch.Tensor) -> str | None:
+    """A warning for a large non-zero expanded view (a stride-0 dimension), which the file stores
+    at its logical size while ``torch.save`` stores only the storage behind it."""
+    logical = t.numel() * t.element_size()
+    if logical < EXPANDED_WARN_BYTES or not any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        return None
+    held = t.untyped_storage().nbytes()
+    if held * 8 > logical or not bool(t.any()):  # an all-zero tensor costs its row mask only
+        return None
+    return (f"{where(name)}an expanded view (a stride-0 dimension) of {held} bytes of storage is stored at its "
+            f"full {logical} bytes; store the tensor before .expand() and expand it after loading to keep the file small")
 
 
 def _stored(name: str, t: torch.Tensor, coder: str, version: int) -> RawTensor | SparseRawTensor:
@@ -590,6 +605,9 @@ def to_container(
                 t, lost = _lowered(name, t, raw_dtype)
                 if lost:
                     warnings.warn(lost, stacklevel=3)
+            expanded = _expanded_warning(name, t)
+            if expanded:
+                warnings.warn(expanded, stacklevel=3)
             plan.append(functools.partial(_stored, name, t, how, version))
     tensors: list[RawTensor | SparseRawTensor | SwsTensor | ContextTensor | AliasTensor] = []
     for (name, _), step, done in zip(sd.items(), plan, in_order(plan)):

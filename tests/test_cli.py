@@ -127,6 +127,23 @@ def test_safetensors_in_and_out(checkpoint, tmp_path):
     assert float((got["fc1.weight"] == 0).float().mean()) >= 0.79
 
 
+def test_safetensors_metadata_is_kept_and_written_back(checkpoint, tmp_path):
+    """A .safetensors input's ``__metadata__`` travels in the .sws file and comes back out."""
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    src = tmp_path / "model.safetensors"
+    st.save_file(torch.load(checkpoint, weights_only=True), str(src), metadata={"format": "pt", "step": "1200"})
+    out = tmp_path / "m.sws"
+    assert main(["encode", str(src), "-o", str(out), "--prune", "0.8", "--clusters", "16"]) == 0
+    with swsformat.open(out) as f:
+        assert f.metadata()["safetensors.format"] == "pt" and f.metadata()["safetensors.step"] == "1200"
+    back = tmp_path / "dense.safetensors"
+    assert main(["decode", str(out), "-o", str(back)]) == 0
+    with safe_open(str(back), "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "step": "1200"}
+
+
 def _bad_files(tmp_path):
     """A zoo of files no command may crash on."""
     garbage = tmp_path / "garbage.pt"

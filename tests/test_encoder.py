@@ -323,3 +323,14 @@ def test_raw_dtype_warns_when_values_underflow_and_huge_zero_tensors_cost_nothin
     data = swsformat.encode_bytes({"buf": zeros}, coder="auto")
     assert len(data) < 200
     assert torch.equal(swsformat.load(data, max_output_bytes=1 << 30)["buf"], zeros)
+
+
+def test_a_large_non_zero_expanded_view_warns_and_round_trips():
+    """torch.save keeps the storage behind an expanded view; a .sws file stores its full size, so say so."""
+    big = torch.ones(1, 512).expand(1024, 512)
+    with pytest.warns(UserWarning, match=r"'pos': an expanded view .* 2048 bytes of storage .* full 2097152 bytes"):
+        data = swsformat.encode_bytes({"pos": big})
+    assert torch.equal(swsformat.load(data)["pos"], big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # small, or all zero: nothing to say
+        swsformat.encode_bytes({"a": torch.ones(3).expand(10, 3), "b": torch.zeros(1).expand(1 << 20)})
