@@ -9,6 +9,7 @@ Public API, flat in the spirit of ``safetensors.torch``::
     model = swsformat.load_model("model.sws")            # built-in architectures
     model = swsformat.load_model("model.sws", MyNet())  # your own module
     swsformat.size_report("model.sws")
+    swsformat.prune_and_cluster(model, prune=0.9, clusters=16, inplace=True)  # post-training
     swsformat.remove_dead_units_(model, example_batch)  # zero what cannot change the output
 """
 
@@ -55,7 +56,8 @@ _start_numba_threads()
 
 def __getattr__(name: str):
     """The methods (``compress``, ``CompressConfig``, ``PriorConfig``, ``RetrainConfig``,
-    ``SoftWeightSharing``, ``BayesianCompression``) without importing training at startup."""
+    ``SoftWeightSharing``, ``BayesianCompression``) without importing training at startup;
+    ``prune_and_cluster`` and ``remove_dead_units_`` on first use too."""
     if name in ("compress", "CompressConfig", "SoftWeightSharing", "PriorConfig", "RetrainConfig"):
         from . import retrain
 
@@ -64,6 +66,10 @@ def __getattr__(name: str):
         from .retrain.bayesian import BayesianCompression
 
         return BayesianCompression
+    if name == "prune_and_cluster":
+        from .quantize import prune_and_cluster
+
+        return prune_and_cluster
     if name == "remove_dead_units_":
         from .exact import remove_dead_units_
 
@@ -98,6 +104,7 @@ __all__ = [
     "load_model",
     "load_state_dict",
     "open",
+    "prune_and_cluster",
     "read_header",
     "register_architecture",
     "remove_dead_units_",

@@ -222,6 +222,34 @@ def _safetensors_metadata(path: str) -> dict[str, str]:
     return meta
 
 
+def _keep_in_file(keep: list[str], original: dict[str, torch.Tensor], ref: torch.nn.Module | None,
+                  folder: bool) -> list[str]:
+    """``--keep`` patterns as names of the checkpoint. A save_pretrained folder leaves out a
+    weight tied to another (``lm_head.weight`` to the input embedding): with the model at hand
+    a pattern naming it keeps the tensor it is tied to; without it, the error says so."""
+    import fnmatch
+
+    names = list(original)
+    out = []
+    for k in keep:
+        if k in original or fnmatch.filter(names, k):
+            out.append(k)
+            continue
+        held = {}
+        if ref is not None:
+            state = ref.state_dict(keep_vars=True)
+            in_file = {id(t): n for n, t in state.items() if n in original}
+            held = {n: in_file[id(state[n])] for n in fnmatch.filter(list(state), k) if id(state[n]) in in_file}
+        if not held:
+            why = ("; a save_pretrained folder leaves out weights tied to another (lm_head.weight is usually the "
+                   "input embedding's): keep that one, or add --module to resolve the tie") if folder and ref is None else ""
+            raise UsageError(f"--keep {k!r} matches no tensor of the checkpoint{why}")
+        print(f"sws: note: --keep {k!r}: {', '.join(sorted(held))} is tied to {', '.join(sorted(set(held.values())))} "
+              "in the checkpoint, which is kept", file=sys.stderr)
+        out.extend(sorted(set(held.values())))
+    return out
+
+
 def _setting(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, true, null), else a string."""
     key, sep, value = text.partition("=")
@@ -336,7 +364,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         raise UsageError(f"--coder context needs --format-version 3 (version {a.format_version} has Huffman only)")
     if a.index_bits != "auto" and not 1 <= a.index_bits <= MAX_INDEX_BITS:
         raise UsageError(f"--index-bits must be auto or in [1, {MAX_INDEX_BITS}], got {a.index_bits}")
-    if not 0 <= a.clusters <= 255:
+    if a.clusters is not None and not 1 <= a.clusters <= 255:
         raise UsageError(f"--clusters must be in [1, 255] (a .sws tensor holds at most 255 non-zero values), got {a.clusters}")
     # A folder's own files (weights, shards, index, config) are inputs too: never overwritten.
     inside = [os.path.join(a.input, f) for f in os.listdir(a.input)] if os.path.isdir(a.input) else []
@@ -359,6 +387,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
         from .retrain import data as data_mod
 
         _, test = data_mod.load(a.data, root=a.data_root, normalization=a.normalization)
+    a.keep = _keep_in_file(a.keep or [], original, ref, os.path.isdir(a.input))
     sd = original
     # With the model at hand its weights are chosen by layer type; a bare checkpoint's by name and shape.
     weights = sorted(module_weights(ref) & set(original)) if ref is not None else None
@@ -490,27 +519,30 @@ def cmd_info(a: argparse.Namespace) -> int:
     if others:
         facts.append(f"metadata keys {others}")
     print(printable("; ".join(facts)))
-    cols = f"{'tensor':<16}{'shape':<16}{'kind':<5}{'nonzero':>9}{'K':>4}{'b':>3}{'rows':>7}{'gaps':>8}{'(H)':>8}{'values':>8}{'(H)':>8}{'cbook':>6}{'raw':>8}{'CR':>8}"
+    # Columns as wide as the longest name and shape, so that they never run together.
+    nw = max([16] + [len(printable(t["name"])) + 2 for t in rep["tensors"]])
+    sw = max([16] + [len(_shape_text(t["shape"])) + 2 for t in rep["tensors"]])
+    cols = f"{'tensor':<{nw}}{'shape':<{sw}}{'kind':<5}{'nonzero':>9}{'K':>4}{'b':>3}{'rows':>7}{'gaps':>8}{'(H)':>8}{'values':>8}{'(H)':>8}{'cbook':>6}{'raw':>8}{'CR':>8}"
     print(cols)
     for t in rep["tensors"]:
         t = {**t, "name": printable(t["name"])}
-        shape = "x".join(map(str, t["shape"])) or "scalar"
+        shape = _shape_text(t["shape"])
         if t["kind"] == "raw" and t.get("coder") == "sparse":
-            print(f"{t['name']:<16}{shape:<16}{'sraw':<5}{t['nonzeros']:>9}{'':>4}{'':>3}{'':>7}{t['position_bits']:>8}"
+            print(f"{t['name']:<{nw}}{shape:<{sw}}{'sraw':<5}{t['nonzeros']:>9}{'':>4}{'':>3}{'':>7}{t['position_bits']:>8}"
                   f"{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
             continue
         if t["kind"] == "raw":
-            print(f"{t['name']:<16}{shape:<16}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
+            print(f"{t['name']:<{nw}}{shape:<{sw}}{'raw':<5}{'':>9}{'':>4}{'':>3}{'':>7}{'':>8}{'':>8}{'':>8}{'':>8}{'':>6}{t['raw_bits']:>8}{'':>8}")
             continue
         if t["kind"] == "alias":
-            print(f"{t['name']:<16}{shape:<16}{'tie':<5} same tensor as {printable(t['alias_of'])}")
+            print(f"{t['name']:<{nw}}{shape:<{sw}}{'tie':<5} same tensor as {printable(t['alias_of'])}")
             continue
         if t["coder"] == "context":
-            print(f"{t['name']:<16}{shape:<16}{'ctx':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{'':>3}"
+            print(f"{t['name']:<{nw}}{shape:<{sw}}{'ctx':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{'':>3}"
                   f"{'':>7}{t['coded_bits']:>8}{'':>8}{'':>8}{t['value_entropy_bits']:>8.0f}"
                   f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
             continue
-        print(f"{t['name']:<16}{shape:<16}{'sws':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{t['index_bits']:>3}"
+        print(f"{t['name']:<{nw}}{shape:<{sw}}{'sws':<5}{t['nonzeros']:>9}{t['codebook_size']:>4}{t['index_bits']:>3}"
               f"{t['row_bits']:>7}{t['gap_bits']:>8}{t['gap_entropy_bits']:>8.0f}{t['value_bits']:>8}{t['value_entropy_bits']:>8.0f}"
               f"{t['codebook_bits']:>6}{'':>8}{t['compression_rate']:>8.1f}")
     print(f"(K = shared non-zero values, b = index bits; bits per part; (H) = empirical entropy bound of the stream; "
@@ -521,10 +553,20 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_text(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+DECODE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
 def cmd_decode(a: argparse.Namespace) -> int:
     from .reader import SwsFile
 
     check_output(a.output, a.file)
+    if not a.output.endswith(DECODE_SUFFIXES):
+        raise UsageError(f"{printable(a.output)}: name the output {', '.join(DECODE_SUFFIXES[:-1])} (a torch.save "
+                         f"file) or {DECODE_SUFFIXES[-1]}")
     safetensors = a.output.endswith(".safetensors")
     if safetensors:
         try:
@@ -699,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--prune", type=float, default=0.0, help="fraction of smallest weights to zero (with --clusters)")
-    e.add_argument("--clusters", type=int, default=0, help="quantize weights to this many shared values (k-means)")
+    e.add_argument("--clusters", type=int, default=None, help="quantize weights to this many shared values (k-means)")
     e.add_argument("--per-layer", action="store_true", help="one codebook per layer instead of per model")
     e.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="store these tensors as they are (a name or a shell-style pattern such as 'lm_head.*'; "

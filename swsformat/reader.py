@@ -31,7 +31,7 @@ from torch import nn
 from .container import Container, Entry, Tensor, check_padding, decode_header, materialize, read_index, read_prelude
 from .container import check_header as _check_header
 from .decoder import decode_into, tensor_from_entry
-from .errors import SwsFormatError
+from .errors import SwsConfigError, SwsFormatError
 from .spec import MAX_EXPANSION, MAX_PRELUDE, MIN_OUTPUT_LIMIT
 
 PathLike = str | os.PathLike
@@ -461,6 +461,52 @@ def _normalizing_hook(mean: float, std: float):
     return hook
 
 
+def _check_target(module: nn.Module | None, device: torch.device | str) -> None:
+    """Misuse that would otherwise surface as a torch error deep inside loading."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SwsConfigError(f"device {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SwsConfigError(f"device {device!r}: this torch has no CUDA device; load on 'cpu'")
+    if module is None:
+        return
+    if not isinstance(module, nn.Module):
+        raise SwsConfigError(f"module must be your built torch.nn.Module, got {type(module).__name__} {module!r:.60}; "
+                             "for the file's own architecture leave it out (load_model(path))")
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for n, t in named:
+            if nn.parameter.is_lazy(t):
+                raise SwsConfigError(f"{kind} {n!r} is not initialised yet (a lazy layer): run one forward pass "
+                                     "on an example input before load_model")
+            if t.is_meta:
+                raise SwsConfigError(f"{kind} {n!r} is on the meta device: build the module on the CPU (or "
+                                     "your device) before load_model; a module built on the meta device has no "
+                                     "values for the buffers a file does not hold (non-persistent ones)")
+
+
+def _names_problem(module: nn.Module, f: SwsFile) -> str | None:
+    """The names that differ between the file and ``module`` (ties the file leaves out
+    count as present), in a short sentence; None when they agree."""
+    targets = module.state_dict(keep_vars=True)
+    held = set(f.keys())
+    missing = sorted(set(targets) - held - set(_ties_to(targets, held)))
+    extra = sorted(held - set(targets))
+    if not missing and not extra:
+        return None
+
+    def some(names: list[str]) -> str:
+        return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = ([f"{len(missing)} of the module's tensors are not in the file ({some(missing)})"] if missing else []) + (
+        [f"{len(extra)} of the file's are not in the module ({some(extra)})"] if extra else [])
+    hint = ("; the names differ: a file encoded from a checkpoint saved under other names (an older "
+            "transformers version's) fits a module built under those; or encode the loaded model itself "
+            "(swsformat.encode(model, ...)), or pass strict=False") if missing and extra else (
+            "; pass strict=False to load what fits")
+    return "; ".join(parts) + hint
+
+
 def load_model(
     path: PathLike,
     module: nn.Module | None = None,
@@ -486,6 +532,7 @@ def load_model(
     """
     if sparse not in (False, True, "auto"):
         raise ValueError(f"sparse must be False, True or 'auto', got {sparse!r}")
+    _check_target(module, device)
     with SwsFile(path, max_output_bytes=max_output_bytes) as f:
         arch = f.architecture
         try:
@@ -512,12 +559,17 @@ def load_model(
             sd = {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
             target, name = built, f"its architecture {arch['name']!r}"
         else:
+            name = f"the module ({type(module).__name__})"
+            problem = _names_problem(module, f) if strict else None
+            if problem:  # before any decoding
+                raise SwsFormatError(f"the file's tensors do not fit {name}: {problem}")
             # Decoded straight into the module's own tensors where they match (no second copy).
-            sd, target, name = f.state_dict_into(module, strict), module, f"the module ({type(module).__name__})"
+            sd, target = f.state_dict_into(module, strict), module
         try:
             target.load_state_dict(sd, strict=True if module is None else strict, assign=module is None)
         except RuntimeError as e:
-            detail = " ".join(str(e).split())[:1000]
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 400 else detail[:400] + " ..."
             raise SwsFormatError(f"the file's tensors do not fit {name}: {detail}") from None
         module = target.to(device).eval()
         if sparse:

@@ -8,10 +8,12 @@ the same question; answering it once keeps them from disagreeing about a tensor.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import SwsEncodeError
 from .sparse import SparseConv2d, SparseLinear
@@ -64,12 +66,33 @@ def module_weights(model: nn.Module, filter_fn: FilterFn | None = None) -> set[s
     ``filter_fn(name, module, tensor)`` replaces :func:`default_filter`."""
     keep = filter_fn or default_filter
     picked: set[str] = set()
+    derived: list[str] = []
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
         for name, t in tensors:
             if t is not None and keep(name, mod, t):
                 picked.add(f"{mod_name}.{name}" if mod_name else name)
+        if filter_fn is None and isinstance(mod, WEIGHT_MODULES) and _derived_weight(mod):
+            derived.append(mod_name or type(mod).__name__)
+    if derived:
+        warnings.warn(
+            f"{len(derived)} layer(s) compute their weight from other tensors (weight_norm or another "
+            f"parametrization) and are left as they are: {', '.join(repr(n) for n in derived[:5])}"
+            f"{' ...' if len(derived) > 5 else ''}; quantizing those tensors would not make the weight share values. "
+            "To compress them, remove it first: torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') "
+            "(torch.nn.utils.remove_weight_norm(layer) for the old weight_norm)",
+            stacklevel=3,
+        )
     return picked
+
+
+def _derived_weight(mod: nn.Module) -> bool:
+    """Whether the layer's ``weight`` is computed (a parametrization, or the old ``weight_norm``'s
+    ``weight_g``/``weight_v``) rather than a tensor of its own."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return True
+    own = dict(mod.named_parameters(recurse=False))
+    return "weight" not in own and "weight_v" in own
 
 
 Compress = Iterable[str] | Callable[[str, torch.Tensor], bool] | None

@@ -468,7 +468,7 @@ def test_keep_leaves_matching_tensors_at_full_precision(checkpoint, tmp_path, ca
     assert torch.unique(loaded["fc1.weight"]).numel() <= 9
     capsys.readouterr()
     assert main(["encode", str(checkpoint), "-o", str(tmp_path / "typo.sws"), "--clusters", "8",
-                 "--keep", "fc9.*"]) == 1
+                 "--keep", "fc9.*"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'fc9.*' matches no tensor" in err[0]
     assert not (tmp_path / "typo.sws").exists()
@@ -522,6 +522,35 @@ def test_module_fits_a_save_pretrained_folder_that_drops_a_tie(tmp_path, monkeyp
     capsys.readouterr()
     loaded = swsformat.load_model("t.sws", ns["Net"]())
     assert loaded.head.weight is loaded.emb.weight and loaded.emb.weight.unique().numel() <= 9
+    # --keep naming the tied weight the folder left out: with --module it keeps the tensor it
+    # is tied to; without, the error says why nothing matched.
+    assert main(["encode", str(folder), "-o", "k.sws", "--prune", "0.5", "--clusters", "8", "--module", "tied.py:Net",
+                 "--keep", "head.*"]) == 0
+    assert "head.weight is tied to emb.weight in the checkpoint, which is kept" in capsys.readouterr().err
+    assert torch.equal(swsformat.load_state_dict("k.sws")["emb.weight"], model.emb.weight)
+    assert main(["encode", str(folder), "-o", "n.sws", "--prune", "0.5", "--clusters", "8", "--keep", "head.*"]) == 2
+    assert "leaves out weights tied to another" in capsys.readouterr().err and not (tmp_path / "n.sws").exists()
+
+
+def test_cli_refuses_clusters_0_and_a_decode_name_it_cannot_write(tmp_path, capsys):
+    src = tmp_path / "m.pt"
+    torch.save({"fc.weight": torch.randn(8, 8)}, src)
+    assert main(["encode", str(src), "-o", str(tmp_path / "m.sws"), "--clusters", "0"]) == 2
+    assert "--clusters must be in [1, 255]" in capsys.readouterr().err
+    assert main(["encode", str(src), "-o", str(tmp_path / "m.sws"), "--clusters", "4"]) == 0
+    for name in ("x.npz", "x.json", "x"):
+        assert main(["decode", str(tmp_path / "m.sws"), "-o", str(tmp_path / name)]) == 2
+        assert "name the output .pt, .pth, .bin (a torch.save file) or .safetensors" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()
+
+
+def test_info_columns_stay_apart_for_long_names(tmp_path, capsys):
+    long = "encoder.layers.0.attention.self_attn.out_proj.weight"
+    swsformat.encode({long: torch.tensor([[0.0, 0.5, -0.5, 0.5]] * 4)}, tmp_path / "l.sws")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "l.sws")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(long))
+    assert row.split()[:3] == [long, "4x4", "ctx"]
 
 
 TIED = '''

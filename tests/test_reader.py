@@ -440,3 +440,33 @@ def test_a_tied_tensor_the_file_leaves_out_comes_from_the_tie(tmp_path):
     swsformat.encode(sd, tmp_path / "u.sws", compress=set())
     with pytest.raises(swsformat.SwsFormatError, match="lin.bias"):
         swsformat.load_model(tmp_path / "u.sws", TiedToCodebook())
+
+
+def test_load_model_misuse_is_one_clear_error(tmp_path):
+    """Not torch's errors from deep inside the load: a string for the module, a module built on
+    the meta device or with lazy layers, a CUDA device without CUDA, names that differ."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    path = tmp_path / "n.sws"
+    swsformat.encode(net, path, compress=[])
+    with pytest.raises(swsformat.SwsConfigError, match="module must be your built torch.nn.Module, got str"):
+        swsformat.load_model(path, "lenet5")
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(swsformat.SwsConfigError, match="'0.weight' is on the meta device"):
+        swsformat.load_model(path, meta)
+    with pytest.raises(swsformat.SwsConfigError, match="'0.weight' is not initialised yet"):
+        swsformat.load_model(path, torch.nn.Sequential(torch.nn.LazyLinear(4)))
+    with pytest.raises(swsformat.SwsConfigError, match="'bogus' is not a torch device"):
+        swsformat.load_model(path, net, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(swsformat.SwsConfigError, match="no CUDA device"):
+            swsformat.load_model(path, net, device="cuda")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4),
+                                torch.nn.Linear(4, 4))
+    before = [p.clone() for p in other.parameters()]
+    with pytest.raises(swsformat.SwsFormatError) as e:
+        swsformat.load_model(path, other)
+    msg = str(e.value)
+    assert "6 of the module's tensors are not in the file ('1.bias', '1.weight', '3.bias' and 3 more)" in msg
+    assert "2 of the file's are not in the module ('2.bias', '2.weight'); the names differ" in msg and len(msg) < 600
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing written

@@ -132,3 +132,13 @@ def test_cli_selects_by_layer_type_with_module(tmp_path, monkeypatch, capsys):
     # Without the module the 2-D norm weight looks like a weight and is quantized with the rest.
     assert main(["encode", "odd.pt", "-o", "bare.sws", "--prune", "0.5", "--clusters", "8"]) == 0
     assert swsformat.load_state_dict("bare.sws")["scale.weight"].unique().numel() <= 9
+
+
+def test_weight_normed_layers_are_named_not_skipped_silently():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) compute their weight .*: '0'; .*remove_parametrizations"):
+        picked = selection.module_weights(model)
+    assert picked == {"2.weight"}
+    assert swsformat.prune_and_cluster is prune_and_cluster  # the top-level name the README uses
