@@ -222,6 +222,23 @@ def _safetensors_metadata(path: str) -> dict[str, str]:
     return meta
 
 
+def _transformers_state_dict(ref: torch.nn.Module, path: str) -> dict[str, torch.Tensor] | None:
+    """A save_pretrained folder read by the model class's own ``from_pretrained``, which renames
+    the keys an older transformers version saved (transformers 5 reads ViT's
+    ``encoder.layer.0.attention.attention.query`` as ``layers.0.attention.q_proj``); None when
+    ``ref`` is no transformers model or ``path`` no folder with a config."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))):
+        return None
+    load = getattr(type(ref), "from_pretrained", None)
+    if load is None or not hasattr(ref, "config"):
+        return None
+    try:
+        model = load(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure leaves the original error to report
+        return None
+    return dict(model.state_dict())
+
+
 def _keep_in_file(keep: list[str], original: dict[str, torch.Tensor], ref: torch.nn.Module | None,
                   folder: bool) -> list[str]:
     """``--keep`` patterns as names of the checkpoint. A save_pretrained folder leaves out a
@@ -381,7 +398,16 @@ def cmd_encode(a: argparse.Namespace) -> int:
         _fit(ref, original, f"--architecture {a.architecture}")
     elif factory is not None:
         ref = factory()
-        _fit(ref, original, f"--module {a.module}")
+        try:
+            _fit(ref, original, f"--module {a.module}")
+        except UsageError:
+            renamed = _transformers_state_dict(ref, a.input)
+            if renamed is None:
+                raise
+            _fit(ref, renamed, f"--module {a.module}")
+            print(f"sws: note: {printable(a.input)} holds older names of the model's tensors; read through "
+                  f"{type(ref).__name__}.from_pretrained, the file uses the model's own names", file=sys.stderr)
+            original = renamed
     test = None
     if a.data:  # before any work: missing data must not leave a written file behind
         from .retrain import data as data_mod

@@ -532,6 +532,52 @@ def test_module_fits_a_save_pretrained_folder_that_drops_a_tie(tmp_path, monkeyp
     assert "leaves out weights tied to another" in capsys.readouterr().err and not (tmp_path / "n.sws").exists()
 
 
+RENAMED = '''
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+class Net(nn.Module):
+    """Like a transformers model whose current version renamed its tensors: ``from_pretrained``
+    reads a folder saved under the old names."""
+
+    config = {}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    @classmethod
+    def from_pretrained(cls, path, local_files_only=False):
+        model = cls()
+        sd = load_file(f"{path}/model.safetensors")
+        model.load_state_dict({k.replace("old_proj.", "proj."): v for k, v in sd.items()})
+        return model
+'''
+
+
+def test_module_reads_a_folder_saved_under_older_names(tmp_path, monkeypatch, capsys):
+    """transformers 5 renamed ViT's tensors: a folder saved under the old names is read through
+    the model class's from_pretrained, and the file fits the model as built today."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    ns = user_module(tmp_path, "renamed.py", RENAMED)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = {"old_proj.weight": torch.randn(16, 16), "old_proj.bias": torch.randn(16)}
+    save_file(weights, str(folder / "model.safetensors"))
+    assert main(["encode", str(folder), "-o", "r.sws", "--prune", "0.5", "--clusters", "8", "--module",
+                 "renamed.py:Net"]) == 0
+    assert "holds older names of the model's tensors" in capsys.readouterr().err
+    loaded = swsformat.load_model("r.sws", ns["Net"]())
+    assert torch.equal(loaded.proj.bias, weights["old_proj.bias"])
+    assert loaded.proj.weight.unique().numel() <= 9
+
+
 def test_cli_refuses_clusters_0_and_a_decode_name_it_cannot_write(tmp_path, capsys):
     src = tmp_path / "m.pt"
     torch.save({"fc.weight": torch.randn(8, 8)}, src)
