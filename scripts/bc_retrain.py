@@ -47,6 +47,7 @@ from swsformat.retrain.train import (
     batches_of,
     cosine_schedule,
     evaluate,
+    mask_grads_,
     steps_per_epoch,
     train_epoch,
     zero_pruned_,
@@ -150,10 +151,7 @@ def retrained(teacher: nn.Module, train, test, config: Retrained, path: Path, me
     loss_fn = distillation_loss(teacher, config.distill, config.temperature)
 
     def mask_grads() -> float:
-        for p, m in zip(params, masks):  # the masks of this epoch (pruning within replaces them)
-            if p.grad is not None:
-                p.grad.mul_(m)
-        return 0.0
+        return mask_grads_(params, masks)  # the masks of this epoch (pruning within replaces them)
 
     def rezero() -> None:
         zero_pruned_(params, masks)

@@ -25,7 +25,7 @@ from ..quantize import kmeans_1d, magnitude_masks, snap
 from .fields import check_types
 from .models import FilterFn, compressible_parameters, tied_names
 from .pipeline import BIAS_DTYPES, check_not_collapsed, check_split, finetune_codebook_, round_biases_, write_model
-from .train import Data, LossFn, adam, batches_of, cross_entropy, evaluate, train_epoch, zero_pruned_
+from .train import Data, LossFn, adam, batches_of, cross_entropy, evaluate, mask_grads_, train_epoch, zero_pruned_
 
 
 @dataclass(frozen=True)
@@ -80,15 +80,9 @@ def _masked_training(
 ) -> None:
     """Retrain with the pruned weights held at exactly zero (gradients masked, weights re-zeroed)."""
     opt = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def mask_grads() -> float:
-        for p, m in zip(params, masks):
-            if p.grad is not None:
-                p.grad.mul_(m)
-        return 0.0
-
     for epoch in range(1, epochs + 1):
-        train_epoch(model, opt, batches_of(train, cfg.batch_size, gen), loss_fn=loss_fn, after_backward=mask_grads,
+        train_epoch(model, opt, batches_of(train, cfg.batch_size, gen), loss_fn=loss_fn,
+                    after_backward=lambda: mask_grads_(params, masks),
                     after_step=lambda: zero_pruned_(params, masks), desc=f"{desc} epoch {epoch}", progress=progress)
 
 

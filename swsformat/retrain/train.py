@@ -107,6 +107,15 @@ def zero_pruned_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
         p.mul_(m)
 
 
+def mask_grads_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
+    """Zero the gradients of the pruned entries, so that the optimizer leaves them alone: an
+    ``after_backward`` hook of :func:`train_epoch` (it adds nothing to the loss: 0.0)."""
+    for p, m in zip(params, masks):
+        if p.grad is not None:
+            p.grad.mul_(m)
+    return 0.0
+
+
 def _check_pair(batch: object) -> None:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise SwsBatchError(f"training batches must be (inputs, targets) pairs, got {type(batch).__name__}; map your "
