@@ -234,7 +234,7 @@ def _transformers_state_dict(ref: torch.nn.Module, path: str) -> dict[str, torch
         return None
     try:
         model = load(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure leaves the original error to report
+    except Exception:  # any failure leaves the original error to report
         return None
     return dict(model.state_dict())
 
