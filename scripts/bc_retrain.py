@@ -124,13 +124,18 @@ def _structure(path: Path, model_name: str) -> nn.Module:
 def _prune_within(params: list[nn.Parameter], masks: list[torch.Tensor], structure: list[int],
                   fraction: float) -> list[torch.Tensor]:
     """Masks that prune ``fraction`` of each layer's structure (its ``structure`` weights at the
-    start) by magnitude, the weights already pruned counted in: every layer keeps the same share."""
+    start) by magnitude, the weights already pruned counted in: every layer keeps the same share.
+    Exactly that many go, ties broken by position: a BC file's weights are rounded to a few
+    levels, and cutting at a magnitude would take every weight that shares it."""
     out = []
     for p, m, k in zip(params, masks, structure):
         drop = int(round(fraction * k)) - (k - int(m.sum()))
         if drop > 0:
-            cut = p.detach()[m].abs().kthvalue(drop).values
-            m = m & (p.detach().abs() > cut)
+            flat = m.reshape(-1).clone()
+            kept = flat.nonzero().squeeze(1)
+            order = p.detach().reshape(-1)[kept].abs().argsort(stable=True)
+            flat[kept[order[:drop]]] = False
+            m = flat.reshape(m.shape)
         out.append(m)
     zero_pruned_(params, out)
     return out

@@ -287,3 +287,23 @@ def test_bc_retrain_script_keeps_the_structure_and_writes_its_file(small_mnist, 
         structure = int(before[name].count_nonzero())
         assert not bool((within[name][before[name] == 0] != 0).any())
         assert 0 < int(within[name].count_nonzero()) <= structure - structure // 2
+
+
+def test_prune_within_drops_exactly_its_share_when_magnitudes_tie():
+    """A BC file's weights sit on a few rounded levels: pruning 15% of a layer must take 15% of
+    its weights, not every weight that shares the cut's magnitude."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        from bc_retrain import _prune_within
+    finally:
+        sys.path.pop(0)
+    w = torch.nn.Parameter(torch.tensor([[0.5, -0.5, 0.0, 0.25], [0.25, -0.25, 0.5, 0.0]]).repeat(10, 1))
+    mask = w.detach() != 0
+    structure = [int(mask.sum())]  # 60
+    (m,) = _prune_within([w], [mask], structure, 0.15)
+    assert int(m.sum()) == 60 - 9 and bool((w.detach()[~m] == 0).all())
+    assert int((w.detach().abs() == 0.25).sum()) == 30 - 9  # the 9 go from the smallest level only
+    (m,) = _prune_within([w], [m], structure, 0.15)  # already there: nothing more
+    assert int(m.sum()) == 51
