@@ -80,6 +80,11 @@ def entry(sws: Path) -> dict:
     if method in ("bayesian-compression", "bc-retrained"):
         prior = json.loads(f.metadata()["sws.method"]).get("prior", "")
         method += " GHS" if "horseshoe" in prior else " GNJ"
+        config = record.get("config", {})
+        if method.startswith("bc-retrained") and config.get("clusters", 16) != 16:
+            method += f" {config['clusters']} values"  # settings side by side, not seeds of one
+        if method.startswith("bc-retrained") and config.get("prune_within"):
+            method += f" {100 * config['prune_within']:g}% pruned within"
     weights = {n: t.numpy() for n, t in swsformat.load_state_dict(sws).items() if n.endswith("weight") and t.dim() > 1}
     full, kept = precision_bits(weights)
     rep = swsformat.size_report(sws)
