@@ -98,16 +98,14 @@ def _fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], flag: str) -> None
     """Load ``sd`` into ``model`` or say in one line that the checkpoint does not fit ``flag``.
     A name the checkpoint leaves out is fine when the model ties it to one it has (Hugging
     Face's ``save_pretrained`` drops ``lm_head.weight``)."""
-    names_of: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
-    tied = {n for names in names_of.values() if any(m in sd for m in names) for n in names}
+    from .reader import describe_differences, name_differences
+
+    missing, extra = name_differences(model, set(sd))
+    if missing or extra:
+        raise UsageError(f"{flag}: the checkpoint does not fit it ({describe_differences(missing, extra, 'checkpoint')})")
     try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {list(unexpected)[:5]}")
-    except RuntimeError as exc:
+        model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shapes
         detail = " ".join(str(exc).split())[:300]
         raise UsageError(f"{flag}: the checkpoint does not fit it ({detail})") from None
 
@@ -254,9 +252,10 @@ def _keep_in_file(keep: list[str], original: dict[str, torch.Tensor], ref: torch
             continue
         held = {}
         if ref is not None:
-            state = ref.state_dict(keep_vars=True)
-            in_file = {id(t): n for n, t in state.items() if n in original}
-            held = {n: in_file[id(state[n])] for n in fnmatch.filter(list(state), k) if id(state[n]) in in_file}
+            from .reader import ties_to
+
+            ties = ties_to(ref.state_dict(keep_vars=True), set(original))
+            held = {n: ties[n] for n in fnmatch.filter(list(ties), k)}
         if not held:
             why = ("; a save_pretrained folder leaves out weights tied to another (lm_head.weight is usually the "
                    "input embedding's): keep that one, or add --module to resolve the tie") if folder and ref is None else ""

@@ -250,7 +250,7 @@ class SwsFile:
         and, with ``strict``, the names are the module's own: a load that is going to fail
         leaves the module as it was."""
         targets = module.state_dict(keep_vars=True)
-        ties = _ties_to(targets, set(self._by_name))
+        ties = ties_to(targets, set(self._by_name))
         fits = all(tuple(targets[e.name].shape) == e.shape for e in self.header.entries if e.name in targets)
         if not fits or (strict and set(targets) != set(self._by_name) | set(ties)):
             targets = {}
@@ -303,7 +303,7 @@ class SwsFile:
         self.close()
 
 
-def _ties_to(targets: Mapping[str, torch.Tensor], held: set[str]) -> dict[str, str]:
+def ties_to(targets: Mapping[str, torch.Tensor], held: set[str]) -> dict[str, str]:
     """``{name: tied name}`` for the module's tensors the file leaves out because the module
     ties them to one it holds (a Hugging Face ``save_pretrained`` folder drops ``lm_head.weight``,
     tied to the embedding): the tie gives them their value."""
@@ -485,26 +485,23 @@ def _check_target(module: nn.Module | None, device: torch.device | str) -> None:
                                      "values for the buffers a file does not hold (non-persistent ones)")
 
 
-def _names_problem(module: nn.Module, f: SwsFile) -> str | None:
-    """The names that differ between the file and ``module`` (ties the file leaves out
-    count as present), in a short sentence; None when they agree."""
+def name_differences(module: nn.Module, held: set[str]) -> tuple[list[str], list[str]]:
+    """``(missing, extra)``: ``module``'s state_dict names absent from ``held`` (a file's or a
+    checkpoint's; ties the module fills count as present, :func:`ties_to`), and names of ``held``
+    the module lacks."""
     targets = module.state_dict(keep_vars=True)
-    held = set(f.keys())
-    missing = sorted(set(targets) - held - set(_ties_to(targets, held)))
-    extra = sorted(held - set(targets))
-    if not missing and not extra:
-        return None
+    return sorted(set(targets) - held - set(ties_to(targets, held))), sorted(held - set(targets))
+
+
+def describe_differences(missing: list[str], extra: list[str], held: str = "file") -> str:
+    """:func:`name_differences` in a short sentence: counts and three names of each side."""
 
     def some(names: list[str]) -> str:
         return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    parts = ([f"{len(missing)} of the module's tensors are not in the file ({some(missing)})"] if missing else []) + (
-        [f"{len(extra)} of the file's are not in the module ({some(extra)})"] if extra else [])
-    hint = ("; the names differ: a file encoded from a checkpoint saved under other names (an older "
-            "transformers version's) fits a module built under those; or encode the loaded model itself "
-            "(swsformat.encode(model, ...)), or pass strict=False") if missing and extra else (
-            "; pass strict=False to load what fits")
-    return "; ".join(parts) + hint
+    parts = ([f"{len(missing)} of the module's tensors are not in the {held} ({some(missing)})"] if missing else []) + (
+        [f"{len(extra)} of the {held}'s are not in the module ({some(extra)})"] if extra else [])
+    return "; ".join(parts)
 
 
 def load_model(
@@ -560,9 +557,14 @@ def load_model(
             target, name = built, f"its architecture {arch['name']!r}"
         else:
             name = f"the module ({type(module).__name__})"
-            problem = _names_problem(module, f) if strict else None
-            if problem:  # before any decoding
-                raise SwsFormatError(f"the file's tensors do not fit {name}: {problem}")
+            missing, extra = name_differences(module, set(f.keys())) if strict else ([], [])
+            if missing or extra:  # before any decoding
+                hint = ("the names differ: a file encoded from a checkpoint saved under other names (an older "
+                        "transformers version's) fits a module built under those; or encode the loaded model itself "
+                        "(swsformat.encode(model, ...)), or pass strict=False") if missing and extra else (
+                        "pass strict=False to load what fits")
+                raise SwsFormatError(f"the file's tensors do not fit {name}: {describe_differences(missing, extra)}; "
+                                     f"{hint}")
             # Decoded straight into the module's own tensors where they match (no second copy).
             sd, target = f.state_dict_into(module, strict), module
         try:
